@@ -1,0 +1,194 @@
+//! Isolation between networks and egress to the outside, as one nftables table.
+//!
+//! Every network routes through the same host, so the host's forwarding must keep
+//! them apart: a packet may be forwarded between two of our interfaces only when both
+//! belong to the same network; from outside into a network only replies pass (as with
+//! Docker's bridge); traffic leaving the overlay for the outside is masqueraded. The
+//! table is rendered from the networks (pure, unit-tested) and replaced in one nft
+//! transaction; a hash in the table's comment lets a re-apply of the same state skip it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::error::{Error, Result};
+use crate::naming::{bridge_name, vxlan_name};
+use crate::netns::Netns;
+use crate::spec::NetworkSpec;
+
+/// Name of our table (family `ip`).
+pub const TABLE: &str = "netagent";
+
+/// The whole table for these networks, ending with its identifying comment.
+pub fn render(networks: &[NetworkSpec]) -> String {
+    let body = render_body(networks);
+    let mut h = DefaultHasher::new();
+    body.hash(&mut h);
+    format!(
+        "table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n\tcomment \"{}\"\n{body}}}\n",
+        marker(h.finish())
+    )
+}
+
+/// The comment that identifies a rendered table.
+pub fn marker(hash: u64) -> String {
+    format!("netagent:{hash:016x}")
+}
+
+fn render_body(networks: &[NetworkSpec]) -> String {
+    let ifs = |n: &NetworkSpec| [bridge_name(n.vni), vxlan_name(n.vni)];
+    let all_ifs: Vec<String> = networks.iter().flat_map(ifs).map(|i| format!("\"{i}\"")).collect();
+    let mut same_net = Vec::new();
+    let mut foreign_gw = Vec::new();
+    for n in networks {
+        for a in ifs(n) {
+            for b in ifs(n) {
+                same_net.push(format!("\"{a}\" . \"{b}\""));
+            }
+            for other in networks.iter().filter(|o| o.vni != n.vni) {
+                foreign_gw.push(format!("\"{a}\" . {}", other.gateway()));
+            }
+        }
+    }
+    let subnets: Vec<String> = networks.iter().map(|n| n.subnet.to_string()).collect();
+    let mut s = String::new();
+    let set = |s: &mut String, name: &str, ty: &str, elems: &[String]| {
+        s.push_str(&format!("\tset {name} {{\n\t\ttype {ty}\n"));
+        if !elems.is_empty() {
+            s.push_str(&format!("\t\telements = {{ {} }}\n", elems.join(", ")));
+        }
+        s.push_str("\t}\n");
+    };
+    set(&mut s, "overlay_ifs", "ifname", &all_ifs);
+    set(&mut s, "same_network", "ifname . ifname", &same_net);
+    set(&mut s, "foreign_gateways", "ifname . ipv4_addr", &foreign_gw);
+    if subnets.is_empty() {
+        set(&mut s, "subnets", "ipv4_addr; flags interval", &[]);
+    } else {
+        s.push_str(&format!(
+            "\tset subnets {{\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}\n",
+            subnets.join(", ")
+        ));
+    }
+    s.push_str(
+        "\tchain forward {\n\
+         \t\ttype filter hook forward priority filter - 10; policy accept;\n\
+         \t\tiifname . oifname @same_network accept\n\
+         \t\tiifname @overlay_ifs oifname @overlay_ifs drop\n\
+         \t\toifname @overlay_ifs ct state established,related accept\n\
+         \t\toifname @overlay_ifs drop\n\
+         \t}\n\
+         \tchain input {\n\
+         \t\ttype filter hook input priority filter - 10; policy accept;\n\
+         \t\tiifname . ip daddr @foreign_gateways drop\n\
+         \t}\n\
+         \tchain postrouting {\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr @subnets oifname != @overlay_ifs masquerade\n\
+         \t}\n",
+    );
+    s
+}
+
+/// Replaces our table in `ns` with the one for `networks`, unless it is already there.
+/// Returns whether anything changed.
+pub async fn sync(ns: &Netns, networks: &[NetworkSpec]) -> Result<bool> {
+    let ruleset = render(networks);
+    let wanted = ruleset
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("comment \""))
+        .map(|c| c.trim_end_matches('"').to_string())
+        .unwrap_or_default();
+    let name = ns.to_string();
+    ns.run(move || {
+        let current = nft(&name, &["list", "table", "ip", TABLE], None).unwrap_or_default();
+        if current.contains(&wanted) {
+            return Ok(false);
+        }
+        nft(&name, &["-f", "-"], Some(&ruleset))?;
+        Ok(true)
+    })
+    .await
+}
+
+/// Removes our table from `ns` (nothing to do when absent).
+pub async fn remove(ns: &Netns) -> Result<()> {
+    let name = ns.to_string();
+    ns.run(move || {
+        if nft(&name, &["list", "table", "ip", TABLE], None).is_ok() {
+            nft(&name, &["delete", "table", "ip", TABLE], None)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Runs nft in the calling thread's namespace (called from a namespace worker).
+fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let fail = |message: String| Error::Firewall {
+        ns: ns.to_string(),
+        message,
+    };
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run nft ({e}); install the nftables package")))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "nft {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(name: &str, vni: u32, subnet: &str, block: &str) -> NetworkSpec {
+        NetworkSpec {
+            name: name.into(),
+            vni,
+            subnet: subnet.parse().unwrap(),
+            block: block.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn only_same_network_pairs_are_allowed() {
+        let r = render(&[
+            net("a", 1, "100.64.0.0/16", "100.64.1.0/24"),
+            net("b", 2, "100.65.0.0/16", "100.65.1.0/24"),
+        ]);
+        assert!(r.contains("\"nab1\" . \"nax1\""));
+        assert!(r.contains("\"nax2\" . \"nab2\""));
+        assert!(!r.contains("\"nab1\" . \"nab2\""), "{r}");
+        assert!(r.contains("\"nab1\" . 100.65.1.1"), "{r}");
+        assert!(r.contains("elements = { 100.64.0.0/16, 100.65.0.0/16 }"));
+    }
+
+    #[test]
+    fn rendering_is_stable_and_changes_with_networks() {
+        let a = [net("a", 1, "100.64.0.0/16", "100.64.1.0/24")];
+        let b = [net("a", 1, "100.66.0.0/16", "100.66.2.0/24")];
+        assert_eq!(render(&a), render(&a));
+        assert_ne!(render(&a), render(&b));
+        assert!(render(&[]).contains("set overlay_ifs"));
+    }
+}

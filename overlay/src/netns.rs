@@ -1,0 +1,211 @@
+//! Network namespaces: naming one, opening it, and running work inside it.
+//!
+//! `setns(2)` changes only the calling OS thread, and tokio moves tasks between threads,
+//! so nothing here ever enters a namespace on a runtime worker: work that must happen
+//! inside a namespace runs on a short-lived dedicated thread, and netlink sockets are
+//! created on such a thread (a socket stays bound to the namespace it was born in) and
+//! then driven from the runtime like any other socket.
+
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where a network namespace is: the caller's own, a bind-mounted path such as
+/// `/run/netns/x`, or the namespace of a running process.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetnsRef {
+    Current,
+    Path(PathBuf),
+    Pid(u32),
+}
+
+impl NetnsRef {
+    /// Parses the forms users type: `pid:123`, a path, or `self`.
+    pub fn parse(s: &str) -> Result<Self> {
+        if s == "self" || s == "current" {
+            return Ok(Self::Current);
+        }
+        if let Some(pid) = s.strip_prefix("pid:") {
+            let pid = pid
+                .parse()
+                .map_err(|_| Error::Invalid(format!("{s:?}: expected pid:<number>")))?;
+            return Ok(Self::Pid(pid));
+        }
+        if s.starts_with('/') {
+            return Ok(Self::Path(PathBuf::from(s)));
+        }
+        Err(Error::Invalid(format!(
+            "{s:?} is not a namespace: give a path (/run/netns/NAME), pid:N or self"
+        )))
+    }
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Current => f.write_str("self"),
+            Self::Path(p) => write!(f, "{}", p.display()),
+            Self::Pid(pid) => write!(f, "pid:{pid}"),
+        }
+    }
+}
+
+/// An opened namespace. Holding the file keeps the namespace alive and pins it
+/// even if the process it was found through exits.
+#[derive(Clone)]
+pub struct Netns {
+    reference: NetnsRef,
+    file: Option<Arc<File>>,
+}
+
+impl fmt::Debug for Netns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Netns({})", self.reference)
+    }
+}
+
+impl fmt::Display for Netns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.reference.fmt(f)
+    }
+}
+
+impl Netns {
+    pub fn open(reference: &NetnsRef) -> Result<Self> {
+        let path = match reference {
+            NetnsRef::Current => {
+                return Ok(Self {
+                    reference: NetnsRef::Current,
+                    file: None,
+                })
+            }
+            NetnsRef::Path(p) => p.clone(),
+            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        };
+        let file = File::open(&path).map_err(|source| match reference {
+            NetnsRef::Pid(pid) if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::NoSuchProcess { pid: *pid }
+            }
+            _ => Error::OpenNetns {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        Ok(Self {
+            reference: reference.clone(),
+            file: Some(Arc::new(file)),
+        })
+    }
+
+    pub fn reference(&self) -> &NetnsRef {
+        &self.reference
+    }
+
+    /// The namespace's file descriptor, for netlink's "create in namespace" attribute;
+    /// `None` for the caller's own namespace.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.file.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// Runs `work` on a dedicated OS thread that has entered this namespace, and
+    /// awaits its result without blocking the runtime.
+    pub async fn run<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        let file = self.file.clone();
+        let name = self.reference.to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("netns".into())
+            .spawn(move || {
+                let result = enter(file.as_deref(), &name).and_then(|()| work());
+                let _ = tx.send(result);
+            })
+            .map_err(|e| Error::Worker(e.to_string()))?;
+        rx.await
+            .map_err(|_| Error::Worker(format!("worker for {} panicked", self.reference)))?
+    }
+
+    /// A netlink handle whose socket lives in this namespace; its connection task is
+    /// spawned on the current runtime.
+    pub async fn netlink(&self) -> Result<rtnetlink::Handle> {
+        let runtime = tokio::runtime::Handle::current();
+        let name = self.reference.to_string();
+        let make = move || {
+            let _guard = runtime.enter();
+            rtnetlink::new_connection().map_err(|e| Error::Netlink {
+                op: "open netlink socket",
+                object: "route".into(),
+                ns: name,
+                message: e.to_string(),
+            })
+        };
+        let (connection, handle, _) = if self.file.is_none() {
+            make()?
+        } else {
+            self.run(make).await?
+        };
+        tokio::spawn(connection);
+        Ok(handle)
+    }
+
+    /// Writes a sysctl of this namespace (`/proc/sys/net` follows the writer's namespace).
+    pub async fn write_sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let key = key.to_string();
+        let value = value.to_string();
+        let ns = self.reference.to_string();
+        self.run(move || {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current.trim() == value {
+                return Ok(());
+            }
+            std::fs::write(&path, &value).map_err(|source| Error::Sysctl { key, ns, source })
+        })
+        .await
+    }
+}
+
+fn enter(file: Option<&File>, name: &str) -> Result<()> {
+    match file {
+        None => Ok(()),
+        Some(file) => nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|source| Error::EnterNetns {
+                ns: name.to_string(),
+                source,
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_user_forms() {
+        assert_eq!(NetnsRef::parse("pid:42").unwrap(), NetnsRef::Pid(42));
+        assert_eq!(
+            NetnsRef::parse("/run/netns/a").unwrap(),
+            NetnsRef::Path("/run/netns/a".into())
+        );
+        assert_eq!(NetnsRef::parse("self").unwrap(), NetnsRef::Current);
+        assert!(NetnsRef::parse("pid:x").is_err());
+        assert!(NetnsRef::parse("container1").is_err());
+    }
+
+    #[test]
+    fn missing_pid_is_named() {
+        let err = Netns::open(&NetnsRef::Pid(u32::MAX - 1)).unwrap_err();
+        assert!(err.to_string().contains("process 4294967294 not found"), "{err}");
+    }
+}

@@ -1,0 +1,354 @@
+//! Desired state of one host's overlay: plain data, validated before anything is
+//! touched, so a bad state is refused whole instead of half-applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::naming::Mac;
+use crate::netns::NetnsRef;
+
+/// Everything the overlay should look like on one host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostState {
+    /// This host's address toward its peers: the VXLAN source address.
+    pub underlay_address: Ipv4Addr,
+    /// Interface holding `underlay_address`; found from the address when absent.
+    #[serde(default)]
+    pub underlay_interface: Option<String>,
+    /// Networks present on this host, each with its peers and local endpoints.
+    #[serde(default)]
+    pub networks: Vec<NetworkState>,
+}
+
+/// One named network as seen from this host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkState {
+    #[serde(flatten)]
+    pub network: NetworkSpec,
+    /// Other hosts on this network; each gets one route, one neighbour and one FDB entry.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// Namespaces attached to this network on this host.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A network's identity and this host's share of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Name users give the network (`app-net`).
+    pub name: String,
+    /// VXLAN network identifier, unique per network in the cluster (1..=16777215).
+    pub vni: u32,
+    /// The whole network's subnet, spanning all hosts.
+    pub subnet: Ipv4Net,
+    /// This host's block of `subnet`; its first address is the gateway on the bridge.
+    pub block: Ipv4Net,
+}
+
+impl NetworkSpec {
+    /// The gateway: first host address of this host's block.
+    pub fn gateway(&self) -> Ipv4Addr {
+        block_gateway(&self.block)
+    }
+}
+
+/// First usable address of a block: the gateway on whichever host owns it.
+pub fn block_gateway(block: &Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(block.network()) + 1)
+}
+
+/// Another host holding a block of the network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// The peer's node name (for messages only).
+    pub name: String,
+    /// The peer's underlay address: where VXLAN packets for its block are sent.
+    pub underlay: Ipv4Addr,
+    /// The peer's block of the network's subnet.
+    pub block: Ipv4Net,
+}
+
+/// A namespace attached to the network on this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Caller's identifier (container id, namespace path); kept on the host veth's alias.
+    pub id: String,
+    /// The namespace to attach.
+    pub netns: NetnsRef,
+    /// Address inside this host's block; the prefix is the block's.
+    pub address: Ipv4Addr,
+    /// MAC of the namespace's interface; derived from the address when absent.
+    #[serde(default)]
+    pub mac: Option<Mac>,
+}
+
+impl Endpoint {
+    pub fn mac(&self) -> Mac {
+        self.mac.unwrap_or_else(|| Mac::for_ip(self.address))
+    }
+}
+
+/// Largest VNI VXLAN can carry.
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+impl NetworkSpec {
+    pub fn validate(&self) -> Result<()> {
+        let name = &self.name;
+        if name.is_empty() || name.len() > 64 {
+            return invalid(format!("network name {name:?} must be 1 to 64 characters"));
+        }
+        if self.vni == 0 || self.vni > MAX_VNI {
+            return invalid(format!(
+                "network {name:?}: VNI {} is out of range 1..={MAX_VNI}",
+                self.vni
+            ));
+        }
+        if self.subnet != self.subnet.trunc() || self.block != self.block.trunc() {
+            return invalid(format!(
+                "network {name:?}: subnet {} and block {} must be network addresses (host bits zero)",
+                self.subnet, self.block
+            ));
+        }
+        if !self.subnet.contains(&self.block) {
+            return invalid(format!(
+                "network {name:?}: block {} is not inside subnet {}",
+                self.block, self.subnet
+            ));
+        }
+        if self.block.prefix_len() > 30 {
+            return invalid(format!(
+                "network {name:?}: block {} is too small (at most /30)",
+                self.block
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that `address` may be given to an endpoint of this host.
+    pub fn validate_endpoint_address(&self, address: Ipv4Addr) -> Result<()> {
+        let b = &self.block;
+        if !b.contains(&address)
+            || address == b.network()
+            || address == b.broadcast()
+            || address == self.gateway()
+        {
+            return invalid(format!(
+                "network {:?}: address {address} is not a free host address of this host's block {b} (gateway {})",
+                self.name,
+                self.gateway()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// Refuses a state that cannot be applied whole: overlapping subnets, duplicate
+    /// names, VNIs or addresses, blocks outside their subnet, peers that clash.
+    pub fn validate(&self) -> Result<()> {
+        let mut names = BTreeSet::new();
+        let mut vnis = BTreeSet::new();
+        let mut subnets: Vec<(&str, Ipv4Net)> = Vec::new();
+        let mut addresses: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
+        for net in &self.networks {
+            let spec = &net.network;
+            spec.validate()?;
+            let name = spec.name.as_str();
+            if !names.insert(name) {
+                return invalid(format!("network {name:?} appears twice"));
+            }
+            if !vnis.insert(spec.vni) {
+                return invalid(format!("VNI {} is used by two networks", spec.vni));
+            }
+            if let Some((other, _)) = subnets
+                .iter()
+                .find(|(_, s)| s.contains(&spec.subnet) || spec.subnet.contains(s))
+            {
+                return invalid(format!(
+                    "network {name:?}: subnet {} overlaps network {other:?}",
+                    spec.subnet
+                ));
+            }
+            subnets.push((name, spec.subnet));
+            let mut blocks = vec![(String::from("this host"), spec.block)];
+            let mut underlays = BTreeSet::from([self.underlay_address]);
+            for peer in &net.peers {
+                if !spec.subnet.contains(&peer.block) || peer.block != peer.block.trunc() {
+                    return invalid(format!(
+                        "network {name:?}: peer {:?} block {} is not a block of subnet {}",
+                        peer.name, peer.block, spec.subnet
+                    ));
+                }
+                if let Some((holder, _)) = blocks
+                    .iter()
+                    .find(|(_, b)| b.contains(&peer.block) || peer.block.contains(b))
+                {
+                    return invalid(format!(
+                        "network {name:?}: peer {:?} block {} overlaps the block of {holder}",
+                        peer.name, peer.block
+                    ));
+                }
+                if !underlays.insert(peer.underlay) {
+                    return invalid(format!(
+                        "network {name:?}: peer {:?} underlay {} is used twice (or is this host's)",
+                        peer.name, peer.underlay
+                    ));
+                }
+                blocks.push((format!("peer {:?}", peer.name), peer.block));
+            }
+            let mut ids = BTreeSet::new();
+            for ep in &net.endpoints {
+                spec.validate_endpoint_address(ep.address)?;
+                if !ids.insert(ep.id.as_str()) {
+                    return invalid(format!(
+                        "network {name:?}: endpoint {:?} appears twice",
+                        ep.id
+                    ));
+                }
+                if let Some(holder) = addresses.insert(ep.address, &ep.id) {
+                    return invalid(format!(
+                        "address {} is given to both {holder:?} and {:?}",
+                        ep.address, ep.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid<T>(message: String) -> Result<T> {
+    Err(Error::Invalid(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(name: &str, vni: u32, subnet: &str, block: &str) -> NetworkState {
+        NetworkState {
+            network: NetworkSpec {
+                name: name.into(),
+                vni,
+                subnet: subnet.parse().unwrap(),
+                block: block.parse().unwrap(),
+            },
+            peers: vec![],
+            endpoints: vec![],
+        }
+    }
+
+    fn ep(id: &str, ip: &str) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            netns: NetnsRef::Pid(1),
+            address: ip.parse().unwrap(),
+            mac: None,
+        }
+    }
+
+    fn state(networks: Vec<NetworkState>) -> HostState {
+        HostState {
+            underlay_address: "192.0.2.11".parse().unwrap(),
+            underlay_interface: None,
+            networks,
+        }
+    }
+
+    fn err(s: HostState) -> String {
+        s.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn accepts_a_good_state() {
+        let mut a = net("a", 1, "100.64.0.0/16", "100.64.1.0/24");
+        a.endpoints.push(ep("c1", "100.64.1.2"));
+        a.peers.push(Peer {
+            name: "h2".into(),
+            underlay: "192.0.2.12".parse().unwrap(),
+            block: "100.64.2.0/24".parse().unwrap(),
+        });
+        let b = net("b", 2, "100.65.0.0/16", "100.65.1.0/24");
+        state(vec![a, b]).validate().unwrap();
+    }
+
+    #[test]
+    fn refuses_overlaps_and_duplicates() {
+        let e = err(state(vec![
+            net("a", 1, "100.64.0.0/16", "100.64.1.0/24"),
+            net("b", 2, "100.64.128.0/17", "100.64.128.0/24"),
+        ]));
+        assert!(e.contains("overlaps network \"a\""), "{e}");
+        let e = err(state(vec![
+            net("a", 1, "100.64.0.0/16", "100.64.1.0/24"),
+            net("a", 2, "100.65.0.0/16", "100.65.1.0/24"),
+        ]));
+        assert!(e.contains("appears twice"), "{e}");
+        let e = err(state(vec![
+            net("a", 7, "100.64.0.0/16", "100.64.1.0/24"),
+            net("b", 7, "100.65.0.0/16", "100.65.1.0/24"),
+        ]));
+        assert!(e.contains("VNI 7"), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_addresses() {
+        let mut a = net("a", 1, "100.64.0.0/16", "100.64.1.0/24");
+        a.endpoints.push(ep("c1", "100.64.2.5"));
+        assert!(err(state(vec![a])).contains("not a free host address"));
+        let mut a = net("a", 1, "100.64.0.0/16", "100.64.1.0/24");
+        a.endpoints.push(ep("c1", "100.64.1.1"));
+        assert!(err(state(vec![a])).contains("gateway 100.64.1.1"));
+        let mut a = net("a", 1, "100.64.0.0/16", "100.64.1.0/24");
+        a.endpoints.push(ep("c1", "100.64.1.5"));
+        a.endpoints.push(ep("c2", "100.64.1.5"));
+        assert!(err(state(vec![a])).contains("given to both"));
+        let e = err(state(vec![net("a", 1, "100.64.0.0/16", "100.65.1.0/24")]));
+        assert!(e.contains("not inside subnet"), "{e}");
+        let e = err(state(vec![net("a", 0, "100.64.0.0/16", "100.64.1.0/24")]));
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn refuses_clashing_peers() {
+        let mut a = net("a", 1, "100.64.0.0/16", "100.64.1.0/24");
+        a.peers.push(Peer {
+            name: "h2".into(),
+            underlay: "192.0.2.11".parse().unwrap(),
+            block: "100.64.2.0/24".parse().unwrap(),
+        });
+        assert!(err(state(vec![a])).contains("used twice"));
+        let mut a = net("a", 1, "100.64.0.0/16", "100.64.1.0/24");
+        a.peers.push(Peer {
+            name: "h2".into(),
+            underlay: "192.0.2.12".parse().unwrap(),
+            block: "100.64.1.0/25".parse().unwrap(),
+        });
+        assert!(err(state(vec![a])).contains("overlaps the block of this host"));
+    }
+
+    #[test]
+    fn parses_toml() {
+        let s: HostState = toml_like();
+        assert_eq!(s.networks[0].endpoints[0].netns, NetnsRef::Path("/run/netns/c1".into()));
+    }
+
+    fn toml_like() -> HostState {
+        serde_json::from_str(
+            r#"{"underlay_address":"192.0.2.11","networks":[{"name":"a","vni":1,
+            "subnet":"100.64.0.0/16","block":"100.64.1.0/24",
+            "endpoints":[{"id":"c1","netns":{"path":"/run/netns/c1"},"address":"100.64.1.2"}]}]}"#,
+        )
+        .unwrap()
+    }
+}

@@ -444,8 +444,8 @@ impl Host {
     }
 
     /// The attach itself. Order matters for crash safety: the pair is created with its
-    /// peer already inside the target, configured there, and only then is the host end
-    /// brought up; a host veth that is not up is an orphan the next apply removes.
+    /// peer already inside the target, configured there, and only then does the host
+    /// end get its id and come up; a host veth without both is an orphan.
     async fn attach_to(&self, spec: &NetworkSpec, ep: &Endpoint, bridge: &Link, mtu: u32) -> Result<()> {
         let host_name = host_veth_name(ep.address);
         if let Some(existing) = self.nl.link(&host_name).await? {
@@ -482,7 +482,7 @@ impl Host {
             }
             if self
                 .nl
-                .try_create_veth(&host_name, &ep.id, bridge.index, mtu, &candidate, target_fd, ep.mac())
+                .try_create_veth(&host_name, bridge.index, mtu, &candidate, target_fd, ep.mac())
                 .await?
             {
                 ifname = Some(candidate);
@@ -553,7 +553,9 @@ impl Host {
             .link(&host_veth_name(ep.address))
             .await?
             .ok_or_else(|| Error::Worker(format!("{} vanished", host_veth_name(ep.address))))?;
-        self.nl.set_up(host.index, &host.name).await
+        // The commit point: an endpoint is complete once its host end carries the id
+        // and is up; anything short of that is an orphan for the next apply to remove.
+        self.nl.set_alias_up(host.index, &host.name, &ep.id).await
     }
 }
 

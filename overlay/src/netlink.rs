@@ -164,7 +164,6 @@ impl Netlink {
     pub async fn try_create_veth(
         &self,
         name: &str,
-        alias: &str,
         controller: u32,
         mtu: u32,
         peer_name: &str,
@@ -183,7 +182,6 @@ impl Netlink {
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .mtu(mtu)
         .controller(controller)
-        .alias(alias)
         .build();
         match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(true),
@@ -200,6 +198,18 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| self.err("set up", name, e))
+    }
+
+    /// Sets the alias and brings the link up in one message. (The kernel ignores an
+    /// alias given at creation, so it is set here.)
+    pub async fn set_alias_up(&self, index: u32, name: &str, alias: &str) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).alias(alias).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| self.err("set alias and up", name, e))
     }
 
     pub async fn set_mtu(&self, index: u32, name: &str, mtu: u32) -> Result<()> {
@@ -409,8 +419,12 @@ impl Netlink {
             .iter()
             .filter(|m| m.header.ifindex == index)
             .filter_map(|m| {
+                // The bridge family carries NDA_DST undecoded.
                 let dst = m.attributes.iter().find_map(|a| match a {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                    }
                     _ => None,
                 })?;
                 Some((lladdr(m)?, dst))

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 /// Where a network namespace is: the caller's own, a bind-mounted path such as
 /// `/run/netns/x`, or the namespace of a running process.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum NetnsRef {
     Current,
     Path(PathBuf),
@@ -44,6 +44,19 @@ impl NetnsRef {
         Err(Error::Invalid(format!(
             "{s:?} is not a namespace: give a path (/run/netns/NAME), pid:N or self"
         )))
+    }
+}
+
+impl TryFrom<String> for NetnsRef {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        Self::parse(&s)
+    }
+}
+
+impl From<NetnsRef> for String {
+    fn from(r: NetnsRef) -> String {
+        r.to_string()
     }
 }
 

@@ -347,7 +347,7 @@ mod tests {
         serde_json::from_str(
             r#"{"underlay_address":"192.0.2.11","networks":[{"name":"a","vni":1,
             "subnet":"100.64.0.0/16","block":"100.64.1.0/24",
-            "endpoints":[{"id":"c1","netns":{"path":"/run/netns/c1"},"address":"100.64.1.2"}]}]}"#,
+            "endpoints":[{"id":"c1","netns":"/run/netns/c1","address":"100.64.1.2"}]}]}"#,
         )
         .unwrap()
     }

@@ -1,0 +1,62 @@
+//! The test bed's own tests: hosts reach each other over the underlay, and nothing of
+//! a test bed survives its teardown.
+
+use netagent_tests::{require_root, sh_ok, Testbed};
+
+#[test]
+fn hosts_ping_each_other_over_the_underlay() {
+    if !require_root("hosts_ping_each_other_over_the_underlay") {
+        return;
+    }
+    let bed = Testbed::new(3);
+    for a in &bed.hosts {
+        for b in &bed.hosts {
+            if a.name != b.name {
+                assert!(bed.ping(&a.netns, b.underlay), "{} cannot reach {}", a.name, b.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn teardown_leaves_no_namespace_link_or_process() {
+    if !require_root("teardown_leaves_no_namespace_link_or_process") {
+        return;
+    }
+    let links_before = sh_ok("ip -o link show | wc -l");
+    let (namespaces, pid) = {
+        let mut bed = Testbed::new(2);
+        let c = bed.container("x");
+        let pid = bed.spawn(&c, "sleep", &["300"]);
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        (bed.namespaces().to_vec(), pid)
+    };
+    let listed = sh_ok("ip netns list");
+    for ns in &namespaces {
+        assert!(!listed.contains(ns.as_str()), "namespace {ns} survived teardown");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(!status.contains("State:\tS"), "process {pid} survived teardown");
+    assert_eq!(links_before, sh_ok("ip -o link show | wc -l"), "links leaked into the root namespace");
+}
+
+#[test]
+fn panicking_test_still_tears_down() {
+    if !require_root("panicking_test_still_tears_down") {
+        return;
+    }
+    let names = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = names.clone();
+    let result = std::panic::catch_unwind(move || {
+        let bed = Testbed::new(1);
+        *seen.lock().unwrap() = bed.namespaces().to_vec();
+        panic!("test failure inside a test bed");
+    });
+    assert!(result.is_err());
+    let listed = sh_ok("ip netns list");
+    let names = names.lock().unwrap();
+    assert!(!names.is_empty());
+    for ns in names.iter() {
+        assert!(!listed.contains(ns.as_str()), "namespace {ns} survived a panic");
+    }
+}

@@ -29,3 +29,8 @@ pub fn apply(
         host.apply(state).await
     })
 }
+
+/// Writes a state as the TOML file `netagent apply --state` reads.
+pub fn write_state(path: &std::path::Path, state: &netagent_overlay::HostState) {
+    std::fs::write(path, toml::to_string(state).expect("state serialises")).expect("write state file");
+}

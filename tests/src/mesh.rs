@@ -30,10 +30,13 @@ pub struct Mesh {
     pub endpoints: Vec<MeshEndpoint>,
 }
 
-/// Block `host` (1-based) of a subnet: the host-th /24.
+/// Block `host` (1-based) of a subnet: the host-th /24, or /22 for subnets of /14
+/// and larger (room for 1,000 endpoints on one host).
 pub fn block(subnet: Ipv4Net, host: usize) -> Ipv4Net {
-    let base = u32::from(subnet.network()) + (host as u32) * 256;
-    Ipv4Net::new(Ipv4Addr::from(base), 24).unwrap()
+    let len = if subnet.prefix_len() <= 14 { 22 } else { 24 };
+    let size = 1u32 << (32 - len);
+    let base = u32::from(subnet.network()) + (host as u32) * size;
+    Ipv4Net::new(Ipv4Addr::from(base), len).unwrap()
 }
 
 impl Mesh {
@@ -64,6 +67,16 @@ impl Mesh {
             netns: netns.into(),
             address,
         });
+        address
+    }
+
+
+    /// Adds an endpoint with host-part `n` of a host's block, for blocks beyond a /24.
+    pub fn endpoint_at(&mut self, host: usize, network: &str, netns: &str, n: u32) -> Ipv4Addr {
+        let net = self.networks.iter().find(|x| x.name == network).expect("network");
+        let b = block(net.subnet, host);
+        let address = Ipv4Addr::from(u32::from(b.network()) + n);
+        self.endpoints.push(MeshEndpoint { host, network: network.into(), netns: netns.into(), address });
         address
     }
 

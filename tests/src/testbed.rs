@@ -114,13 +114,11 @@ impl Testbed {
     pub fn containers(&mut self, label: &str, count: usize) -> Vec<String> {
         let names: Vec<String> = (0..count).map(|i| format!("{}c{label}{i}", self.id)).collect();
         let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
-        let up: String = names.iter().map(|n| format!("-n {n} link set lo up\n")).collect();
         let file = std::env::temp_dir().join(format!("{}-{label}.batch", self.id));
         std::fs::write(&file, batch).unwrap();
         self.namespaces.extend(names.iter().cloned());
         sh_ok(&format!("ip -batch {}", file.display()));
-        std::fs::write(&file, up).unwrap();
-        sh_ok(&format!("ip -batch {}", file.display()));
+        sh_ok(&format!("for n in {}; do ip -n $n link set lo up; done", names.join(" ")));
         let _ = std::fs::remove_file(&file);
         names
     }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::static_state;
 
 #[derive(Parser, Debug)]
-#[command(name = "netagent", version, about = "One private network fabric for a group of Docker hosts")]
+#[command(
+    name = "netagent",
+    version,
+    about = "One private network fabric for a group of Docker hosts"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,7 +45,11 @@ enum Command {
 impl Cli {
     pub async fn run(self) -> Result<()> {
         match self.command {
-            Command::Apply { state, hold, interval } => static_state::apply(&state, hold, interval).await,
+            Command::Apply {
+                state,
+                hold,
+                interval,
+            } => static_state::apply(&state, hold, interval).await,
             Command::Check { state } => {
                 let s = static_state::load(&state)?;
                 println!(

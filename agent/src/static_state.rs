@@ -11,8 +11,8 @@ use tracing::{error, info};
 pub fn load(path: &Path) -> Result<HostState> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read state file {}", path.display()))?;
-    let state: HostState = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("state file {}: {e}", path.display()))?;
+    let state: HostState =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("state file {}: {e}", path.display()))?;
     state
         .validate()
         .with_context(|| format!("state file {}", path.display()))?;
@@ -29,7 +29,11 @@ pub async fn apply(path: &Path, hold: bool, interval: u64) -> Result<()> {
         report.created.len(),
         report.removed.len(),
         report.adjusted.len(),
-        if report.firewall_changed { "updated" } else { "unchanged" }
+        if report.firewall_changed {
+            "updated"
+        } else {
+            "unchanged"
+        }
     );
     if !hold {
         return Ok(());
@@ -45,11 +49,17 @@ pub async fn apply(path: &Path, hold: bool, interval: u64) -> Result<()> {
         // A bad edit of the file keeps the last good state in force.
         match load(path) {
             Ok(state) => match host.apply(&state).await {
-                Ok(r) if !r.is_empty() => info!(created = r.created.len(), removed = r.removed.len(), "re-applied"),
+                Ok(r) if !r.is_empty() => info!(
+                    created = r.created.len(),
+                    removed = r.removed.len(),
+                    "re-applied"
+                ),
                 Ok(_) => {}
                 Err(e) => error!(error = %e, "apply failed"),
             },
-            Err(e) => error!(error = %format!("{e:#}"), "state file rejected; keeping the last applied state"),
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "state file rejected; keeping the last applied state")
+            }
         }
     }
     info!("stopping; the kernel keeps forwarding");

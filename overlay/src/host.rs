@@ -151,10 +151,14 @@ impl Host {
         let mtu = underlay.overlay_mtu();
         for net in &state.networks {
             for name in [bridge_name(net.network.vni), vxlan_name(net.network.vni)] {
-                let Some(link) = self.nl.link(&name).await? else { continue };
+                let Some(link) = self.nl.link(&name).await? else {
+                    continue;
+                };
                 if link.mtu != mtu {
                     self.nl.set_mtu(link.index, &name, mtu).await?;
-                    report.adjusted.push(format!("{name} mtu {} -> {mtu}", link.mtu));
+                    report
+                        .adjusted
+                        .push(format!("{name} mtu {} -> {mtu}", link.mtu));
                 }
             }
         }
@@ -187,7 +191,10 @@ impl Host {
             if let (Some(vni), Some("bridge")) = (vni_of(&link.name, "nab"), kind) {
                 objects.insert(Object::Bridge { vni });
                 for (_, address) in addresses.iter().filter(|(i, _)| *i == link.index) {
-                    objects.insert(Object::Gateway { vni, address: *address });
+                    objects.insert(Object::Gateway {
+                        vni,
+                        address: *address,
+                    });
                 }
             } else if let (Some(vni), Some(vx)) = (vni_of(&link.name, "nax"), &link.vxlan) {
                 let sound = vx.vni == vni && vx.port == 4789 && !vx.learning;
@@ -200,20 +207,31 @@ impl Host {
                     objects.insert(Object::PeerNeighbour { vni, ip, mac });
                 }
                 for r in routes.iter().filter(|r| r.oif == Some(link.index)) {
-                    objects.insert(Object::PeerRoute { vni, block: r.destination });
+                    objects.insert(Object::PeerRoute {
+                        vni,
+                        block: r.destination,
+                    });
                 }
             } else if let Some(address) = host_veth_address(&link.name) {
                 let bridge = link.controller.and_then(|c| by_index.get(&c));
                 let vni = bridge.and_then(|b| vni_of(&b.name, "nab"));
                 match (vni, &link.alias, link.up) {
                     (Some(vni), Some(id), true) => {
-                        objects.insert(Object::Endpoint { vni, address, id: id.clone() });
+                        objects.insert(Object::Endpoint {
+                            vni,
+                            address,
+                            id: id.clone(),
+                        });
                     }
                     _ => orphans.push(link.clone()),
                 }
             }
         }
-        Ok(Observed { objects, links, orphans })
+        Ok(Observed {
+            objects,
+            links,
+            orphans,
+        })
     }
 
     async fn create_object(
@@ -230,7 +248,9 @@ impl Host {
         match object {
             Object::Bridge { vni } => {
                 let name = bridge_name(*vni);
-                self.nl.create_bridge(&name, Mac::for_ip(spec.gateway()), mtu).await?;
+                self.nl
+                    .create_bridge(&name, Mac::for_ip(spec.gateway()), mtu)
+                    .await?;
                 self.refresh(&name, links).await?;
             }
             Object::Vxlan { vni, local } => {
@@ -240,7 +260,14 @@ impl Host {
                     self.nl.delete_link(old.index, &name).await?;
                 }
                 self.nl
-                    .create_vxlan(&name, *vni, *local, underlay.index, Mac::for_vtep(*vni, *local), mtu)
+                    .create_vxlan(
+                        &name,
+                        *vni,
+                        *local,
+                        underlay.index,
+                        Mac::for_vtep(*vni, *local),
+                        mtu,
+                    )
                     .await?;
                 self.refresh(&name, links).await?;
             }
@@ -258,7 +285,9 @@ impl Host {
             }
             Object::PeerRoute { block, .. } => {
                 let vx = index_of(links, &vxlan_name(vni))?;
-                self.nl.replace_route(*block, block.network(), vx, true).await?;
+                self.nl
+                    .replace_route(*block, block.network(), vx, true)
+                    .await?;
             }
             Object::Endpoint { address, .. } => {
                 let ep = net
@@ -266,10 +295,14 @@ impl Host {
                     .iter()
                     .find(|e| e.address == *address)
                     .expect("planned endpoints come from the state");
-                let br = links
-                    .get(&bridge_name(vni))
-                    .cloned()
-                    .ok_or_else(|| Error::UnknownNetwork { network: spec.name.clone(), vni })?;
+                let br =
+                    links
+                        .get(&bridge_name(vni))
+                        .cloned()
+                        .ok_or_else(|| Error::UnknownNetwork {
+                            network: spec.name.clone(),
+                            vni,
+                        })?;
                 self.attach_to(spec, ep, &br, mtu).await?;
             }
         }
@@ -334,7 +367,11 @@ impl Host {
     pub async fn ensure_network(&self, underlay: &Underlay, spec: &NetworkSpec) -> Result<()> {
         spec.validate()?;
         self.ns.write_sysctl("net.ipv4.ip_forward", "1").await?;
-        let net = NetworkState { network: spec.clone(), peers: vec![], endpoints: vec![] };
+        let net = NetworkState {
+            network: spec.clone(),
+            peers: vec![],
+            endpoints: vec![],
+        };
         let mut observed = self.observe().await?;
         let wanted = desired_objects(&HostState {
             underlay_address: underlay.address,
@@ -344,7 +381,13 @@ impl Host {
         let mine: BTreeSet<Object> = observed
             .objects
             .iter()
-            .filter(|o| o.vni() == spec.vni && matches!(o, Object::Bridge { .. } | Object::Vxlan { .. } | Object::Gateway { .. }))
+            .filter(|o| {
+                o.vni() == spec.vni
+                    && matches!(
+                        o,
+                        Object::Bridge { .. } | Object::Vxlan { .. } | Object::Gateway { .. }
+                    )
+            })
             .cloned()
             .collect();
         let p = plan(&wanted, &mine);
@@ -352,14 +395,24 @@ impl Host {
             self.remove_object(o, &observed.links).await?;
         }
         for o in &p.create {
-            self.create_object(o, &net, underlay, &mut observed.links).await?;
+            self.create_object(o, &net, underlay, &mut observed.links)
+                .await?;
         }
         Ok(())
     }
 
     /// Programs exactly `peers` for a network: one route, neighbour and FDB entry each.
-    pub async fn set_peers(&self, underlay: &Underlay, spec: &NetworkSpec, peers: &[Peer]) -> Result<()> {
-        let net = NetworkState { network: spec.clone(), peers: peers.to_vec(), endpoints: vec![] };
+    pub async fn set_peers(
+        &self,
+        underlay: &Underlay,
+        spec: &NetworkSpec,
+        peers: &[Peer],
+    ) -> Result<()> {
+        let net = NetworkState {
+            network: spec.clone(),
+            peers: peers.to_vec(),
+            endpoints: vec![],
+        };
         let mut observed = self.observe().await?;
         let wanted: BTreeSet<Object> = desired_objects(&HostState {
             underlay_address: underlay.address,
@@ -367,7 +420,12 @@ impl Host {
             networks: vec![net.clone()],
         })
         .into_iter()
-        .filter(|o| matches!(o, Object::PeerFdb { .. } | Object::PeerNeighbour { .. } | Object::PeerRoute { .. }))
+        .filter(|o| {
+            matches!(
+                o,
+                Object::PeerFdb { .. } | Object::PeerNeighbour { .. } | Object::PeerRoute { .. }
+            )
+        })
         .collect();
         let mine: BTreeSet<Object> = observed
             .objects
@@ -380,20 +438,30 @@ impl Host {
             self.remove_object(o, &observed.links).await?;
         }
         for o in &p.create {
-            self.create_object(o, &net, underlay, &mut observed.links).await?;
+            self.create_object(o, &net, underlay, &mut observed.links)
+                .await?;
         }
         Ok(())
     }
 
     /// Attaches a namespace to a network already ensured on this host.
-    pub async fn attach(&self, underlay: &Underlay, spec: &NetworkSpec, ep: &Endpoint) -> Result<()> {
+    pub async fn attach(
+        &self,
+        underlay: &Underlay,
+        spec: &NetworkSpec,
+        ep: &Endpoint,
+    ) -> Result<()> {
         spec.validate_endpoint_address(ep.address)?;
-        let bridge = self
-            .nl
-            .link(&bridge_name(spec.vni))
-            .await?
-            .ok_or_else(|| Error::UnknownNetwork { network: spec.name.clone(), vni: spec.vni })?;
-        self.attach_to(spec, ep, &bridge, underlay.overlay_mtu()).await
+        let bridge =
+            self.nl
+                .link(&bridge_name(spec.vni))
+                .await?
+                .ok_or_else(|| Error::UnknownNetwork {
+                    network: spec.name.clone(),
+                    vni: spec.vni,
+                })?;
+        self.attach_to(spec, ep, &bridge, underlay.overlay_mtu())
+            .await
     }
 
     /// Detaches the endpoint holding `address` (nothing to do when it is not there).
@@ -406,7 +474,10 @@ impl Host {
         let observed = self.observe().await?;
         let mut errors = Vec::new();
         for o in observed.objects.iter().rev().filter(|o| o.vni() == vni) {
-            if matches!(o, Object::Endpoint { .. } | Object::Vxlan { .. } | Object::Bridge { .. }) {
+            if matches!(
+                o,
+                Object::Endpoint { .. } | Object::Vxlan { .. } | Object::Bridge { .. }
+            ) {
                 if let Err(e) = self.remove_object(o, &observed.links).await {
                     errors.push(e);
                 }
@@ -420,7 +491,9 @@ impl Host {
         let observed = self.observe().await?;
         let mut errors = Vec::new();
         for link in observed.links.values().filter(|l| {
-            vni_of(&l.name, "nab").is_some() || vni_of(&l.name, "nax").is_some() || host_veth_address(&l.name).is_some()
+            vni_of(&l.name, "nab").is_some()
+                || vni_of(&l.name, "nax").is_some()
+                || host_veth_address(&l.name).is_some()
         }) {
             if let Err(e) = self.nl.delete_link(link.index, &link.name).await {
                 errors.push(e);
@@ -446,7 +519,13 @@ impl Host {
     /// The attach itself. Order matters for crash safety: the pair is created with its
     /// peer already inside the target, configured there, and only then does the host
     /// end get its id and come up; a host veth without both is an orphan.
-    async fn attach_to(&self, spec: &NetworkSpec, ep: &Endpoint, bridge: &Link, mtu: u32) -> Result<()> {
+    async fn attach_to(
+        &self,
+        spec: &NetworkSpec,
+        ep: &Endpoint,
+        bridge: &Link,
+        mtu: u32,
+    ) -> Result<()> {
         let host_name = host_veth_name(ep.address);
         if let Some(existing) = self.nl.link(&host_name).await? {
             let same = existing.alias.as_deref() == Some(ep.id.as_str());
@@ -465,7 +544,9 @@ impl Host {
         }
         let target = Netns::open(&ep.netns)?;
         let Some(target_fd) = target.fd() else {
-            return Err(Error::Invalid("an endpoint cannot be the host's own namespace".into()));
+            return Err(Error::Invalid(
+                "an endpoint cannot be the host's own namespace".into(),
+            ));
         };
         let inner = Netlink::new(target.netlink().await?, target.to_string());
         let existing = inner.links().await?;
@@ -482,7 +563,14 @@ impl Host {
             }
             if self
                 .nl
-                .try_create_veth(&host_name, bridge.index, mtu, &candidate, target_fd, ep.mac())
+                .try_create_veth(
+                    &host_name,
+                    bridge.index,
+                    mtu,
+                    &candidate,
+                    target_fd,
+                    ep.mac(),
+                )
                 .await?
             {
                 ifname = Some(candidate);
@@ -538,16 +626,22 @@ impl Host {
         inner.set_up(peer.index, ifname).await?;
         // A permanent entry for the gateway: no ARP, and nothing for the kernel's
         // neighbour-table garbage collector to count, however many containers there are.
-        inner.replace_neighbour(peer.index, gateway, Mac::for_ip(gateway)).await?;
+        inner
+            .replace_neighbour(peer.index, gateway, Mac::for_ip(gateway))
+            .await?;
         if spec.subnet != spec.block {
-            inner.replace_route(spec.subnet, gateway, peer.index, false).await?;
+            inner
+                .replace_route(spec.subnet, gateway, peer.index, false)
+                .await?;
         }
         if !has_default {
             inner
                 .replace_route(Ipv4Net::default(), gateway, peer.index, false)
                 .await?;
         }
-        self.nl.replace_neighbour(bridge.index, ep.address, ep.mac()).await?;
+        self.nl
+            .replace_neighbour(bridge.index, ep.address, ep.mac())
+            .await?;
         let host = self
             .nl
             .link(&host_veth_name(ep.address))
@@ -560,7 +654,10 @@ impl Host {
 }
 
 fn wanted_kind_peer(o: &Object) -> bool {
-    matches!(o, Object::PeerFdb { .. } | Object::PeerNeighbour { .. } | Object::PeerRoute { .. })
+    matches!(
+        o,
+        Object::PeerFdb { .. } | Object::PeerNeighbour { .. } | Object::PeerRoute { .. }
+    )
 }
 
 fn vni_of(name: &str, prefix: &str) -> Option<u32> {

@@ -12,9 +12,7 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol,
-};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
@@ -105,7 +103,12 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
-        let mut stream = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut stream = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match stream.try_next().await {
             Ok(Some(m)) => Ok(Some(parse_link(&m))),
             Ok(None) => Ok(None),
@@ -245,9 +248,11 @@ impl Netlink {
             .iter()
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Local(IpAddr::V4(ip)) => Ipv4Net::new(*ip, m.header.prefix_len)
-                        .ok()
-                        .map(|n| (m.header.index, n)),
+                    AddressAttribute::Local(IpAddr::V4(ip)) => {
+                        Ipv4Net::new(*ip, m.header.prefix_len)
+                            .ok()
+                            .map(|n| (m.header.index, n))
+                    }
                     _ => None,
                 })
             })

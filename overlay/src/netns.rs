@@ -219,6 +219,9 @@ mod tests {
     #[test]
     fn missing_pid_is_named() {
         let err = Netns::open(&NetnsRef::Pid(u32::MAX - 1)).unwrap_err();
-        assert!(err.to_string().contains("process 4294967294 not found"), "{err}");
+        assert!(
+            err.to_string().contains("process 4294967294 not found"),
+            "{err}"
+        );
     }
 }

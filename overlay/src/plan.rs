@@ -198,11 +198,22 @@ mod tests {
         let many = desired_objects(&state(&[(2, "100.64.2.0/24")], &refs));
         let per_peer = |s: &BTreeSet<Object>| {
             s.iter()
-                .filter(|o| matches!(o, Object::PeerFdb { .. } | Object::PeerNeighbour { .. } | Object::PeerRoute { .. }))
+                .filter(|o| {
+                    matches!(
+                        o,
+                        Object::PeerFdb { .. }
+                            | Object::PeerNeighbour { .. }
+                            | Object::PeerRoute { .. }
+                    )
+                })
                 .count()
         };
         assert_eq!(per_peer(&few), 3);
-        assert_eq!(per_peer(&many), 3, "one route, one neighbour, one FDB entry per remote host");
+        assert_eq!(
+            per_peer(&many),
+            3,
+            "one route, one neighbour, one FDB entry per remote host"
+        );
     }
 
     #[test]
@@ -224,10 +235,25 @@ mod tests {
         assert_eq!(
             p.remove,
             vec![
-                Object::Endpoint { vni: 10, address: "100.64.1.3".parse().unwrap(), id: "c-100.64.1.3".into() },
-                Object::PeerRoute { vni: 10, block: "100.64.3.0/24".parse().unwrap() },
-                Object::PeerNeighbour { vni: 10, ip: "100.64.3.0".parse().unwrap(), mac: mac3 },
-                Object::PeerFdb { vni: 10, mac: mac3, underlay: "192.0.2.13".parse().unwrap() },
+                Object::Endpoint {
+                    vni: 10,
+                    address: "100.64.1.3".parse().unwrap(),
+                    id: "c-100.64.1.3".into()
+                },
+                Object::PeerRoute {
+                    vni: 10,
+                    block: "100.64.3.0/24".parse().unwrap()
+                },
+                Object::PeerNeighbour {
+                    vni: 10,
+                    ip: "100.64.3.0".parse().unwrap(),
+                    mac: mac3
+                },
+                Object::PeerFdb {
+                    vni: 10,
+                    mac: mac3,
+                    underlay: "192.0.2.13".parse().unwrap()
+                },
             ]
         );
     }
@@ -245,11 +271,28 @@ mod tests {
     fn a_replaced_vxlan_gets_its_peers_again() {
         let desired = desired_objects(&state(&[(2, "100.64.2.0/24")], &[]));
         let mut observed = desired.clone();
-        observed.remove(&Object::Vxlan { vni: 10, local: "192.0.2.11".parse().unwrap() });
-        observed.insert(Object::Vxlan { vni: 10, local: "192.0.2.99".parse().unwrap() });
+        observed.remove(&Object::Vxlan {
+            vni: 10,
+            local: "192.0.2.11".parse().unwrap(),
+        });
+        observed.insert(Object::Vxlan {
+            vni: 10,
+            local: "192.0.2.99".parse().unwrap(),
+        });
         let p = plan(&desired, &observed);
-        assert_eq!(p.remove, vec![Object::Vxlan { vni: 10, local: "192.0.2.99".parse().unwrap() }]);
-        assert_eq!(p.create.len(), 4, "vxlan + fdb + neighbour + route: {:?}", p.create);
+        assert_eq!(
+            p.remove,
+            vec![Object::Vxlan {
+                vni: 10,
+                local: "192.0.2.99".parse().unwrap()
+            }]
+        );
+        assert_eq!(
+            p.create.len(),
+            4,
+            "vxlan + fdb + neighbour + route: {:?}",
+            p.create
+        );
     }
 
     #[test]
@@ -259,8 +302,15 @@ mod tests {
         assert_eq!(
             p.remove,
             vec![
-                Object::Endpoint { vni: 10, address: "100.64.1.2".parse().unwrap(), id: "c-100.64.1.2".into() },
-                Object::Vxlan { vni: 10, local: "192.0.2.11".parse().unwrap() },
+                Object::Endpoint {
+                    vni: 10,
+                    address: "100.64.1.2".parse().unwrap(),
+                    id: "c-100.64.1.2".into()
+                },
+                Object::Vxlan {
+                    vni: 10,
+                    local: "192.0.2.11".parse().unwrap()
+                },
                 Object::Bridge { vni: 10 },
             ]
         );

@@ -340,7 +340,10 @@ mod tests {
     #[test]
     fn parses_toml() {
         let s: HostState = toml_like();
-        assert_eq!(s.networks[0].endpoints[0].netns, NetnsRef::Path("/run/netns/c1".into()));
+        assert_eq!(
+            s.networks[0].endpoints[0].netns,
+            NetnsRef::Path("/run/netns/c1".into())
+        );
     }
 
     fn toml_like() -> HostState {

@@ -12,7 +12,7 @@ pub mod testbed;
 
 pub use mesh::{block, Mesh};
 pub use run::{netagent_bin, require_root, sh, sh_ok};
-pub use testbed::{in_netns, tcp_transfer, Testbed, TestHost, OUTSIDE_ADDRESS};
+pub use testbed::{in_netns, tcp_transfer, TestHost, Testbed, OUTSIDE_ADDRESS};
 
 /// Applies `state` to the host namespace at `path` on a fresh runtime.
 pub fn apply(
@@ -25,12 +25,14 @@ pub fn apply(
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let host = netagent_overlay::Host::open(&netagent_overlay::NetnsRef::Path(path.into())).await?;
+        let host =
+            netagent_overlay::Host::open(&netagent_overlay::NetnsRef::Path(path.into())).await?;
         host.apply(state).await
     })
 }
 
 /// Writes a state as the TOML file `netagent apply --state` reads.
 pub fn write_state(path: &std::path::Path, state: &netagent_overlay::HostState) {
-    std::fs::write(path, toml::to_string(state).expect("state serialises")).expect("write state file");
+    std::fs::write(path, toml::to_string(state).expect("state serialises"))
+        .expect("write state file");
 }

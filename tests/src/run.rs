@@ -13,7 +13,9 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: needs root (namespaces, netlink, nftables) and CI=true forbids skipping");
     }
-    eprintln!("SKIPPED {test}: needs root (namespaces, netlink, nftables); run as root or under sudo");
+    eprintln!(
+        "SKIPPED {test}: needs root (namespaces, netlink, nftables); run as root or under sudo"
+    );
     false
 }
 
@@ -44,9 +46,13 @@ pub fn netagent_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NETAGENT_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
-    let bin = dir.join("netagent");
+    // Test executables live in target/<profile>/deps, helper binaries one level up.
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("target/<profile>");
+    let bin = [dir.join("netagent"), dir.join("../netagent")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("netagent"));
     assert!(
         bin.exists(),
         "{} not found: build it first (cargo build --release -p netagent) or set NETAGENT_BIN",

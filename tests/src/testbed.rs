@@ -49,11 +49,14 @@ pub struct Testbed {
 impl Testbed {
     /// Builds `n` hosts (at most 200) on one underlay bridge, plus the outside namespace.
     pub fn new(n: usize) -> Self {
-        Self::with_prefix(&format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ), n)
+        Self::with_prefix(
+            &format!(
+                "{PREFIX}{}x{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            ),
+            n,
+        )
     }
 
     /// Like `new` with a chosen id (the demo uses a fixed one); the id must start with "ntb".
@@ -92,13 +95,19 @@ impl Testbed {
                  ip -n {netns} addr add {underlay}/24 dev eth0 && ip -n {netns} link set eth0 up && \
                  ip -n {netns} route add default via {OUTSIDE_ROUTER}"
             ));
-            bed.hosts.push(TestHost { name, netns, underlay });
+            bed.hosts.push(TestHost {
+                name,
+                netns,
+                underlay,
+            });
         }
         bed
     }
 
     fn add_netns(&mut self, name: &str) {
-        sh_ok(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+        sh_ok(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
         self.namespaces.push(name.to_string());
     }
 
@@ -112,25 +121,36 @@ impl Testbed {
 
     /// Many container namespaces at once (one `ip -batch`), for scale tests.
     pub fn containers(&mut self, label: &str, count: usize) -> Vec<String> {
-        let names: Vec<String> = (0..count).map(|i| format!("{}c{label}{i}", self.id)).collect();
+        let names: Vec<String> = (0..count)
+            .map(|i| format!("{}c{label}{i}", self.id))
+            .collect();
         let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
         let file = std::env::temp_dir().join(format!("{}-{label}.batch", self.id));
         std::fs::write(&file, batch).unwrap();
         self.namespaces.extend(names.iter().cloned());
         sh_ok(&format!("ip -batch {}", file.display()));
-        sh_ok(&format!("for n in {}; do ip -n $n link set lo up; done", names.join(" ")));
+        sh_ok(&format!(
+            "for n in {}; do ip -n $n link set lo up; done",
+            names.join(" ")
+        ));
         let _ = std::fs::remove_file(&file);
         names
     }
 
     /// Runs a command inside a namespace (through `ip netns exec`) and returns its output.
     pub fn exec(&self, netns: &str, script: &str) -> std::process::Output {
-        sh(&format!("ip netns exec {netns} sh -c '{}'", script.replace('\'', "'\\''")))
+        sh(&format!(
+            "ip netns exec {netns} sh -c '{}'",
+            script.replace('\'', "'\\''")
+        ))
     }
 
     /// Like `exec`, but the command must succeed; returns stdout.
     pub fn exec_ok(&self, netns: &str, script: &str) -> String {
-        sh_ok(&format!("ip netns exec {netns} sh -c '{}'", script.replace('\'', "'\\''")))
+        sh_ok(&format!(
+            "ip netns exec {netns} sh -c '{}'",
+            script.replace('\'', "'\\''")
+        ))
     }
 
     /// True when `netns` gets replies to `count` pings of `target` (1 s deadline each).
@@ -217,12 +237,18 @@ fn remove_netns(ns: &str) {
 
 /// Removes namespaces left by test processes that no longer exist.
 fn remove_stale() {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
         let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        let alive = pid.parse::<u32>().is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
         if !pid.is_empty() && !alive {
             remove_netns(&name);
         }
@@ -253,7 +279,9 @@ pub fn tcp_transfer(server_ns: &str, server_ip: Ipv4Addr, client_ns: &str, bytes
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = in_netns(server_ns, move || {
         let listener = std::net::TcpListener::bind((server_ip, 0)).expect("bind");
-        ready_tx.send(listener.local_addr().unwrap().port()).unwrap();
+        ready_tx
+            .send(listener.local_addr().unwrap().port())
+            .unwrap();
         let (mut conn, _) = listener.accept().expect("accept");
         let mut buf = vec![0u8; 65536];
         let mut total = 0usize;
@@ -263,7 +291,12 @@ pub fn tcp_transfer(server_ns: &str, server_ip: Ipv4Addr, client_ns: &str, bytes
                 break;
             }
             for (i, b) in buf[..n].iter().enumerate() {
-                assert_eq!(*b, ((total + i) % 251) as u8, "corrupted byte at {}", total + i);
+                assert_eq!(
+                    *b,
+                    ((total + i) % 251) as u8,
+                    "corrupted byte at {}",
+                    total + i
+                );
             }
             total += n;
         }
@@ -276,7 +309,8 @@ pub fn tcp_transfer(server_ns: &str, server_ip: Ipv4Addr, client_ns: &str, bytes
             std::time::Duration::from_secs(5),
         )
         .expect("connect across the overlay");
-        conn.set_write_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        conn.set_write_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
         let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
         conn.write_all(&data).expect("write");
     });

@@ -33,7 +33,10 @@ fn namespaces_on_different_hosts_talk_at_full_mtu() {
     // exactly that size crosses with DF set: no black hole.
     let mtu = bed.exec_ok(&c1, "cat /sys/class/net/eth0/mtu");
     assert_eq!(mtu.trim(), "1450");
-    let full = bed.exec(&c1, &format!("ping -n -q -c 2 -i 0.2 -W 1 -M do -s 1422 {ip3}"));
+    let full = bed.exec(
+        &c1,
+        &format!("ping -n -q -c 2 -i 0.2 -W 1 -M do -s 1422 {ip3}"),
+    );
     assert!(full.status.success(), "1450-byte DF ping failed: {full:?}");
     let received = tcp_transfer(&c3, ip3, &c1, 10 << 20);
     assert_eq!(received, 10 << 20);
@@ -61,6 +64,8 @@ fn networks_are_isolated_on_one_host_and_across_hosts() {
     assert!(!bed.ping(&b1, ip_a1), "b1 reached a1 on the same host");
     assert!(!bed.ping(&b3, ip_a1), "b3 reached a1 across hosts");
     assert!(!bed.ping(&a1, ip_b3), "a1 reached b3 across hosts");
+    assert!(!bed.ping(&a3, ip_b1), "a3 reached b1 across hosts");
+    assert!(!bed.ping(&a1, ip_b1), "a1 reached b1 on the same host");
     let gw_a1 = block("100.64.0.0/16".parse().unwrap(), 1).network();
     let gw_a1 = std::net::Ipv4Addr::from(u32::from(gw_a1) + 1);
     assert!(!bed.ping(&b1, gw_a1), "b1 reached network a's gateway");
@@ -84,8 +89,15 @@ fn reapply_changes_nothing_and_removal_is_exact() {
     let h1 = &bed.hosts[0];
     let before = bed.dump(&h1.netns);
     let report = apply(&h1.path(), &mesh.state(1)).unwrap();
-    assert!(report.is_empty(), "second apply changed something: {report:?}");
-    assert_eq!(before, bed.dump(&h1.netns), "second apply changed the kernel");
+    assert!(
+        report.is_empty(),
+        "second apply changed something: {report:?}"
+    );
+    assert_eq!(
+        before,
+        bed.dump(&h1.netns),
+        "second apply changed the kernel"
+    );
 
     // Removing one endpoint removes its veth and its neighbour entry, nothing else.
     let mut smaller = mesh.clone();
@@ -97,9 +109,19 @@ fn reapply_changes_nothing_and_removal_is_exact() {
     let links = bed.exec_ok(&h1.netns, "ip -o link show");
     assert!(!links.contains(&veth), "{veth} left behind");
     let neigh = bed.exec_ok(&h1.netns, "ip neigh show nud permanent");
-    assert!(!neigh.contains(&format!("{ip2} ")), "neighbour of {ip2} left: {neigh}");
-    assert!(neigh.contains(&format!("{ip1} ")), "neighbour of {ip1} removed too: {neigh}");
-    assert_eq!(bed.exec_ok(&c2, "ip -o link show | grep -c eth || true").trim(), "0");
+    assert!(
+        !neigh.contains(&format!("{ip2} ")),
+        "neighbour of {ip2} left: {neigh}"
+    );
+    assert!(
+        neigh.contains(&format!("{ip1} ")),
+        "neighbour of {ip1} removed too: {neigh}"
+    );
+    assert_eq!(
+        bed.exec_ok(&c2, "ip -o link show | grep -c eth || true")
+            .trim(),
+        "0"
+    );
     assert!(bed.ping(&c1, ip3), "remaining endpoint must still work");
 
     // Removing host 3 removes its route, neighbour and FDB entry on every other host.
@@ -109,10 +131,23 @@ fn reapply_changes_nothing_and_removal_is_exact() {
         apply(&h.path(), &without3.state(host)).unwrap();
         let u3 = bed.hosts[2].underlay.to_string();
         let b3 = block("100.64.0.0/16".parse().unwrap(), 3).to_string();
-        assert!(!bed.exec_ok(&h.netns, "bridge fdb show dev nax100").contains(&u3), "fdb to h3 left on {}", h.name);
-        assert!(!bed.exec_ok(&h.netns, "ip route").contains(&b3), "route to h3 left on {}", h.name);
+        assert!(
+            !bed.exec_ok(&h.netns, "bridge fdb show dev nax100")
+                .contains(&u3),
+            "fdb to h3 left on {}",
+            h.name
+        );
+        assert!(
+            !bed.exec_ok(&h.netns, "ip route").contains(&b3),
+            "route to h3 left on {}",
+            h.name
+        );
         let neigh = bed.exec_ok(&h.netns, "ip neigh show dev nax100");
-        assert!(!neigh.contains("100.64.3.0"), "neighbour of h3 left on {}: {neigh}", h.name);
+        assert!(
+            !neigh.contains("100.64.3.0"),
+            "neighbour of h3 left on {}: {neigh}",
+            h.name
+        );
         // Exactly one FDB entry per remaining remote host.
         let fdb = bed.exec_ok(&h.netns, "bridge fdb show dev nax100 | grep -c dst");
         assert_eq!(fdb.trim(), "1", "on {}", h.name);
@@ -132,7 +167,10 @@ fn egress_reaches_the_outside_through_the_host() {
     // The outside namespace has no route back to 100.64.0.0/16: only a masqueraded
     // packet (source = host 2's underlay address) can be answered.
     assert!(!bed.exec_ok(&bed.outside_ns, "ip route").contains("100.64"));
-    assert!(bed.ping(&c, OUTSIDE_ADDRESS), "no egress to {OUTSIDE_ADDRESS}");
+    assert!(
+        bed.ping(&c, OUTSIDE_ADDRESS),
+        "no egress to {OUTSIDE_ADDRESS}"
+    );
     let seen = bed.exec_ok(&bed.outside_ns, "ip neigh show");
     assert!(seen.contains(&bed.hosts[1].underlay.to_string()), "{seen}");
 }

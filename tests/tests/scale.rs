@@ -43,12 +43,33 @@ fn a_thousand_namespaces_on_one_host_reach_other_hosts() {
     assert!(failures.trim().is_empty(), "unreachable:\n{failures}");
 
     let h1 = &bed.hosts[0].netns;
-    let count = |cmd: &str| bed.exec_ok(h1, &format!("{cmd} | wc -l")).trim().parse::<usize>().unwrap();
-    assert_eq!(count("ip neigh show dev nax100"), 4, "one neighbour per remote host");
-    assert_eq!(count("bridge fdb show dev nax100 | grep dst"), 4, "one FDB entry per remote host");
-    assert_eq!(count("ip route show dev nax100"), 4, "one route per remote host");
+    let count = |cmd: &str| {
+        bed.exec_ok(h1, &format!("{cmd} | wc -l"))
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    assert_eq!(
+        count("ip neigh show dev nax100"),
+        4,
+        "one neighbour per remote host"
+    );
+    assert_eq!(
+        count("bridge fdb show dev nax100 | grep dst"),
+        4,
+        "one FDB entry per remote host"
+    );
+    assert_eq!(
+        count("ip route show dev nax100"),
+        4,
+        "one route per remote host"
+    );
     // Local endpoints are permanent entries, which the neighbour GC does not count;
     // nothing dynamic piles up on the host.
-    assert!(count("ip neigh show | grep -v PERMANENT") < 10, "{}", bed.exec_ok(h1, "ip neigh show | grep -v PERMANENT | head"));
+    assert!(
+        count("ip neigh show | grep -v PERMANENT") < 10,
+        "{}",
+        bed.exec_ok(h1, "ip neigh show | grep -v PERMANENT | head")
+    );
     assert_eq!(addresses.len(), N);
 }

@@ -12,7 +12,12 @@ fn hosts_ping_each_other_over_the_underlay() {
     for a in &bed.hosts {
         for b in &bed.hosts {
             if a.name != b.name {
-                assert!(bed.ping(&a.netns, b.underlay), "{} cannot reach {}", a.name, b.name);
+                assert!(
+                    bed.ping(&a.netns, b.underlay),
+                    "{} cannot reach {}",
+                    a.name,
+                    b.name
+                );
             }
         }
     }
@@ -33,11 +38,21 @@ fn teardown_leaves_no_namespace_link_or_process() {
     };
     let listed = sh_ok("ip netns list");
     for ns in &namespaces {
-        assert!(!listed.contains(ns.as_str()), "namespace {ns} survived teardown");
+        assert!(
+            !listed.contains(ns.as_str()),
+            "namespace {ns} survived teardown"
+        );
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    assert!(!status.contains("State:\tS"), "process {pid} survived teardown");
-    assert_eq!(links_before, sh_ok("ip -o link show | wc -l"), "links leaked into the root namespace");
+    assert!(
+        !status.contains("State:\tS"),
+        "process {pid} survived teardown"
+    );
+    assert_eq!(
+        links_before,
+        sh_ok("ip -o link show | wc -l"),
+        "links leaked into the root namespace"
+    );
 }
 
 #[test]
@@ -57,6 +72,9 @@ fn panicking_test_still_tears_down() {
     let names = names.lock().unwrap();
     assert!(!names.is_empty());
     for ns in names.iter() {
-        assert!(!listed.contains(ns.as_str()), "namespace {ns} survived a panic");
+        assert!(
+            !listed.contains(ns.as_str()),
+            "namespace {ns} survived a panic"
+        );
     }
 }

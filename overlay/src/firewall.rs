@@ -1,8 +1,10 @@
 //! Isolation between networks and egress to the outside, as one nftables table.
 //!
 //! Every network routes through the same host, so the host's forwarding must keep
-//! them apart: a packet may be forwarded between two of our interfaces only when both
-//! belong to the same network; from outside into a network only replies pass (as with
+//! them apart. Each of a network's interfaces (its VXLAN device and every endpoint's
+//! host veth) carries the network's VNI as its interface group, so the rules stay the
+//! same size however many endpoints there are: a packet may be forwarded between two
+//! of our interfaces only when both are in the same group; from outside into a network only replies pass (as with
 //! Docker's bridge); traffic leaving the overlay for the outside is masqueraded. The
 //! table is rendered from the networks (pure, unit-tested) and replaced in one nft
 //! transaction; a hash in the table's comment lets a re-apply of the same state skip it.
@@ -13,7 +15,6 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
-use crate::naming::{bridge_name, vxlan_name};
 use crate::netns::Netns;
 use crate::spec::NetworkSpec;
 
@@ -37,56 +38,50 @@ pub fn marker(hash: u64) -> String {
 }
 
 fn render_body(networks: &[NetworkSpec]) -> String {
-    let ifs = |n: &NetworkSpec| [bridge_name(n.vni), vxlan_name(n.vni)];
-    let all_ifs: Vec<String> = networks
+    // Interface group = VNI (never 0, the default group of every other interface).
+    let groups: Vec<String> = networks.iter().map(|n| n.vni.to_string()).collect();
+    let same_net: Vec<String> = networks
         .iter()
-        .flat_map(ifs)
-        .map(|i| format!("\"{i}\""))
+        .map(|n| format!("{0} . {0}", n.vni))
         .collect();
-    let mut same_net = Vec::new();
     let mut foreign_gw = Vec::new();
     for n in networks {
-        for a in ifs(n) {
-            for b in ifs(n) {
-                same_net.push(format!("\"{a}\" . \"{b}\""));
-            }
-            for other in networks.iter().filter(|o| o.vni != n.vni) {
-                foreign_gw.push(format!("\"{a}\" . {}", other.gateway()));
-            }
+        for other in networks.iter().filter(|o| o.vni != n.vni) {
+            foreign_gw.push(format!("{} . {}", n.vni, other.gateway()));
         }
     }
     let subnets: Vec<String> = networks.iter().map(|n| n.subnet.to_string()).collect();
     let mut s = String::new();
-    let set = |s: &mut String, name: &str, ty: &str, elems: &[String]| {
-        s.push_str(&format!("\tset {name} {{\n\t\ttype {ty}\n"));
+    let set = |s: &mut String, name: &str, ty: &str, flags: &str, elems: &[String]| {
+        s.push_str(&format!("\tset {name} {{\n\t\ttype {ty}\n{flags}"));
         if !elems.is_empty() {
             s.push_str(&format!("\t\telements = {{ {} }}\n", elems.join(", ")));
         }
         s.push_str("\t}\n");
     };
-    set(&mut s, "overlay_ifs", "ifname", &all_ifs);
-    set(&mut s, "same_network", "ifname . ifname", &same_net);
+    set(&mut s, "overlay_groups", "devgroup", "", &groups);
+    set(&mut s, "same_network", "devgroup . devgroup", "", &same_net);
     set(
         &mut s,
         "foreign_gateways",
-        "ifname . ipv4_addr",
+        "devgroup . ipv4_addr",
+        "",
         &foreign_gw,
     );
-    if subnets.is_empty() {
-        set(&mut s, "subnets", "ipv4_addr; flags interval", &[]);
-    } else {
-        s.push_str(&format!(
-            "\tset subnets {{\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}\n",
-            subnets.join(", ")
-        ));
-    }
+    set(
+        &mut s,
+        "subnets",
+        "ipv4_addr",
+        "\t\tflags interval\n",
+        &subnets,
+    );
     // Conntrack is only needed for egress (NAT) and replies from outside. Skipping it
     // for traffic that stays in the overlay, and for the outer VXLAN packets, removes
     // two connection-table lookups per packet on each host.
     s.push_str(
         "\tchain raw_prerouting {\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
-         \t\tiifname @overlay_ifs ip daddr @subnets notrack\n\
+         \t\tiifgroup @overlay_groups ip daddr @subnets notrack\n\
          \t\tudp dport 4789 notrack\n\
          \t}\n\
          \tchain raw_output {\n\
@@ -97,18 +92,18 @@ fn render_body(networks: &[NetworkSpec]) -> String {
     s.push_str(
         "\tchain forward {\n\
          \t\ttype filter hook forward priority filter - 10; policy accept;\n\
-         \t\tiifname . oifname @same_network accept\n\
-         \t\tiifname @overlay_ifs oifname @overlay_ifs drop\n\
-         \t\toifname @overlay_ifs ct state established,related accept\n\
-         \t\toifname @overlay_ifs drop\n\
+         \t\tiifgroup . oifgroup @same_network accept\n\
+         \t\tiifgroup @overlay_groups oifgroup @overlay_groups drop\n\
+         \t\toifgroup @overlay_groups ct state established,related accept\n\
+         \t\toifgroup @overlay_groups drop\n\
          \t}\n\
          \tchain input {\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
-         \t\tiifname . ip daddr @foreign_gateways drop\n\
+         \t\tiifgroup . ip daddr @foreign_gateways drop\n\
          \t}\n\
          \tchain postrouting {\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr @subnets oifname != @overlay_ifs masquerade\n\
+         \t\tip saddr @subnets oifgroup != @overlay_groups masquerade\n\
          \t}\n",
     );
     s
@@ -203,10 +198,12 @@ mod tests {
             net("a", 1, "100.64.0.0/16", "100.64.1.0/24"),
             net("b", 2, "100.65.0.0/16", "100.65.1.0/24"),
         ]);
-        assert!(r.contains("\"nab1\" . \"nax1\""));
-        assert!(r.contains("\"nax2\" . \"nab2\""));
-        assert!(!r.contains("\"nab1\" . \"nab2\""), "{r}");
-        assert!(r.contains("\"nab1\" . 100.65.1.1"), "{r}");
+        assert!(r.contains("elements = { 1 . 1, 2 . 2 }"), "{r}");
+        assert!(!r.contains("1 . 2"), "{r}");
+        assert!(
+            r.contains("elements = { 1 . 100.65.1.1, 2 . 100.64.1.1 }"),
+            "{r}"
+        );
         assert!(r.contains("elements = { 100.64.0.0/16, 100.65.0.0/16 }"));
     }
 
@@ -216,6 +213,6 @@ mod tests {
         let b = [net("a", 1, "100.66.0.0/16", "100.66.2.0/24")];
         assert_eq!(render(&a), render(&a));
         assert_ne!(render(&a), render(&b));
-        assert!(render(&[]).contains("set overlay_ifs"));
+        assert!(render(&[]).contains("set overlay_groups"));
     }
 }

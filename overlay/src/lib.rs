@@ -2,11 +2,13 @@
 //!
 //! A caller describes what one host's overlay should be ([`HostState`]: networks, the
 //! peers holding other blocks of them, the namespaces attached here) and [`Host::apply`]
-//! makes the kernel match: a bridge and a VXLAN device per network, one route, one
-//! neighbour and one FDB entry per remote host (kernel tables grow with hosts, not with
-//! containers), a veth per attached namespace, and one nftables table for isolation
-//! and egress. Nothing outside this crate touches netlink or namespaces.
+//! makes the kernel match: a VXLAN device per network holding the gateway, one route,
+//! one neighbour and one FDB entry per remote host (kernel tables grow with hosts, not
+//! with containers), a routed veth per attached namespace (no bridge), and one
+//! nftables table for isolation and egress. Nothing outside this crate touches
+//! netlink or namespaces.
 
+mod attach;
 mod error;
 mod firewall;
 mod host;
@@ -19,7 +21,7 @@ mod spec;
 pub use error::{Error, Result};
 pub use firewall::TABLE as FIREWALL_TABLE;
 pub use host::{ApplyReport, Host, Underlay, VXLAN_OVERHEAD};
-pub use naming::{bridge_name, host_veth_name, vxlan_name, Mac};
+pub use naming::{host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};
 pub use plan::{desired_objects, plan, Object, Plan};
 pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer, MAX_VNI};

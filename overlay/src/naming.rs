@@ -10,11 +10,6 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-/// Bridge of a network on this host: holds the gateway address and local endpoints.
-pub fn bridge_name(vni: u32) -> String {
-    format!("nab{vni}")
-}
-
 /// VXLAN device of a network on this host.
 pub fn vxlan_name(vni: u32) -> String {
     format!("nax{vni}")
@@ -44,8 +39,10 @@ pub const ROUTE_PROTOCOL: u8 = 78;
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
-    /// Endpoint and gateway MACs: locally administered, `02:4e` then the IPv4 address
-    /// (as Docker does with `02:42`), so a MAC is unique wherever its IP is.
+    /// Endpoint MACs: locally administered, `02:4e` then the IPv4 address (as Docker
+    /// does with `02:42`), so a MAC is unique wherever its IP is. The host ends of a
+    /// network's veths all use the gateway's: each veth is its own link, and containers
+    /// hold a permanent neighbour entry for the gateway with that MAC.
     pub fn for_ip(ip: Ipv4Addr) -> Self {
         let o = ip.octets();
         Self([0x02, 0x4e, o[0], o[1], o[2], o[3]])
@@ -104,13 +101,12 @@ mod tests {
 
     #[test]
     fn names_fit_ifnamsiz_and_round_trip() {
-        assert!(bridge_name(16_777_215).len() <= 15);
         assert!(vxlan_name(16_777_215).len() <= 15);
         let ip = Ipv4Addr::new(100, 64, 3, 200);
         let name = host_veth_name(ip);
         assert_eq!(name, "nav644003c8");
         assert_eq!(host_veth_address(&name), Some(ip));
-        assert_eq!(host_veth_address("nab42"), None);
+        assert_eq!(host_veth_address("nax42"), None);
         assert_eq!(host_veth_address("navzzzzzzzz"), None);
     }
 

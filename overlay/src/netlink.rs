@@ -12,9 +12,11 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::error::{Error, Result};
 use crate::naming::{Mac, ROUTE_PROTOCOL};
@@ -30,7 +32,7 @@ pub struct Link {
     pub kind: Option<String>,
     pub mtu: u32,
     pub mac: Option<Mac>,
-    pub controller: Option<u32>,
+    pub group: u32,
     pub up: bool,
     pub alias: Option<String>,
     pub vxlan: Option<VxlanInfo>,
@@ -124,19 +126,8 @@ impl Netlink {
         }
     }
 
-    /// A bridge with a fixed MAC (a bridge otherwise takes its lowest port's MAC and
-    /// changes it as ports come and go), STP off so ports forward at once.
-    pub async fn create_bridge(&self, name: &str, mac: Mac, mtu: u32) -> Result<()> {
-        let msg = LinkBridge::new(name)
-            .forward_delay(0)
-            .address(mac.0.to_vec())
-            .mtu(mtu)
-            .up()
-            .build();
-        self.add(msg, "create bridge", name).await
-    }
-
-    /// A VXLAN device with no learning and no flooding: every remote MAC is programmed.
+    /// A VXLAN device with no learning and no flooding (every remote MAC is
+    /// programmed), in interface group `vni`.
     pub async fn create_vxlan(
         &self,
         name: &str,
@@ -153,6 +144,7 @@ impl Netlink {
             .learning(false)
             .address(mac.0.to_vec())
             .mtu(mtu)
+            .link_group(vni)
             .up()
             .build();
         self.add(msg, "create vxlan", name).await
@@ -167,7 +159,8 @@ impl Netlink {
     pub async fn try_create_veth(
         &self,
         name: &str,
-        controller: u32,
+        group: u32,
+        mac: Mac,
         mtu: u32,
         peer_name: &str,
         peer_ns_fd: std::os::fd::RawFd,
@@ -183,8 +176,9 @@ impl Netlink {
         )
         .name(name.to_string())
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .address(mac.0.to_vec())
         .mtu(mtu)
-        .controller(controller)
+        .link_group(group)
         .build();
         match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(true),
@@ -203,16 +197,15 @@ impl Netlink {
             .map_err(|e| self.err("set up", name, e))
     }
 
-    /// Sets the alias and brings the link up in one message. (The kernel ignores an
-    /// alias given at creation, so it is set here.)
-    pub async fn set_alias_up(&self, index: u32, name: &str, alias: &str) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).alias(alias).up().build();
+    /// Sets the alias (the kernel ignores an alias given at creation).
+    pub async fn set_alias(&self, index: u32, name: &str, alias: &str) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).alias(alias).build();
         self.handle
             .link()
             .set(msg)
             .execute()
             .await
-            .map_err(|e| self.err("set alias and up", name, e))
+            .map_err(|e| self.err("set alias", name, e))
     }
 
     pub async fn set_mtu(&self, index: u32, name: &str, mtu: u32) -> Result<()> {
@@ -335,6 +328,23 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| self.err("replace route", format!("{destination} via {gateway}"), e))
+    }
+
+    /// `ip route replace DST dev OIF scope link proto 78`: a directly attached endpoint.
+    pub async fn replace_link_route(&self, destination: Ipv4Net, oif: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination.network(), destination.prefix_len())
+            .output_interface(oif)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.err("replace route", format!("{destination} dev {oif}"), e))
     }
 
     pub async fn delete_route(&self, route: &Route) -> Result<()> {
@@ -502,7 +512,7 @@ fn parse_link(m: &LinkMessage) -> Link {
         kind: None,
         mtu: 0,
         mac: None,
-        controller: None,
+        group: 0,
         up: m.header.flags.contains(LinkFlags::Up),
         alias: None,
         vxlan: None,
@@ -512,7 +522,7 @@ fn parse_link(m: &LinkMessage) -> Link {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Mtu(v) => link.mtu = *v,
             LinkAttribute::Address(b) => link.mac = Mac::from_slice(b),
-            LinkAttribute::Controller(c) => link.controller = Some(*c),
+            LinkAttribute::Group(g) => link.group = *g,
             LinkAttribute::IfAlias(s) => link.alias = Some(s.clone()),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {

@@ -13,11 +13,9 @@ use crate::spec::{HostState, NetworkState};
 /// (devices before what hangs on them); removal runs in reverse.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Object {
-    /// The network's bridge (`nab<vni>`), holding the gateway and local endpoints.
-    Bridge { vni: u32 },
     /// The network's VXLAN device (`nax<vni>`); its identity fixes VNI and source.
     Vxlan { vni: u32, local: Ipv4Addr },
-    /// The gateway address on the bridge.
+    /// The gateway address (a /32) on the VXLAN device: what containers route via.
     Gateway { vni: u32, address: Ipv4Net },
     /// FDB entry: a peer's VTEP MAC lives at the peer's underlay address.
     PeerFdb {
@@ -29,7 +27,8 @@ pub enum Object {
     PeerNeighbour { vni: u32, ip: Ipv4Addr, mac: Mac },
     /// Route: the peer's block via its network address on the VXLAN device (onlink).
     PeerRoute { vni: u32, block: Ipv4Net },
-    /// An attached namespace: host veth `nav<ip>` on the bridge, tagged with the id.
+    /// An attached namespace: host veth `nav<ip>` in the network's interface group,
+    /// tagged with the id, with a /32 route and a permanent neighbour entry.
     Endpoint {
         vni: u32,
         address: Ipv4Addr,
@@ -40,8 +39,7 @@ pub enum Object {
 impl Object {
     pub fn vni(&self) -> u32 {
         match self {
-            Object::Bridge { vni }
-            | Object::Vxlan { vni, .. }
+            Object::Vxlan { vni, .. }
             | Object::Gateway { vni, .. }
             | Object::PeerFdb { vni, .. }
             | Object::PeerNeighbour { vni, .. }
@@ -50,17 +48,15 @@ impl Object {
         }
     }
 
-    /// True for objects that live on (and die with) the network's bridge. Endpoints
-    /// do not: a bridge's ports outlive it, so their veths are removed explicitly.
-    fn on_bridge(&self) -> bool {
-        matches!(self, Object::Gateway { .. })
-    }
-
     /// True for objects that live on (and die with) the network's VXLAN device.
+    /// Endpoints do not: their veths are independent devices, removed explicitly.
     fn on_vxlan(&self) -> bool {
         matches!(
             self,
-            Object::PeerFdb { .. } | Object::PeerNeighbour { .. } | Object::PeerRoute { .. }
+            Object::Gateway { .. }
+                | Object::PeerFdb { .. }
+                | Object::PeerNeighbour { .. }
+                | Object::PeerRoute { .. }
         )
     }
 }
@@ -77,11 +73,10 @@ pub fn desired_objects(state: &HostState) -> BTreeSet<Object> {
 fn network_objects(local: Ipv4Addr, net: &NetworkState, out: &mut BTreeSet<Object>) {
     let spec = &net.network;
     let vni = spec.vni;
-    out.insert(Object::Bridge { vni });
     out.insert(Object::Vxlan { vni, local });
     out.insert(Object::Gateway {
         vni,
-        address: Ipv4Net::new(spec.gateway(), spec.block.prefix_len()).expect("valid prefix"),
+        address: Ipv4Net::new(spec.gateway(), 32).expect("valid prefix"),
     });
     for peer in &net.peers {
         let mac = Mac::for_vtep(vni, peer.underlay);
@@ -126,15 +121,12 @@ impl Plan {
 /// removed count as gone, so they are recreated on the new device when still desired.
 pub fn plan(desired: &BTreeSet<Object>, observed: &BTreeSet<Object>) -> Plan {
     let removed: BTreeSet<&Object> = observed.difference(desired).collect();
-    let dying_bridge = |vni| removed.contains(&Object::Bridge { vni });
     let dying_vxlan = |vni| {
         removed
             .iter()
             .any(|o| matches!(o, Object::Vxlan { vni: v, .. } if *v == vni))
     };
-    let survives = |o: &Object| {
-        !(o.on_bridge() && dying_bridge(o.vni()) || o.on_vxlan() && dying_vxlan(o.vni()))
-    };
+    let survives = |o: &Object| !(o.on_vxlan() && dying_vxlan(o.vni()));
     let still_there: BTreeSet<&Object> = observed.iter().filter(|o| survives(o)).collect();
     Plan {
         // Children of a dying device go with it; removing them first is wasted work.
@@ -262,8 +254,8 @@ mod tests {
     fn creates_devices_before_their_contents() {
         let s = desired_objects(&state(&[(2, "100.64.2.0/24")], &["100.64.1.2"]));
         let p = plan(&s, &BTreeSet::new());
-        assert!(matches!(p.create[0], Object::Bridge { .. }));
-        assert!(matches!(p.create[1], Object::Vxlan { .. }));
+        assert!(matches!(p.create[0], Object::Vxlan { .. }));
+        assert!(matches!(p.create[1], Object::Gateway { .. }));
         assert!(matches!(p.create.last().unwrap(), Object::Endpoint { .. }));
     }
 
@@ -289,8 +281,8 @@ mod tests {
         );
         assert_eq!(
             p.create.len(),
-            4,
-            "vxlan + fdb + neighbour + route: {:?}",
+            5,
+            "vxlan + gateway + fdb + neighbour + route: {:?}",
             p.create
         );
     }
@@ -311,7 +303,6 @@ mod tests {
                     vni: 10,
                     local: "192.0.2.11".parse().unwrap()
                 },
-                Object::Bridge { vni: 10 },
             ]
         );
     }

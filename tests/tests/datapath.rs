@@ -57,7 +57,14 @@ fn networks_are_isolated_on_one_host_and_across_hosts() {
     let ip_a3 = mesh.endpoint(3, "a", &a3, 10);
     let ip_b1 = mesh.endpoint(1, "b", &b1, 10);
     let ip_b3 = mesh.endpoint(3, "b", &b3, 10);
+    let a1b = bed.container("a1b");
+    let ip_a1b = mesh.endpoint(1, "a", &a1b, 11);
     apply_all(&bed, &mesh);
+
+    assert!(
+        bed.ping(&a1, ip_a1b),
+        "a1 -> a1b on the same host must work"
+    );
 
     assert!(bed.ping(&a1, ip_a3), "a1 -> a3 must work");
     assert!(bed.ping(&b1, ip_b3), "b1 -> b3 must work");

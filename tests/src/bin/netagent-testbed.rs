@@ -172,7 +172,8 @@ fn bench_overlay(seconds: u32) {
                 .unwrap_or(0.0)
                 / 1e9
         };
-    // Paths interleaved, three rounds, medians: the machine's drift hits all alike.
+    // Paths interleaved, five rounds, medians: the machine's drift hits all alike.
+    const ROUNDS: usize = 5;
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
@@ -180,7 +181,7 @@ fn bench_overlay(seconds: u32) {
     let mut figures = Vec::new();
     for streams in [1, 4] {
         let (mut o, mut v, mut u) = (vec![], vec![], vec![]);
-        for round in 1..=3 {
+        for round in 1..=ROUNDS {
             o.push(iperf(&mut bed, &c2, &c1, &server_ip.to_string(), streams));
             v.push(iperf(
                 &mut bed,

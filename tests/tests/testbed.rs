@@ -78,3 +78,34 @@ fn panicking_test_still_tears_down() {
         );
     }
 }
+
+#[test]
+fn leftovers_of_a_killed_run_are_removed_by_the_next() {
+    if !require_root("leftovers_of_a_killed_run_are_removed_by_the_next") {
+        return;
+    }
+    // A namespace named as a test bed of a process that no longer exists (a PID above
+    // pid_max cannot be alive), with a process still running inside it.
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stale = format!("ntb{}x0h1", pid_max + 1);
+    sh_ok(&format!("ip netns add {stale}"));
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", &stale, "sleep", "300"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let _bed = Testbed::new(1);
+    assert!(
+        !sh_ok("ip netns list").contains(&stale),
+        "stale namespace {stale} survived"
+    );
+    let status = sleeper.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the process in the stale namespace should have been killed"
+    );
+}

@@ -58,20 +58,7 @@ impl Mesh {
 
     /// Adds an endpoint on `host` (1-based) with host-part `n` of that host's block.
     pub fn endpoint(&mut self, host: usize, network: &str, netns: &str, n: u8) -> Ipv4Addr {
-        let net = self
-            .networks
-            .iter()
-            .find(|x| x.name == network)
-            .expect("network");
-        let b = block(net.subnet, host);
-        let address = Ipv4Addr::from(u32::from(b.network()) + n as u32);
-        self.endpoints.push(MeshEndpoint {
-            host,
-            network: network.into(),
-            netns: netns.into(),
-            address,
-        });
-        address
+        self.endpoint_at(host, network, netns, n.into())
     }
 
     /// Adds an endpoint with host-part `n` of a host's block, for blocks beyond a /24.

@@ -1,0 +1,118 @@
+//! The query path: parse, look up in the asking namespace's networks, write. Only
+//! local names are answered here; everything else goes to the forwarder.
+
+use std::net::Ipv4Addr;
+
+use crate::snapshot::Snapshot;
+use crate::wire::{self, Question, Rdata, WireError};
+
+/// How the query arrived: UDP answers are bounded by 512 bytes or the client's EDNS
+/// size; TCP answers by the 64 KiB message limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What to do with a query.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Not a local name: ask the upstream resolvers.
+    Forward,
+    /// Not worth a reply (a response, or shorter than a header).
+    Drop,
+}
+
+/// Answers `packet` from the names of `networks` (the asking namespace's networks).
+/// A name found in several of them answers with all their addresses.
+pub fn answer(
+    snapshot: &Snapshot,
+    networks: &[&str],
+    packet: &[u8],
+    transport: Transport,
+    ttl: u32,
+) -> Answer {
+    let q = match wire::parse(packet) {
+        Ok(q) => q,
+        Err(WireError::Drop) => return Answer::Drop,
+        Err(WireError::FormErr(_)) => {
+            return Answer::Reply(wire::write_error(packet, wire::RCODE_FORMERR))
+        }
+        Err(WireError::NotImp(_)) => {
+            return Answer::Reply(wire::write_error(packet, wire::RCODE_NOTIMP))
+        }
+    };
+    if q.qclass != wire::CLASS_IN && q.qclass != wire::CLASS_ANY {
+        return Answer::Reply(wire::write_response(
+            &q,
+            wire::RCODE_NOTIMP,
+            &[],
+            0,
+            usize::MAX,
+        ));
+    }
+    let limit = match transport {
+        Transport::Tcp => u16::MAX as usize,
+        Transport::Udp => q.edns_size.map_or(wire::CLASSIC_UDP_LIMIT, |s| {
+            s.min(wire::OUR_EDNS_SIZE) as usize
+        }),
+    };
+    if let Some(address) = reverse_address(&q.name) {
+        return match networks.iter().find_map(|n| snapshot.reverse(n, address)) {
+            Some(target) if q.qtype == wire::TYPE_PTR || q.qtype == wire::TYPE_ANY => {
+                Answer::Reply(wire::write_response(
+                    &q,
+                    wire::RCODE_NOERROR,
+                    &[Rdata::Ptr(target)],
+                    ttl,
+                    limit,
+                ))
+            }
+            Some(_) => Answer::Reply(wire::write_response(
+                &q,
+                wire::RCODE_NOERROR,
+                &[],
+                ttl,
+                limit,
+            )),
+            None => Answer::Forward,
+        };
+    }
+    let mut addresses: Vec<Ipv4Addr> = Vec::new();
+    let mut known = false;
+    for network in networks {
+        if let Some(set) = snapshot.lookup(network, &q.name) {
+            known = true;
+            set.rotated(&mut addresses);
+        }
+    }
+    if !known {
+        return Answer::Forward;
+    }
+    Answer::Reply(local_reply(&q, &addresses, ttl, limit))
+}
+
+/// A local name: its A records for A/ANY; for any other type NOERROR with no answer
+/// (never NXDOMAIN, which would make the C library give up on the A answer too).
+fn local_reply(q: &Question<'_>, addresses: &[Ipv4Addr], ttl: u32, limit: usize) -> Vec<u8> {
+    let records: Vec<Rdata<'_>> = if q.qtype == wire::TYPE_A || q.qtype == wire::TYPE_ANY {
+        addresses.iter().map(|a| Rdata::A(*a)).collect()
+    } else {
+        Vec::new()
+    };
+    wire::write_response(q, wire::RCODE_NOERROR, &records, ttl, limit)
+}
+
+/// `d.c.b.a.in-addr.arpa` → a.b.c.d.
+fn reverse_address(name: &[u8]) -> Option<Ipv4Addr> {
+    let rest = name.strip_suffix(b".in-addr.arpa")?;
+    let text = std::str::from_utf8(rest).ok()?;
+    let mut octets = [0u8; 4];
+    let mut parts = text.split('.');
+    for slot in octets.iter_mut().rev() {
+        *slot = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
+}

@@ -1,16 +1,19 @@
 //! The embedded DNS server every attached container asks at 127.0.0.11.
 //!
-//! So far: the record model ([`Snapshot`], immutable, built whole and swapped by the
-//! caller) and the query fast path ([`answer`]): parse the header and question, look the
-//! name up in the networks the asking namespace belongs to, write the answer. Local
-//! names never allocate more than the response buffer. Anything not local is returned
-//! as [`Answer::Forward`] for the (coming) forwarder. Server sockets, forwarding and the
-//! cache are the next steps of issue 3.
+//! The record model ([`Snapshot`]: immutable, built whole, swapped whole), the query
+//! fast path ([`answer`]: parse the header and question, look the name up in the
+//! networks the asking namespace belongs to, write the answer), the [`Forwarder`] for
+//! everything else, and the [`DnsServer`] that serves sockets the agent opened inside
+//! each namespace.
 
 mod answer;
+mod forward;
+mod server;
 mod snapshot;
 mod wire;
 
 pub use answer::{answer, Answer, Transport};
+pub use forward::{upstreams_from_resolv_conf, Forwarder, FORWARD_DEADLINE};
+pub use server::{DnsServer, Scope, DEFAULT_TTL};
 pub use snapshot::{EndpointRecord, Snapshot, SnapshotBuilder};
 pub use wire::{Question, WireError};

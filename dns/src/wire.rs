@@ -12,6 +12,7 @@ pub const CLASS_ANY: u16 = 255;
 
 pub const RCODE_NOERROR: u8 = 0;
 pub const RCODE_FORMERR: u8 = 1;
+pub const RCODE_SERVFAIL: u8 = 2;
 pub const RCODE_NOTIMP: u8 = 4;
 
 /// Largest UDP answer without EDNS (RFC 1035).

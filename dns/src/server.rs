@@ -1,0 +1,142 @@
+//! The server: serves already-bound UDP and TCP sockets (one pair per namespace,
+//! opened there by the agent), each with the networks of that namespace as its scope.
+//! The record set is an immutable snapshot swapped whole; the query path never waits
+//! on a lock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::answer::{answer, Answer, Transport};
+use crate::forward::Forwarder;
+use crate::snapshot::Snapshot;
+use crate::wire;
+
+/// Default TTL of local answers: short, so caching clients follow replicas.
+pub const DEFAULT_TTL: u32 = 5;
+/// A TCP client that sends nothing for this long is dropped.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// The networks whose names a socket's namespace sees.
+pub type Scope = Arc<[String]>;
+
+pub struct DnsServer {
+    snapshot: ArcSwap<Snapshot>,
+    forwarder: Forwarder,
+    ttl: u32,
+}
+
+impl DnsServer {
+    pub fn new(forwarder: Forwarder, ttl: u32) -> Arc<Self> {
+        Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            forwarder,
+            ttl,
+        })
+    }
+
+    /// Replaces the whole record set; queries in flight finish on the old one.
+    pub fn update(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Answers one query (shared by UDP and TCP).
+    async fn handle(&self, scope: &Scope, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
+        let local = {
+            let snap = self.snapshot.load();
+            answer(&snap, &networks, packet, transport, self.ttl)
+        };
+        match local {
+            Answer::Reply(bytes) => Some(bytes),
+            Answer::Drop => None,
+            Answer::Forward => {
+                let q = wire::parse(packet).ok()?;
+                Some(self.forwarder.forward(packet, &q).await)
+            }
+        }
+    }
+
+    /// Serves a UDP socket until the task is aborted. Forwarded queries run in their
+    /// own tasks so one slow upstream never holds up local answers.
+    pub fn serve_udp(self: &Arc<Self>, socket: UdpSocket, scope: Scope) -> JoinHandle<()> {
+        let server = self.clone();
+        tokio::spawn(async move {
+            let socket = Arc::new(socket);
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (n, peer) = match socket.recv_from(&mut buf).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "dns udp receive failed");
+                        continue;
+                    }
+                };
+                let packet = &buf[..n];
+                let local = {
+                    let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
+                    let snap = server.snapshot.load();
+                    answer(&snap, &networks, packet, Transport::Udp, server.ttl)
+                };
+                match local {
+                    Answer::Reply(bytes) => {
+                        let _ = socket.send_to(&bytes, peer).await;
+                    }
+                    Answer::Drop => debug!(%peer, "dropped a non-query"),
+                    Answer::Forward => {
+                        let (server, socket, packet) =
+                            (server.clone(), socket.clone(), packet.to_vec());
+                        tokio::spawn(async move {
+                            if let Ok(q) = wire::parse(&packet) {
+                                let bytes = server.forwarder.forward(&packet, &q).await;
+                                let _ = socket.send_to(&bytes, peer).await;
+                            }
+                        });
+                    }
+                }
+            }
+        })
+    }
+
+    /// Serves a TCP listener: each connection may carry many queries (RFC 7766).
+    pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener, scope: Scope) -> JoinHandle<()> {
+        let server = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let (server, scope) = (server.clone(), scope.clone());
+                        tokio::spawn(async move { server.serve_connection(stream, scope).await });
+                    }
+                    Err(e) => warn!(error = %e, "dns tcp accept failed"),
+                }
+            }
+        })
+    }
+
+    async fn serve_connection(&self, mut stream: TcpStream, scope: Scope) {
+        loop {
+            let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+                Ok(Ok(len)) => len as usize,
+                _ => return,
+            };
+            let mut packet = vec![0u8; len];
+            if stream.read_exact(&mut packet).await.is_err() {
+                return;
+            }
+            let Some(reply) = self.handle(&scope, &packet, Transport::Tcp).await else {
+                return;
+            };
+            let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&reply);
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The DNS server against real clients inside a namespace, at 127.0.0.11:53 as a
+//! container sees it: dig (UDP and TCP), the C library's resolver (getent) and busybox
+//! nslookup, with fake upstream resolvers that the test itself starts on loopback.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use hickory_proto::op::{Message, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record};
+use netagent_dns::{DnsServer, EndpointRecord, Forwarder, SnapshotBuilder};
+use netagent_tests::{in_netns, require_root, Testbed};
+
+fn ep(network: &str, ip: [u8; 4], name: &str, service: &str) -> EndpointRecord {
+    EndpointRecord {
+        network: network.into(),
+        address: Ipv4Addr::from(ip),
+        name: name.into(),
+        service: Some(service.into()),
+        aliases: vec![],
+        in_service: true,
+    }
+}
+
+/// A fake upstream on 127.0.0.1: `outside.test` is 203.0.113.7, anything else NXDOMAIN.
+/// When `silent`, it receives and never answers.
+fn start_upstream(rt: &tokio::runtime::Runtime, silent: bool) -> SocketAddr {
+    let socket = rt
+        .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = socket.local_addr().unwrap();
+    rt.spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            if silent {
+                continue;
+            }
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::response(q.metadata.id, OpCode::Query);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            let question = q.queries[0].clone();
+            if question
+                .name()
+                .to_ascii()
+                .eq_ignore_ascii_case("outside.test.")
+            {
+                r.add_answer(Record::from_rdata(
+                    question.name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(203, 0, 113, 7))),
+                ));
+            } else {
+                r.metadata.response_code = ResponseCode::NXDomain;
+            }
+            r.add_query(question);
+            let _ = socket.send_to(&r.to_vec().unwrap(), peer).await;
+        }
+    });
+    addr
+}
+
+/// Opens 127.0.0.11:53 (UDP and TCP) inside `netns`, serves it with `server` for the
+/// networks in `scope`, and points the namespace's resolv.conf at it.
+fn serve_in(rt: &tokio::runtime::Runtime, server: &Arc<DnsServer>, netns: &str, scope: &[&str]) {
+    let (udp, tcp) = in_netns(netns, || {
+        let udp = std::net::UdpSocket::bind("127.0.0.11:53").expect("bind udp 127.0.0.11:53");
+        let tcp = std::net::TcpListener::bind("127.0.0.11:53").expect("bind tcp 127.0.0.11:53");
+        udp.set_nonblocking(true).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        (udp, tcp)
+    })
+    .join()
+    .unwrap();
+    let scope: Arc<[String]> = scope.iter().map(|s| s.to_string()).collect();
+    let _guard = rt.enter();
+    server.serve_udp(tokio::net::UdpSocket::from_std(udp).unwrap(), scope.clone());
+    server.serve_tcp(tokio::net::TcpListener::from_std(tcp).unwrap(), scope);
+    let dir = format!("/etc/netns/{netns}");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        format!("{dir}/resolv.conf"),
+        "nameserver 127.0.0.11\noptions attempts:1\n",
+    )
+    .unwrap();
+}
+
+struct EtcNetns(Vec<String>);
+impl Drop for EtcNetns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
+        }
+    }
+}
+
+fn lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn real_clients_resolve_services_names_and_outside_names() {
+    if !require_root("real_clients_resolve_services_names_and_outside_names") {
+        return;
+    }
+    let mut bed = Testbed::new(0);
+    let c = bed.container("dns");
+    let quiet = bed.container("quiet");
+    let _etc = EtcNetns(vec![c.clone(), quiet.clone()]);
+    // An attached container has an address; getaddrinfo's AI_ADDRCONFIG (used by
+    // getent ahosts) returns no IPv4 answer at all in a namespace with loopback only.
+    bed.exec_ok(&c, "ip link add d0 type veth peer name d1 && ip addr add 100.64.1.50/32 dev d0 && ip link set d1 up && ip link set d0 up");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let snapshot = || {
+        SnapshotBuilder::new()
+            .endpoint(ep("app-net", [100, 64, 1, 11], "db", "db"))
+            .endpoint(ep("app-net", [100, 64, 2, 10], "echo_api.1", "echo_api"))
+            .endpoint(ep("app-net", [100, 64, 2, 11], "echo_api.2", "echo_api"))
+            .endpoint(ep("app-net", [100, 64, 3, 12], "echo_api.3", "echo_api"))
+            .endpoint(ep("other-net", [100, 65, 3, 10], "secret", "secret"))
+            .endpoints(
+                (0..100u8).map(|i| ep("app-net", [100, 64, 4, i + 10], &format!("web.{i}"), "web")),
+            )
+            .build()
+    };
+    let server = DnsServer::new(Forwarder::new(vec![start_upstream(&rt, false)]), 5);
+    server.update(snapshot());
+    serve_in(&rt, &server, &c, &["app-net"]);
+    let replicas = vec!["100.64.2.10", "100.64.2.11", "100.64.3.12"];
+
+    // dig over UDP and TCP: every replica, first one rotating per query.
+    let mut firsts = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let out = bed.exec_ok(&c, "dig @127.0.0.11 echo_api +short");
+        assert_eq!(lines(&out), replicas, "dig echo_api");
+        firsts.insert(out.lines().next().unwrap().to_string());
+    }
+    assert_eq!(
+        firsts.len(),
+        3,
+        "the first address rotates over all replicas: {firsts:?}"
+    );
+    assert_eq!(
+        lines(&bed.exec_ok(&c, "dig +tcp @127.0.0.11 echo_api +short")),
+        replicas
+    );
+    assert_eq!(
+        lines(&bed.exec_ok(&c, "dig @127.0.0.11 DB.app-net. +short")),
+        vec!["100.64.1.11"]
+    );
+    assert_eq!(
+        lines(&bed.exec_ok(&c, "dig @127.0.0.11 tasks.echo_api +short")),
+        replicas
+    );
+
+    // AAAA of a local name: NOERROR, no answer. PTR of an endpoint.
+    let aaaa = bed.exec_ok(&c, "dig @127.0.0.11 echo_api AAAA");
+    assert!(
+        aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"),
+        "{aaaa}"
+    );
+    assert_eq!(
+        bed.exec_ok(&c, "dig @127.0.0.11 -x 100.64.3.12 +short")
+            .trim(),
+        "echo_api.3.app-net."
+    );
+
+    // 100 replicas: truncated over UDP without EDNS, whole over TCP (dig retries itself).
+    let tc = bed.exec_ok(&c, "dig @127.0.0.11 web +noedns +ignore");
+    assert!(tc.contains(" tc"), "expected the TC flag: {tc}");
+    assert_eq!(
+        lines(&bed.exec_ok(&c, "dig @127.0.0.11 web +noedns +short")).len(),
+        100
+    );
+
+    // The C library's resolver and busybox.
+    let getent = bed.exec_ok(&c, "getent ahostsv4 echo_api | cut -d\" \" -f1 | sort -u");
+    assert_eq!(lines(&getent), replicas, "getent ahostsv4");
+    let getent = bed.exec_ok(&c, "getent hosts db");
+    assert!(
+        getent.starts_with("100.64.1.11"),
+        "getent hosts db: {getent}"
+    );
+    let ns = bed.exec_ok(&c, "busybox nslookup echo_api 127.0.0.11");
+    for ip in &replicas {
+        assert!(ns.contains(ip), "busybox nslookup lacks {ip}: {ns}");
+    }
+
+    // Outside names go to the upstream; other networks' names do not exist here.
+    assert_eq!(
+        bed.exec_ok(&c, "dig @127.0.0.11 outside.test +short")
+            .trim(),
+        "203.0.113.7"
+    );
+    let cached = bed.exec_ok(&c, "dig @127.0.0.11 OUTSIDE.test");
+    assert!(
+        cached.contains("203.0.113.7") && cached.contains("OUTSIDE.test."),
+        "cached answer keeps the asker's question: {cached}"
+    );
+    assert!(bed
+        .exec_ok(&c, "dig @127.0.0.11 secret")
+        .contains("status: NXDOMAIN"));
+
+    // An upstream that never answers: SERVFAIL within 2 s, as dig measures it.
+    let deaf = DnsServer::new(Forwarder::new(vec![start_upstream(&rt, true)]), 5);
+    serve_in(&rt, &deaf, &quiet, &["app-net"]);
+    let out = bed.exec_ok(&quiet, "dig @127.0.0.11 nowhere.test +tries=1 +time=5");
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    let ms: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix(";; Query time: "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .expect("dig prints the query time");
+    assert!(ms < 2000, "SERVFAIL took {ms} ms");
+    drop(rt);
+}

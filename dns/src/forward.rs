@@ -31,6 +31,9 @@ pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Cache key: lower-cased name, type, class.
+type CacheKey = (Vec<u8>, u16, u16);
+
 struct Cached {
     response: Message,
     stored: Instant,
@@ -40,7 +43,7 @@ struct Cached {
 /// Forwards queries; shared by every namespace the server serves.
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
-    cache: Mutex<HashMap<(Vec<u8>, u16, u16), Cached>>,
+    cache: Mutex<HashMap<CacheKey, Cached>>,
 }
 
 impl Forwarder {
@@ -54,7 +57,7 @@ impl Forwarder {
     /// The response to send back for `packet` (already parsed as `q`).
     pub async fn forward(&self, packet: &[u8], q: &Question<'_>) -> Vec<u8> {
         let key = (q.name.clone(), q.qtype, q.qclass);
-        if let Some(bytes) = self.from_cache(&key, packet) {
+        if let Some(bytes) = self.cached(&key, packet) {
             return bytes;
         }
         let deadline = Instant::now() + FORWARD_DEADLINE;
@@ -75,7 +78,7 @@ impl Forwarder {
         wire::write_response(q, wire::RCODE_SERVFAIL, &[], 0, usize::MAX)
     }
 
-    fn from_cache(&self, key: &(Vec<u8>, u16, u16), packet: &[u8]) -> Option<Vec<u8>> {
+    fn cached(&self, key: &CacheKey, packet: &[u8]) -> Option<Vec<u8>> {
         let cache = self.cache.lock().expect("cache lock");
         let hit = cache.get(key)?;
         let age = hit.stored.elapsed().as_secs() as u32;
@@ -98,7 +101,7 @@ impl Forwarder {
         response.to_vec().ok()
     }
 
-    fn store(&self, key: (Vec<u8>, u16, u16), bytes: &[u8]) {
+    fn store(&self, key: CacheKey, bytes: &[u8]) {
         let Ok(response) = Message::from_vec(bytes) else {
             return;
         };

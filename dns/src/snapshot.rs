@@ -275,7 +275,7 @@ mod tests {
             name: format!("c{i}"),
             service: Some(service.to_string()),
             aliases: vec![format!("alias{i}")],
-            in_service: i % 7 != 0,
+            in_service: !i.is_multiple_of(7),
         }
     }
 

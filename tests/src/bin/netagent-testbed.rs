@@ -13,8 +13,10 @@ fn main() {
         Some("bench-overlay") => {
             bench_overlay(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(10))
         }
+        Some("dns-serve") => dns_serve(args.get(1).map_or("127.0.0.1:5301", String::as_str)),
+        Some("dns-memory") => dns_memory(),
         _ => {
-            eprintln!("usage: netagent-testbed demo | bench-overlay [SECONDS]");
+            eprintln!("usage: netagent-testbed demo | bench-overlay [SECONDS] | dns-serve ADDR | dns-memory");
             std::process::exit(2);
         }
     }
@@ -209,5 +211,90 @@ fn bench_overlay(seconds: u32) {
     println!(
         "overlay_gbps={o:.2} vxlan_gbps={v:.2} underlay_gbps={u:.2} ratio={:.2} vs_vxlan={:.2} overlay_p4_gbps={o4:.2} vxlan_p4_gbps={v4:.2} underlay_p4_gbps={u4:.2} ratio_p4={:.2}",
         o / u, o / v, o4 / u4
+    );
+}
+
+fn bench_records() -> Vec<netagent_dns::EndpointRecord> {
+    let rec = |ip: [u8; 4], name: &str, service: &str| netagent_dns::EndpointRecord {
+        network: "bench".into(),
+        address: Ipv4Addr::from(ip),
+        name: name.into(),
+        service: Some(service.into()),
+        aliases: vec![],
+        in_service: true,
+    };
+    vec![
+        rec([100, 64, 1, 11], "db", "db"),
+        rec([100, 64, 2, 10], "echo_api.1", "echo_api"),
+        rec([100, 64, 2, 11], "echo_api.2", "echo_api"),
+        rec([100, 64, 3, 12], "echo_api.3", "echo_api"),
+    ]
+}
+
+/// Serves the benchmark's names (`db`, a 3-replica `echo_api`) on ADDR (UDP and TCP)
+/// until killed: netagent's DNS server, the same code the agent runs.
+fn dns_serve(addr: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let server = netagent_dns::DnsServer::new(netagent_dns::Forwarder::new(vec![]), netagent_dns::DEFAULT_TTL);
+        server.update(netagent_dns::SnapshotBuilder::new().endpoints(bench_records()).build());
+        let scope: std::sync::Arc<[String]> = vec!["bench".to_string()].into();
+        let udp = tokio::net::UdpSocket::bind(addr).await.expect("bind udp");
+        let tcp = tokio::net::TcpListener::bind(addr).await.expect("bind tcp");
+        server.serve_udp(udp, scope.clone());
+        server.serve_tcp(tcp, scope);
+        println!("serving on {addr}");
+        std::future::pending::<()>().await;
+    });
+}
+
+/// Resident memory with 100,000 records, and the cost of updating one of them.
+fn dns_memory() {
+    let records: Vec<netagent_dns::EndpointRecord> = (0..100_000u32)
+        .map(|i| netagent_dns::EndpointRecord {
+            network: format!("net{}", i % 10),
+            address: Ipv4Addr::from(0x6440_0000 + i),
+            name: format!("project_web_{i}"),
+            service: Some(format!("svc{}", i % 1000)),
+            aliases: vec![],
+            in_service: true,
+        })
+        .collect();
+    let rss = || -> f64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+        kb / 1024.0
+    };
+    let before = rss();
+    let t = Instant::now();
+    let snap = netagent_dns::SnapshotBuilder::new().endpoints(records.clone()).build();
+    let build = t.elapsed();
+    let snapshot_rss = rss();
+    drop(records);
+    let mut times = Vec::new();
+    let mut current = snap;
+    for i in 0..21u32 {
+        let old = netagent_dns::EndpointRecord {
+            network: format!("net{}", i % 10),
+            address: Ipv4Addr::from(0x6440_0000 + i),
+            name: format!("project_web_{i}"),
+            service: Some(format!("svc{}", i % 1000)),
+            aliases: vec![],
+            in_service: true,
+        };
+        let new = netagent_dns::EndpointRecord { in_service: i % 2 == 0, ..old.clone() };
+        let t = Instant::now();
+        current = current.apply(&[old], &[new]);
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let update = times[times.len() / 2];
+    let total = rss();
+    println!("full build of 100,000 records: {build:?}; update of one endpoint (median of 21): {update:?}");
+    println!(
+        "rss_before_mib={before:.1} rss_with_100k_mib={total:.1} snapshot_mib={:.1} build_ms={} update_ms={:.2}",
+        snapshot_rss - before,
+        build.as_millis(),
+        update.as_secs_f64() * 1000.0
     );
 }

@@ -234,10 +234,21 @@ fn bench_records() -> Vec<netagent_dns::EndpointRecord> {
 /// Serves the benchmark's names (`db`, a 3-replica `echo_api`) on ADDR (UDP and TCP)
 /// until killed: netagent's DNS server, the same code the agent runs.
 fn dns_serve(addr: &str) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let server = netagent_dns::DnsServer::new(netagent_dns::Forwarder::new(vec![]), netagent_dns::DEFAULT_TTL);
-        server.update(netagent_dns::SnapshotBuilder::new().endpoints(bench_records()).build());
+        let server = netagent_dns::DnsServer::new(
+            netagent_dns::Forwarder::new(vec![]),
+            netagent_dns::DEFAULT_TTL,
+        );
+        server.update(
+            netagent_dns::SnapshotBuilder::new()
+                .endpoints(bench_records())
+                .build(),
+        );
         let scope: std::sync::Arc<[String]> = vec!["bench".to_string()].into();
         let udp = tokio::net::UdpSocket::bind(addr).await.expect("bind udp");
         let tcp = tokio::net::TcpListener::bind(addr).await.expect("bind tcp");
@@ -248,52 +259,52 @@ fn dns_serve(addr: &str) {
     });
 }
 
-/// Resident memory with 100,000 records, and the cost of updating one of them.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn bench_record(i: u32, in_service: bool) -> netagent_dns::EndpointRecord {
+    netagent_dns::EndpointRecord {
+        network: format!("net{}", i % 10),
+        address: Ipv4Addr::from(0x6440_0000 + i),
+        name: format!("project_web_{i}"),
+        service: Some(format!("svc{}", i % 1000)),
+        aliases: vec![],
+        in_service,
+    }
+}
+
+/// Resident memory of a process holding 100,000 records (10 networks, 1,000
+/// services, Compose-style names), and the cost of updating one endpoint.
 fn dns_memory() {
-    let records: Vec<netagent_dns::EndpointRecord> = (0..100_000u32)
-        .map(|i| netagent_dns::EndpointRecord {
-            network: format!("net{}", i % 10),
-            address: Ipv4Addr::from(0x6440_0000 + i),
-            name: format!("project_web_{i}"),
-            service: Some(format!("svc{}", i % 1000)),
-            aliases: vec![],
-            in_service: true,
-        })
-        .collect();
-    let rss = || -> f64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
-        kb / 1024.0
-    };
-    let before = rss();
+    let baseline = rss_mib();
+    let records: Vec<_> = (0..100_000u32).map(|i| bench_record(i, true)).collect();
     let t = Instant::now();
-    let snap = netagent_dns::SnapshotBuilder::new().endpoints(records.clone()).build();
+    let mut current = netagent_dns::SnapshotBuilder::new()
+        .endpoints(records)
+        .build();
     let build = t.elapsed();
-    let snapshot_rss = rss();
-    drop(records);
     let mut times = Vec::new();
-    let mut current = snap;
     for i in 0..21u32 {
-        let old = netagent_dns::EndpointRecord {
-            network: format!("net{}", i % 10),
-            address: Ipv4Addr::from(0x6440_0000 + i),
-            name: format!("project_web_{i}"),
-            service: Some(format!("svc{}", i % 1000)),
-            aliases: vec![],
-            in_service: true,
-        };
-        let new = netagent_dns::EndpointRecord { in_service: i % 2 == 0, ..old.clone() };
+        let old = bench_record(i, true);
+        let new = bench_record(i, i % 2 == 0);
         let t = Instant::now();
         current = current.apply(&[old], &[new]);
         times.push(t.elapsed());
     }
     times.sort();
     let update = times[times.len() / 2];
-    let total = rss();
+    let total = rss_mib();
+    std::hint::black_box(&current);
     println!("full build of 100,000 records: {build:?}; update of one endpoint (median of 21): {update:?}");
     println!(
-        "rss_before_mib={before:.1} rss_with_100k_mib={total:.1} snapshot_mib={:.1} build_ms={} update_ms={:.2}",
-        snapshot_rss - before,
+        "rss_mib={total:.1} baseline_rss_mib={baseline:.1} build_ms={} update_ms={:.2}",
         build.as_millis(),
         update.as_secs_f64() * 1000.0
     );

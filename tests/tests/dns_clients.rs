@@ -22,13 +22,54 @@ fn ep(network: &str, ip: [u8; 4], name: &str, service: &str) -> EndpointRecord {
     }
 }
 
-/// A fake upstream on 127.0.0.1: `outside.test` is 203.0.113.7, anything else NXDOMAIN.
+/// The fake upstream's answer: `outside.test` is 203.0.113.7 (TTL 60); `big.test` is
+/// 203.0.113.8 but over UDP only a truncated answer comes; anything else NXDOMAIN.
+fn upstream_reply(query: &[u8], udp: bool) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let mut r = Message::response(q.metadata.id, OpCode::Query);
+    r.metadata.recursion_desired = q.metadata.recursion_desired;
+    r.metadata.recursion_available = true;
+    let question = q.queries.first()?.clone();
+    let name = question.name().to_ascii().to_ascii_lowercase();
+    let a = |ip: Ipv4Addr| Record::from_rdata(question.name().clone(), 60, RData::A(A(ip)));
+    match (name.as_str(), udp) {
+        ("outside.test.", _) => {
+            r.add_answer(a(Ipv4Addr::new(203, 0, 113, 7)));
+        }
+        ("big.test.", true) => r.metadata.truncation = true,
+        ("big.test.", false) => {
+            r.add_answer(a(Ipv4Addr::new(203, 0, 113, 8)));
+        }
+        _ => r.metadata.response_code = ResponseCode::NXDomain,
+    }
+    r.add_query(question);
+    r.to_vec().ok()
+}
+
+/// A fake upstream on 127.0.0.1, UDP and TCP on one port (see `upstream_reply`).
 /// When `silent`, it receives and never answers.
 fn start_upstream(rt: &tokio::runtime::Runtime, silent: bool) -> SocketAddr {
     let socket = rt
         .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))
         .unwrap();
     let addr = socket.local_addr().unwrap();
+    let tcp = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+    rt.spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = tcp.accept().await {
+            let Ok(len) = conn.read_u16().await else {
+                continue;
+            };
+            let mut q = vec![0u8; len as usize];
+            if silent || conn.read_exact(&mut q).await.is_err() {
+                continue;
+            }
+            if let Some(r) = upstream_reply(&q, false) {
+                let _ = conn.write_all(&(r.len() as u16).to_be_bytes()).await;
+                let _ = conn.write_all(&r).await;
+            }
+        }
+    });
     rt.spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
@@ -38,28 +79,9 @@ fn start_upstream(rt: &tokio::runtime::Runtime, silent: bool) -> SocketAddr {
             if silent {
                 continue;
             }
-            let Ok(q) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            let mut r = Message::response(q.metadata.id, OpCode::Query);
-            r.metadata.recursion_desired = q.metadata.recursion_desired;
-            r.metadata.recursion_available = true;
-            let question = q.queries[0].clone();
-            if question
-                .name()
-                .to_ascii()
-                .eq_ignore_ascii_case("outside.test.")
-            {
-                r.add_answer(Record::from_rdata(
-                    question.name().clone(),
-                    60,
-                    RData::A(A(Ipv4Addr::new(203, 0, 113, 7))),
-                ));
-            } else {
-                r.metadata.response_code = ResponseCode::NXDomain;
+            if let Some(r) = upstream_reply(&buf[..n], true) {
+                let _ = socket.send_to(&r, peer).await;
             }
-            r.add_query(question);
-            let _ = socket.send_to(&r.to_vec().unwrap(), peer).await;
         }
     });
     addr
@@ -217,6 +239,20 @@ fn real_clients_resolve_services_names_and_outside_names() {
     assert!(bed
         .exec_ok(&c, "dig @127.0.0.11 secret")
         .contains("status: NXDOMAIN"));
+    // Truncated upstream answer over UDP: the forwarder retries over TCP.
+    assert_eq!(
+        bed.exec_ok(&c, "dig @127.0.0.11 big.test +short").trim(),
+        "203.0.113.8"
+    );
+    // Cached answers count their TTL down.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let ttl: u32 = bed
+        .exec_ok(&c, "dig @127.0.0.11 outside.test +noall +answer")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .expect("an answer line with a TTL");
+    assert!(ttl < 60, "cached TTL did not count down: {ttl}");
 
     // An upstream that never answers: SERVFAIL within 2 s, as dig measures it.
     let deaf = DnsServer::new(Forwarder::new(vec![start_upstream(&rt, true)]), 5);

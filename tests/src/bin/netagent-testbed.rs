@@ -128,7 +128,7 @@ fn demo() {
         "client",
         "ping -n -c 1 -W 1 203.0.113.1 | head -2",
     );
-    println!("\nnot yet in this build: service names and DNS (echo_api resolves to every replica), the etcd control plane, `netagent peers`.");
+    println!("\nnot yet in this build: the agent serving DNS to containers (the dns crate is ready and tested), the etcd control plane, `netagent peers`.");
     step("cleaning up");
     drop(bed);
     let _ = std::fs::remove_dir_all(&dir);

@@ -99,6 +99,23 @@ for round in 1 2 3; do
     for kv in $fig; do all[${kv%%=*}]+="${kv#*=} "; done
   done
 done
+# Latency at a fixed, moderate rate (the same 20,000 q/s for every server), from
+# dnsperf's per-query report: average and p99.
+latency() {
+  local name=$1 server=$2 port=$3; shift 3
+  "$@" dnsperf -s "$server" -p "$port" -d "$work/queries" -l 3 -Q 20000 -c 4 -v 2>/dev/null \
+    | awk '/^> / {print $NF}' | sort -n \
+    | awk -v n="$name" '{v[NR]=$1; s+=$1} END {if (NR) printf "%s_lat_avg_ms=%.3f %s_p99_ms=%.3f\n", n, s/NR*1000, n, v[int(NR*0.99)]*1000}'
+}
+for name in "${names[@]}"; do
+  case $name in
+    netagent) fig=$(latency netagent 127.0.0.1 5301 env) ;;
+    dnsmasq) fig=$(latency dnsmasq 127.0.0.1 5302 env) ;;
+    docker) fig=$(latency docker 127.0.0.11 53 nsenter -n -t "$cpid") ;;
+  esac
+  echo "$name at 20k q/s: $fig" >&2
+  for kv in $fig; do all[${kv%%=*}]+="${kv#*=} "; done
+done
 results=()
 for key in "${!all[@]}"; do results+=("$key=$(echo ${all[$key]} | tr ' ' '\n' | median)"); done
 docker_fig=""

@@ -45,14 +45,19 @@ impl DnsServer {
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    /// Answers one query (shared by UDP and TCP).
-    async fn handle(&self, scope: &Scope, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
-        let local = {
-            let snap = self.snapshot.load();
-            answer(&snap, &networks, packet, transport, self.ttl)
-        };
-        match local {
+    /// The local step of a query: answered from the current snapshot, or not local.
+    fn local(&self, networks: &[&str], packet: &[u8], transport: Transport) -> Answer {
+        answer(&self.snapshot.load(), networks, packet, transport, self.ttl)
+    }
+
+    /// Answers one query completely, forwarding when it is not local (TCP's path).
+    async fn handle(
+        &self,
+        networks: &[&str],
+        packet: &[u8],
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        match self.local(networks, packet, transport) {
             Answer::Reply(bytes) => Some(bytes),
             Answer::Drop => None,
             Answer::Forward => {
@@ -68,6 +73,7 @@ impl DnsServer {
         let server = self.clone();
         tokio::spawn(async move {
             let socket = Arc::new(socket);
+            let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
             let mut buf = vec![0u8; 4096];
             loop {
                 let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -78,12 +84,7 @@ impl DnsServer {
                     }
                 };
                 let packet = &buf[..n];
-                let local = {
-                    let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
-                    let snap = server.snapshot.load();
-                    answer(&snap, &networks, packet, Transport::Udp, server.ttl)
-                };
-                match local {
+                match server.local(&networks, packet, Transport::Udp) {
                     Answer::Reply(bytes) => {
                         let _ = socket.send_to(&bytes, peer).await;
                     }
@@ -120,6 +121,7 @@ impl DnsServer {
     }
 
     async fn serve_connection(&self, mut stream: TcpStream, scope: Scope) {
+        let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
         loop {
             let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
                 Ok(Ok(len)) => len as usize,
@@ -129,7 +131,7 @@ impl DnsServer {
             if stream.read_exact(&mut packet).await.is_err() {
                 return;
             }
-            let Some(reply) = self.handle(&scope, &packet, Transport::Tcp).await else {
+            let Some(reply) = self.handle(&networks, &packet, Transport::Tcp).await else {
                 return;
             };
             let mut framed = (reply.len() as u16).to_be_bytes().to_vec();

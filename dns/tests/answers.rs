@@ -196,10 +196,10 @@ fn ptr_names_an_endpoint_only_within_its_network() {
     );
 }
 
-#[test]
-fn a_hundred_replicas_truncate_over_udp_and_come_whole_over_tcp() {
-    let snap = SnapshotBuilder::new()
-        .endpoints((0..100u8).map(|i| {
+/// `web` with `n` replicas on network `big`.
+fn web_replicas(n: u8) -> Snapshot {
+    SnapshotBuilder::new()
+        .endpoints((0..n).map(|i| {
             ep(
                 "big",
                 [100, 64, 1, i + 10],
@@ -207,7 +207,12 @@ fn a_hundred_replicas_truncate_over_udp_and_come_whole_over_tcp() {
                 Some("web"),
             )
         }))
-        .build();
+        .build()
+}
+
+#[test]
+fn a_hundred_replicas_truncate_over_udp_and_come_whole_over_tcp() {
+    let snap = web_replicas(100);
     let packet = query("web", RecordType::A, None);
     let m = ask(&snap, &["big"], &packet, Transport::Udp);
     assert!(m.metadata.truncation, "100 A records exceed 512 bytes");
@@ -225,16 +230,7 @@ fn a_hundred_replicas_truncate_over_udp_and_come_whole_over_tcp() {
     );
     assert!(m.metadata.truncation, "1,600 bytes of answers exceed 1232");
     assert!(m.edns.is_some(), "EDNS answered with EDNS");
-    let half = SnapshotBuilder::new()
-        .endpoints((0..50u8).map(|i| {
-            ep(
-                "big",
-                [100, 64, 1, i + 10],
-                &format!("web.{i}"),
-                Some("web"),
-            )
-        }))
-        .build();
+    let half = web_replicas(50);
     assert!(
         ask(
             &half,

@@ -7,6 +7,7 @@
 //! each namespace.
 
 mod answer;
+mod batch;
 mod forward;
 mod server;
 mod snapshot;

@@ -12,7 +12,12 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
+
 use crate::answer::{answer, Answer, Transport};
+use crate::batch::{Batch, BATCH};
 use crate::forward::Forwarder;
 use crate::snapshot::Snapshot;
 use crate::wire;
@@ -67,37 +72,55 @@ impl DnsServer {
         }
     }
 
-    /// Serves a UDP socket until the task is aborted. Forwarded queries run in their
-    /// own tasks so one slow upstream never holds up local answers.
+    /// Serves a UDP socket until the task is aborted: batches of queries in one
+    /// `recvmmsg`, their local answers in one `sendmmsg`. Forwarded queries run in
+    /// their own tasks so one slow upstream never holds up local answers.
     pub fn serve_udp(self: &Arc<Self>, socket: UdpSocket, scope: Scope) -> JoinHandle<()> {
         let server = self.clone();
         tokio::spawn(async move {
             let socket = Arc::new(socket);
+            let fd = socket.as_raw_fd();
             let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
-            let mut buf = vec![0u8; 4096];
+            let mut batch = Batch::new();
+            let mut replies: Vec<(usize, Vec<u8>)> = Vec::with_capacity(BATCH);
             loop {
-                let (n, peer) = match socket.recv_from(&mut buf).await {
-                    Ok(x) => x,
+                if let Err(e) = socket.readable().await {
+                    warn!(error = %e, "dns udp socket failed");
+                    return;
+                }
+                let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => {
                         warn!(error = %e, "dns udp receive failed");
                         continue;
                     }
                 };
-                let packet = &buf[..n];
-                match server.local(&networks, packet, Transport::Udp) {
-                    Answer::Reply(bytes) => {
-                        let _ = socket.send_to(&bytes, peer).await;
+                replies.clear();
+                for i in 0..n {
+                    match server.local(&networks, batch.packet(i), Transport::Udp) {
+                        Answer::Reply(bytes) => replies.push((i, bytes)),
+                        Answer::Drop => debug!("dropped a non-query"),
+                        Answer::Forward => {
+                            let Some(peer) = batch.peer(i) else { continue };
+                            let (server, socket, packet) =
+                                (server.clone(), socket.clone(), batch.packet(i).to_vec());
+                            tokio::spawn(async move {
+                                if let Ok(q) = wire::parse(&packet) {
+                                    let bytes = server.forwarder.forward(&packet, &q).await;
+                                    let _ = socket.send_to(&bytes, peer).await;
+                                }
+                            });
+                        }
                     }
-                    Answer::Drop => debug!(%peer, "dropped a non-query"),
-                    Answer::Forward => {
-                        let (server, socket, packet) =
-                            (server.clone(), socket.clone(), packet.to_vec());
-                        tokio::spawn(async move {
-                            if let Ok(q) = wire::parse(&packet) {
-                                let bytes = server.forwarder.forward(&packet, &q).await;
-                                let _ = socket.send_to(&bytes, peer).await;
-                            }
-                        });
+                }
+                let sent = socket
+                    .try_io(Interest::WRITABLE, || batch.send(fd, &replies))
+                    .unwrap_or(0);
+                // What the socket buffer could not take now goes out one by one.
+                for (i, bytes) in &replies[sent..] {
+                    if let Some(peer) = batch.peer(*i) {
+                        let _ = socket.send_to(bytes, peer).await;
                     }
                 }
             }

@@ -42,14 +42,12 @@ impl Batch {
                 iov_len: BUF,
             })
             .collect();
-        // SAFETY: zeroed mmsghdr is valid; every pointer set below outlives the call.
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { zeroed() }).collect();
-        for (i, m) in msgs.iter_mut().enumerate() {
-            m.msg_hdr.msg_name = (&mut self.peers[i] as *mut libc::sockaddr_storage).cast();
-            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            m.msg_hdr.msg_iov = &mut iovs[i];
-            m.msg_hdr.msg_iovlen = 1;
-        }
+        let storage = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .zip(self.peers.iter_mut())
+            .map(|(iov, peer)| header(peer, storage, iov))
+            .collect();
         // SAFETY: msgs holds BATCH valid headers pointing into self's buffers.
         let n = unsafe {
             libc::recvmmsg(
@@ -93,18 +91,16 @@ impl Batch {
                 iov_len: b.len(),
             })
             .collect();
-        // SAFETY: as in recv; the kernel only reads these buffers.
-        let mut msgs: Vec<libc::mmsghdr> =
-            (0..replies.len()).map(|_| unsafe { zeroed() }).collect();
-        for (k, m) in msgs.iter_mut().enumerate() {
-            let i = replies[k].0;
-            m.msg_hdr.msg_name = (&self.peers[i] as *const libc::sockaddr_storage
-                as *mut libc::sockaddr_storage)
-                .cast();
-            m.msg_hdr.msg_namelen = self.peer_lens[i];
-            m.msg_hdr.msg_iov = &mut iovs[k];
-            m.msg_hdr.msg_iovlen = 1;
-        }
+        // The kernel only reads the peer addresses when sending; the cast to *mut is
+        // what the C struct's type demands.
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .zip(replies)
+            .map(|(iov, (i, _))| {
+                let peer = &self.peers[*i] as *const libc::sockaddr_storage as *mut _;
+                header(peer, self.peer_lens[*i], iov)
+            })
+            .collect();
         // SAFETY: msgs holds valid headers for `replies.len()` messages.
         let n = unsafe {
             libc::sendmmsg(
@@ -119,6 +115,22 @@ impl Batch {
         }
         Ok(n as usize)
     }
+}
+
+/// One message header: a peer address buffer and one buffer of data. The pointers
+/// must outlive the system call the header is passed to.
+fn header(
+    peer: *mut libc::sockaddr_storage,
+    peer_len: libc::socklen_t,
+    iov: &mut libc::iovec,
+) -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain data; all-zero is valid (no control data, no flags).
+    let mut m: libc::mmsghdr = unsafe { zeroed() };
+    m.msg_hdr.msg_name = peer.cast();
+    m.msg_hdr.msg_namelen = peer_len;
+    m.msg_hdr.msg_iov = iov;
+    m.msg_hdr.msg_iovlen = 1;
+    m
 }
 
 fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {

@@ -173,6 +173,8 @@ impl Host {
             .collect();
         let addresses = self.nl.addresses().await?;
         let routes = self.nl.routes(true).await?;
+        let neighbours = self.nl.permanent_neighbours().await?;
+        let fdb = self.nl.vxlan_fdb().await?;
         let mut objects = BTreeSet::new();
         let mut orphans = Vec::new();
         for link in links.values() {
@@ -186,11 +188,19 @@ impl Host {
                         address: *address,
                     });
                 }
-                for (mac, underlay) in self.nl.vxlan_fdb(link.index).await? {
-                    objects.insert(Object::PeerFdb { vni, mac, underlay });
+                for (_, mac, underlay) in fdb.iter().filter(|(i, ..)| *i == link.index) {
+                    objects.insert(Object::PeerFdb {
+                        vni,
+                        mac: *mac,
+                        underlay: *underlay,
+                    });
                 }
-                for (ip, mac) in self.nl.permanent_neighbours(link.index).await? {
-                    objects.insert(Object::PeerNeighbour { vni, ip, mac });
+                for (_, ip, mac) in neighbours.iter().filter(|(i, ..)| *i == link.index) {
+                    objects.insert(Object::PeerNeighbour {
+                        vni,
+                        ip: *ip,
+                        mac: *mac,
+                    });
                 }
                 for r in routes.iter().filter(|r| r.oif == Some(link.index)) {
                     objects.insert(Object::PeerRoute {

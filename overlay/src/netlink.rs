@@ -29,7 +29,6 @@ const RT_TABLE_MAIN: u8 = 254;
 pub struct Link {
     pub index: u32,
     pub name: String,
-    pub kind: Option<String>,
     pub mtu: u32,
     pub mac: Option<Mac>,
     pub group: u32,
@@ -188,34 +187,32 @@ impl Netlink {
     }
 
     pub async fn set_up(&self, index: u32, name: &str) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).up().build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(|e| self.err("set up", name, e))
+        self.set_link(
+            LinkUnspec::new_with_index(index).up().build(),
+            "set up",
+            name,
+        )
+        .await
     }
 
     /// Sets the alias (the kernel ignores an alias given at creation).
     pub async fn set_alias(&self, index: u32, name: &str, alias: &str) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).alias(alias).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(|e| self.err("set alias", name, e))
+        self.set_link(msg, "set alias", name).await
     }
 
     pub async fn set_mtu(&self, index: u32, name: &str, mtu: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.set_link(msg, "set mtu", name).await
+    }
+
+    async fn set_link(&self, msg: LinkMessage, op: &'static str, name: &str) -> Result<()> {
         self.handle
             .link()
             .set(msg)
             .execute()
             .await
-            .map_err(|e| self.err("set mtu", name, e))
+            .map_err(|e| self.err(op, name, e))
     }
 
     pub async fn delete_link(&self, index: u32, name: &str) -> Result<()> {
@@ -367,8 +364,9 @@ impl Netlink {
 
     // ---- neighbours (ARP) ----
 
-    /// Permanent IPv4 neighbours on `index`.
-    pub async fn permanent_neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Mac)>> {
+    /// Permanent IPv4 neighbours of every interface, as `(ifindex, ip, mac)`: one dump
+    /// for the whole namespace, however many devices the caller looks at.
+    pub async fn permanent_neighbours(&self) -> Result<Vec<(u32, Ipv4Addr, Mac)>> {
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
@@ -380,13 +378,13 @@ impl Netlink {
             .map_err(|e| self.err("list", "neighbours", e))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter(|m| m.header.state == NeighbourState::Permanent)
             .filter_map(|m| {
                 let ip = m.attributes.iter().find_map(|a| match a {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
                     _ => None,
                 })?;
-                Some((ip, lladdr(m)?))
+                Some((m.header.ifindex, ip, lladdr(m)?))
             })
             .collect())
     }
@@ -419,8 +417,9 @@ impl Netlink {
 
     // ---- FDB entries of a VXLAN device ----
 
-    /// `(mac, remote)` entries programmed on a VXLAN device.
-    pub async fn vxlan_fdb(&self, index: u32) -> Result<Vec<(Mac, Ipv4Addr)>> {
+    /// FDB entries that carry a remote address (those of VXLAN devices), as
+    /// `(ifindex, mac, remote)`: one dump for the whole namespace.
+    pub async fn vxlan_fdb(&self) -> Result<Vec<(u32, Mac, Ipv4Addr)>> {
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
@@ -432,7 +431,6 @@ impl Netlink {
             .map_err(|e| self.err("list", "fdb", e))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.ifindex == index)
             .filter_map(|m| {
                 // The bridge family carries NDA_DST undecoded.
                 let dst = m.attributes.iter().find_map(|a| match a {
@@ -442,7 +440,7 @@ impl Netlink {
                     }
                     _ => None,
                 })?;
-                Some((lladdr(m)?, dst))
+                Some((m.header.ifindex, lladdr(m)?, dst))
             })
             .collect())
     }
@@ -509,7 +507,6 @@ fn parse_link(m: &LinkMessage) -> Link {
     let mut link = Link {
         index: m.header.index,
         name: String::new(),
-        kind: None,
         mtu: 0,
         mac: None,
         group: 0,
@@ -526,10 +523,8 @@ fn parse_link(m: &LinkMessage) -> Link {
             LinkAttribute::IfAlias(s) => link.alias = Some(s.clone()),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
-                    match info {
-                        LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
-                        LinkInfo::Data(InfoData::Vxlan(v)) => link.vxlan = Some(parse_vxlan(v)),
-                        _ => {}
+                    if let LinkInfo::Data(InfoData::Vxlan(v)) = info {
+                        link.vxlan = Some(parse_vxlan(v));
                     }
                 }
             }

@@ -2,7 +2,9 @@
 # Installs, idempotently, the Debian packages netagent's build, tests, demo and
 # benchmarks use. Needs root; does nothing when everything is present.
 set -euo pipefail
-packages=(iproute2 nftables iputils-ping busybox-static iperf3 dnsutils procps)
+# protobuf-compiler: etcd-client generates its gRPC code at build time.
+packages=(iproute2 nftables iputils-ping busybox-static iperf3 dnsutils procps
+  protobuf-compiler etcd-server etcd-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

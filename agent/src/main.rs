@@ -1,9 +1,17 @@
-//! `netagent`: the per-host agent. This first cut runs the overlay from a static
-//! desired-state file (`netagent apply`); the etcd control plane, DNS and Docker
-//! integration build on the same `overlay` crate.
+//! `netagent`: the per-host agent (`netagent agent`), the CLI that talks to it, and a
+//! static mode that applies a desired-state file without a store (`netagent apply`).
 
+mod api;
 mod cli;
+mod client;
+mod commands;
+mod config;
+mod daemon;
+mod ipam;
+mod model;
 mod static_state;
+mod store;
+mod table;
 
 use anyhow::Result;
 use clap::Parser;

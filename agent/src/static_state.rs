@@ -19,6 +19,17 @@ pub fn load(path: &Path) -> Result<HostState> {
     Ok(state)
 }
 
+pub fn check(path: &Path) -> Result<()> {
+    let s = load(path)?;
+    println!(
+        "{}: valid ({} networks, {} endpoints)",
+        path.display(),
+        s.networks.len(),
+        s.networks.iter().map(|n| n.endpoints.len()).sum::<usize>()
+    );
+    Ok(())
+}
+
 pub async fn apply(path: &Path, hold: bool, interval: u64) -> Result<()> {
     let host = Host::open(&NetnsRef::Current).await?;
     let state = load(path)?;
@@ -63,12 +74,5 @@ pub async fn apply(path: &Path, hold: bool, interval: u64) -> Result<()> {
         }
     }
     info!("stopping; the kernel keeps forwarding");
-    Ok(())
-}
-
-pub async fn reset() -> Result<()> {
-    let host = Host::open(&NetnsRef::Current).await?;
-    host.reset().await?;
-    println!("removed every netagent device, route and firewall table in this namespace");
     Ok(())
 }

@@ -31,7 +31,8 @@ impl Host {
                 vni: spec.vni,
             });
         }
-        self.attach_to(spec, ep, underlay.overlay_mtu()).await
+        self.attach_to(spec, ep, spec.mtu_over(underlay.overlay_mtu()))
+            .await
     }
 
     /// Detaches the endpoint holding `address` (nothing to do when it is not there).

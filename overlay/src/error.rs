@@ -20,6 +20,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot listen on {addr} in namespace {ns}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        ns: String,
+        source: std::io::Error,
+    },
+
     #[error("entering network namespace {ns} failed: {source}")]
     EnterNetns { ns: String, source: nix::Error },
 

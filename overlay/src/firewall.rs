@@ -189,6 +189,7 @@ mod tests {
             vni,
             subnet: subnet.parse().unwrap(),
             block: block.parse().unwrap(),
+            mtu: None,
         }
     }
 

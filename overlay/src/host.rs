@@ -142,8 +142,8 @@ impl Host {
                 Err(e) => errors.push(e),
             }
         }
-        let mtu = underlay.overlay_mtu();
         for net in &state.networks {
+            let mtu = net.network.mtu_over(underlay.overlay_mtu());
             let name = vxlan_name(net.network.vni);
             if let Some(link) = observed.links.get(&name).filter(|l| l.mtu != mtu) {
                 self.nl.set_mtu(link.index, &name, mtu).await?;
@@ -241,7 +241,7 @@ impl Host {
         links: &mut HashMap<String, Link>,
     ) -> Result<()> {
         let spec = &net.network;
-        let mtu = underlay.overlay_mtu();
+        let mtu = spec.mtu_over(underlay.overlay_mtu());
         let vx_name = vxlan_name(spec.vni);
         debug!(ns = %self.ns, ?object, "create");
         match object {

@@ -16,6 +16,7 @@ mod naming;
 mod netlink;
 mod netns;
 mod plan;
+mod probe;
 mod spec;
 
 pub use error::{Error, Result};
@@ -24,4 +25,5 @@ pub use host::{ApplyReport, Host, Underlay, VXLAN_OVERHEAD};
 pub use naming::{host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};
 pub use plan::{desired_objects, plan, Object, Plan};
+pub use probe::overlay_rtt;
 pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer, MAX_VNI};

@@ -47,6 +47,30 @@ impl NetnsRef {
     }
 }
 
+impl NetnsRef {
+    /// The namespace's identity: the inode of its nsfs file, equal however the
+    /// namespace is named (path or pid) and different for a new namespace at an old
+    /// name. A `stat`; blocking, so call it off the runtime's workers.
+    pub fn identity(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let path = match self {
+            NetnsRef::Current => PathBuf::from("/proc/self/ns/net"),
+            NetnsRef::Path(p) => p.clone(),
+            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        };
+        let meta = std::fs::metadata(&path).map_err(|source| match self {
+            NetnsRef::Pid(pid) if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::NoSuchProcess { pid: *pid }
+            }
+            _ => Error::OpenNetns {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        Ok(meta.ino())
+    }
+}
+
 impl TryFrom<String> for NetnsRef {
     type Error = Error;
     fn try_from(s: String) -> Result<Self> {
@@ -170,6 +194,29 @@ impl Netns {
         };
         tokio::spawn(connection);
         Ok(handle)
+    }
+
+    /// A UDP socket and a TCP listener bound to `addr` inside this namespace,
+    /// non-blocking, ready to hand to tokio. The sockets keep the namespace alive
+    /// until closed.
+    pub async fn bind_listeners(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
+        let ns = self.reference.to_string();
+        self.run(move || {
+            let err = |source| Error::Listen {
+                addr,
+                ns: ns.clone(),
+                source,
+            };
+            let udp = std::net::UdpSocket::bind(addr).map_err(err)?;
+            udp.set_nonblocking(true).map_err(err)?;
+            let tcp = std::net::TcpListener::bind(addr).map_err(err)?;
+            tcp.set_nonblocking(true).map_err(err)?;
+            Ok((udp, tcp))
+        })
+        .await
     }
 
     /// Writes a sysctl of this namespace (`/proc/sys/net` follows the writer's namespace).

@@ -160,6 +160,7 @@ mod tests {
                     vni: 10,
                     subnet: "100.64.0.0/16".parse().unwrap(),
                     block: "100.64.1.0/24".parse().unwrap(),
+                    mtu: None,
                 },
                 peers: peers
                     .iter()

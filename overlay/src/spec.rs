@@ -51,12 +51,20 @@ pub struct NetworkSpec {
     pub subnet: Ipv4Net,
     /// This host's block of `subnet`; its first address is the gateway on the bridge.
     pub block: Ipv4Net,
+    /// MTU asked for the network; the underlay's MTU less VXLAN's overhead caps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 impl NetworkSpec {
     /// The gateway: first host address of this host's block.
     pub fn gateway(&self) -> Ipv4Addr {
         block_gateway(&self.block)
+    }
+
+    /// MTU of the network's devices over `underlay_mtu` (VXLAN overhead already taken).
+    pub fn mtu_over(&self, overlay_mtu: u32) -> u32 {
+        self.mtu.map_or(overlay_mtu, |m| m.min(overlay_mtu))
     }
 }
 
@@ -242,6 +250,7 @@ mod tests {
                 vni,
                 subnet: subnet.parse().unwrap(),
                 block: block.parse().unwrap(),
+                mtu: None,
             },
             peers: vec![],
             endpoints: vec![],

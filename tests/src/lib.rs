@@ -6,6 +6,7 @@
 //! of a killed run are recognised and removed by the next one. Dropping a [`Testbed`]
 //! (pass, failure or panic) kills the processes started in it and deletes its namespaces.
 
+pub mod cluster;
 pub mod mesh;
 pub mod run;
 pub mod testbed;

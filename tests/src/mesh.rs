@@ -97,6 +97,7 @@ impl Mesh {
                     vni: net.vni,
                     subnet: net.subnet,
                     block: block(net.subnet, host),
+                    mtu: None,
                 },
                 peers: self
                     .underlays

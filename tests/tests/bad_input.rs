@@ -46,6 +46,7 @@ fn bad_attaches_are_refused_and_leave_nothing() {
         vni: 300,
         subnet: "100.66.0.0/16".parse().unwrap(),
         block: "100.66.1.0/24".parse().unwrap(),
+        mtu: None,
     };
     let err = attach(
         &other,

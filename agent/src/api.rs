@@ -1,0 +1,133 @@
+//! The local API: one JSON request per line on a unix socket (mode 0600), one JSON
+//! reply per line. The CLI is its only client today; scripts may use it directly:
+//! `echo '{"op":"status"}' | socat - UNIX:/run/netagent/netagent.sock`.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreHealth;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    NetworkCreate {
+        name: String,
+        subnet: Ipv4Net,
+        #[serde(default)]
+        vni: Option<u32>,
+        #[serde(default)]
+        block_prefix: Option<u8>,
+        #[serde(default)]
+        mtu: Option<u32>,
+        #[serde(default)]
+        encrypted: bool,
+    },
+    NetworkList,
+    NetworkInspect {
+        name: String,
+    },
+    NetworkRemove {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    Attach {
+        target: String,
+        network: String,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        service: Option<String>,
+        #[serde(default)]
+        aliases: Vec<String>,
+    },
+    Detach {
+        target: String,
+        network: String,
+    },
+    Peers,
+    Services {
+        #[serde(default)]
+        network: Option<String>,
+    },
+    Endpoints,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub underlay: Ipv4Addr,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub store: StoreHealth,
+    /// "ok", or "degraded" while the store is unreachable (the datapath and the DNS
+    /// keep serving the last known state).
+    pub state: String,
+    pub networks: usize,
+    pub local_endpoints: usize,
+    pub endpoints: usize,
+    pub peers_up: usize,
+    pub peers_down: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    pub vni: u32,
+    pub encrypted: bool,
+    pub mtu: Option<u32>,
+    pub block_prefix: u8,
+    pub blocks: Vec<BlockInfo>,
+    pub endpoints: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlockInfo {
+    pub block: Ipv4Net,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub network: String,
+    pub address: Ipv4Addr,
+    pub node: String,
+    pub name: Option<String>,
+    pub service: Option<String>,
+    pub aliases: Vec<String>,
+    /// Up when its node is alive; down endpoints are left out of DNS answers.
+    pub state: String,
+    /// The namespace, on its own node only.
+    pub netns: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub network: String,
+    pub service: String,
+    /// Addresses of the replicas answered (live nodes, in service).
+    pub replicas: Vec<Ipv4Addr>,
+    pub nodes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub name: String,
+    pub underlay: Ipv4Addr,
+    pub state: String,
+    /// Round trip over the overlay (to the peer's gateway), when a network is shared.
+    pub rtt_ms: Option<f64>,
+    pub endpoints: usize,
+    pub networks: Vec<String>,
+}

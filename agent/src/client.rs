@@ -1,0 +1,31 @@
+//! The CLI's side of the local API.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::api::{Reply, Request};
+
+pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach the agent at {}; is it running? (systemctl status netagent, or give --socket)",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut lines = BufReader::new(read).lines();
+    let reply = lines
+        .next_line()
+        .await?
+        .ok_or_else(|| anyhow!("the agent closed the connection without a reply"))?;
+    match serde_json::from_str::<Reply>(&reply)? {
+        Reply::Ok(v) => Ok(v),
+        Reply::Error(e) => Err(anyhow!(e)),
+    }
+}

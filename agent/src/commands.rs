@@ -1,0 +1,237 @@
+//! The commands that are more than one API call: running the agent, resetting the
+//! host, and turning API replies into tables.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use netagent_overlay::{Host, NetnsRef};
+use tracing::info;
+
+use crate::api::{EndpointInfo, NetworkInfo, PeerInfo, Request, ServiceInfo, Status};
+use crate::config::{Config, StoreConfig, DEFAULT_PATH};
+use crate::daemon::{bind_api, serve_api, Agent};
+use crate::model;
+use crate::store::{EtcdStore, LocalStore, Store, Txn};
+use crate::table::{or_dash, Table};
+
+fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path, path != Path::new(DEFAULT_PATH))
+}
+
+pub async fn run_agent(config: &Path) -> Result<()> {
+    let cfg = load_config(config)?;
+    let listener = bind_api(&cfg.api_socket).await?;
+    match cfg.store.clone() {
+        StoreConfig::Local => {
+            let store = LocalStore::open(&cfg.local_store_path()).await?;
+            serve(cfg, store, listener).await
+        }
+        StoreConfig::Etcd {
+            endpoints, prefix, ..
+        } => serve(cfg, EtcdStore::new(endpoints, prefix), listener).await,
+    }
+}
+
+async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListener) -> Result<()> {
+    let socket = cfg.api_socket.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let agent = tokio::select! {
+        a = Agent::start(cfg, store) => a?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+        _ = term.recv() => return Ok(()),
+    };
+    tokio::spawn(serve_api(agent, listener));
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    // The kernel keeps forwarding and the lease lives on for its TTL: a restart
+    // within it is invisible to the other hosts.
+    let _ = std::fs::remove_file(&socket);
+    info!("stopping; the datapath keeps forwarding");
+    Ok(())
+}
+
+pub async fn reset(config: &Path) -> Result<()> {
+    let cfg = load_config(config)?;
+    if tokio::net::UnixStream::connect(&cfg.api_socket)
+        .await
+        .is_ok()
+    {
+        bail!(
+            "the agent is running (it answers on {}); stop it first: systemctl stop netagent",
+            cfg.api_socket.display()
+        );
+    }
+    let host = Host::open(&NetnsRef::Current).await?;
+    host.reset().await?;
+    match &cfg.store {
+        StoreConfig::Local => {
+            let path = cfg.local_store_path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => println!("removed {}", path.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => bail!("cannot remove {}: {e}", path.display()),
+            }
+        }
+        StoreConfig::Etcd {
+            endpoints, prefix, ..
+        } => {
+            // This host's endpoints and blocks leave the cluster with it.
+            let store = EtcdStore::new(endpoints.clone(), prefix.clone());
+            let forget = async {
+                let loaded = store.load().await?;
+                let c = model::Cluster::from_loaded(&loaded);
+                let mut txn = Txn::default().delete(model::node_key(&cfg.node));
+                for e in c.endpoints.values().filter(|e| e.node == cfg.node) {
+                    txn = txn.delete(model::endpoint_key(&e.network, e.address));
+                }
+                for b in c.blocks.values().filter(|b| b.node == cfg.node) {
+                    txn = txn.delete(model::block_key(&b.network, b.block));
+                }
+                store.txn(txn).await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), forget).await {
+                Ok(Ok(_)) => println!(
+                    "removed node {:?}'s endpoints and blocks from etcd",
+                    cfg.node
+                ),
+                Ok(Err(e)) => eprintln!("warning: {e}; this host's records stay in etcd"),
+                Err(_) => {
+                    eprintln!("warning: etcd did not answer; this host's records stay in etcd")
+                }
+            }
+        }
+    }
+    println!("removed every netagent device, route and firewall table on this host");
+    Ok(())
+}
+
+/// A person's view of an API reply.
+pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
+    Ok(match request {
+        Request::Status => {
+            let s: Status = serde_json::from_value(reply)?;
+            let store = if s.store.connected {
+                format!("{} {} (connected)", s.store.kind, s.store.location)
+            } else {
+                format!(
+                    "{} {} (unreachable: {})",
+                    s.store.kind,
+                    s.store.location,
+                    s.store.error.unwrap_or_default()
+                )
+            };
+            format!(
+                "node:       {}\nunderlay:   {}\nstate:      {}\nstore:      {store}\nnetworks:   {}\nendpoints:  {} here, {} in the cluster\npeers:      {} up, {} down\nversion:    {} (up {}s)\n",
+                s.node, s.underlay, s.state, s.networks, s.local_endpoints, s.endpoints,
+                s.peers_up, s.peers_down, s.version, s.uptime_secs
+            )
+        }
+        Request::NetworkList => {
+            let nets: Vec<NetworkInfo> = serde_json::from_value(reply)?;
+            let mut t = Table::new(&["NAME", "SUBNET", "VNI", "ENCRYPTED", "HOSTS", "ENDPOINTS"]);
+            for n in nets {
+                t.row(vec![
+                    n.name,
+                    n.subnet.to_string(),
+                    n.vni.to_string(),
+                    if n.encrypted { "yes" } else { "no" }.into(),
+                    n.blocks.len().to_string(),
+                    n.endpoints.to_string(),
+                ]);
+            }
+            t.render()
+        }
+        Request::NetworkCreate { .. }
+        | Request::NetworkInspect { .. }
+        | Request::NetworkRemove { .. } => {
+            let n: NetworkInfo = serde_json::from_value(reply)?;
+            let verb = match request {
+                Request::NetworkCreate { .. } => "created ",
+                Request::NetworkRemove { .. } => "removed ",
+                _ => "",
+            };
+            let mut s = format!(
+                "{verb}network {}\n  subnet:    {}\n  vni:       {}\n  blocks:    /{} per host\n  mtu:       {}\n  encrypted: {}\n  endpoints: {}\n",
+                n.name, n.subnet, n.vni, n.block_prefix, or_dash(n.mtu),
+                if n.encrypted { "yes" } else { "no" }, n.endpoints
+            );
+            for b in n.blocks {
+                s.push_str(&format!("  block {} on {}\n", b.block, b.node));
+            }
+            s
+        }
+        Request::Attach { .. } | Request::Detach { .. } => {
+            let e: EndpointInfo = serde_json::from_value(reply)?;
+            let verb = if matches!(request, Request::Attach { .. }) {
+                "attached"
+            } else {
+                "detached"
+            };
+            format!(
+                "{verb} {} {} on {} ({})\n",
+                e.network,
+                e.address,
+                e.node,
+                or_dash(e.name)
+            )
+        }
+        Request::Peers => {
+            let peers: Vec<PeerInfo> = serde_json::from_value(reply)?;
+            let mut t = Table::new(&["PEER", "UNDERLAY", "STATE", "RTT", "ENDPOINTS", "NETWORKS"]);
+            for p in peers {
+                t.row(vec![
+                    p.name,
+                    p.underlay.to_string(),
+                    p.state,
+                    p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}ms")),
+                    p.endpoints.to_string(),
+                    p.networks.join(","),
+                ]);
+            }
+            t.render()
+        }
+        Request::Services { .. } => {
+            let services: Vec<ServiceInfo> = serde_json::from_value(reply)?;
+            let mut t = Table::new(&["NETWORK", "SERVICE", "REPLICAS", "ADDRESSES", "HOSTS"]);
+            for s in services {
+                t.row(vec![
+                    s.network,
+                    s.service,
+                    s.replicas.len().to_string(),
+                    s.replicas
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    s.nodes.join(","),
+                ]);
+            }
+            t.render()
+        }
+        Request::Endpoints => {
+            let eps: Vec<EndpointInfo> = serde_json::from_value(reply)?;
+            let mut t = Table::new(&[
+                "NETWORK", "ADDRESS", "NODE", "STATE", "NAME", "SERVICE", "ALIASES",
+            ]);
+            for e in eps {
+                t.row(vec![
+                    e.network,
+                    e.address.to_string(),
+                    e.node,
+                    e.state,
+                    or_dash(e.name),
+                    or_dash(e.service),
+                    if e.aliases.is_empty() {
+                        "-".into()
+                    } else {
+                        e.aliases.join(",")
+                    },
+                ]);
+            }
+            t.render()
+        }
+    })
+}

@@ -1,0 +1,256 @@
+//! The agent's configuration file (`/etc/netagent/netagent.toml`). Unknown keys and
+//! bad values are refused with the file, the line and what to write instead.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/netagent/netagent.toml";
+pub const DEFAULT_SOCKET: &str = "/run/netagent/netagent.sock";
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: Option<String>,
+    underlay_address: Option<Ipv4Addr>,
+    underlay_interface: Option<String>,
+    state_dir: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+    #[serde(default)]
+    store: StoreFile,
+    #[serde(default)]
+    dns: DnsFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    etcd: Option<Vec<String>>,
+    lease_ttl_secs: Option<u64>,
+    prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DnsFile {
+    ttl_secs: Option<u32>,
+    upstream: Option<Vec<String>>,
+}
+
+/// The configuration in force, every default filled in.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: String,
+    /// None: found from the route toward the outside world at start.
+    pub underlay_address: Option<Ipv4Addr>,
+    pub underlay_interface: Option<String>,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub store: StoreConfig,
+    pub dns_ttl: u32,
+    /// Empty: the host's /etc/resolv.conf.
+    pub dns_upstream: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    Local,
+    Etcd {
+        endpoints: Vec<String>,
+        lease_ttl: Duration,
+        prefix: String,
+    },
+}
+
+impl Config {
+    /// Reads `path`; a missing file is fine only for the default path (all defaults).
+    pub fn load(path: &Path, explicit: bool) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(e) => bail!("cannot read config {}: {e}", path.display()),
+        };
+        Config::parse(&text).map_err(|e| anyhow!("config {}: {e:#}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let f: File = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        let at = |key: &str| match line_of(text, key) {
+            Some(n) => format!("line {n}: "),
+            None => String::new(),
+        };
+        let node = match f.node {
+            Some(n) if n.is_empty() || n.contains('/') || n.len() > 63 => {
+                bail!(
+                    "{}node {n:?} must be 1 to 63 characters without '/'",
+                    at("node")
+                )
+            }
+            Some(n) => n,
+            None => hostname()?,
+        };
+        let store = match f.store.etcd {
+            None => {
+                if f.store.lease_ttl_secs.is_some() {
+                    bail!(
+                        "{}lease_ttl_secs needs [store] etcd = [\"http://HOST:2379\"]; the local store has no leases",
+                        at("lease_ttl_secs")
+                    );
+                }
+                StoreConfig::Local
+            }
+            Some(endpoints) => {
+                if endpoints.is_empty() {
+                    bail!(
+                        "{}etcd = [] names no endpoint; give one (etcd = [\"http://192.0.2.2:2379\"]) or remove the key for the local store",
+                        at("etcd")
+                    );
+                }
+                for e in &endpoints {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        bail!(
+                            "{}etcd endpoint {e:?} needs a scheme, e.g. \"http://{e}\"",
+                            at("etcd")
+                        );
+                    }
+                }
+                let ttl = f.store.lease_ttl_secs.unwrap_or(5);
+                if !(1..=60).contains(&ttl) {
+                    bail!(
+                        "{}lease_ttl_secs = {ttl} is out of range 1..=60 (default 5)",
+                        at("lease_ttl_secs")
+                    );
+                }
+                let mut prefix = f.store.prefix.unwrap_or_else(|| "/netagent/".into());
+                if !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                StoreConfig::Etcd {
+                    endpoints,
+                    lease_ttl: Duration::from_secs(ttl),
+                    prefix,
+                }
+            }
+        };
+        let dns_ttl = f.dns.ttl_secs.unwrap_or(netagent_dns::DEFAULT_TTL);
+        if dns_ttl > 86_400 {
+            bail!("{}ttl_secs = {dns_ttl} is more than a day", at("ttl_secs"));
+        }
+        let mut dns_upstream = Vec::new();
+        for u in f.dns.upstream.unwrap_or_default() {
+            let addr = u
+                .parse::<SocketAddr>()
+                .or_else(|_| {
+                    u.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    anyhow!(
+                        "{}upstream {u:?} is not an address (\"192.0.2.53\" or \"192.0.2.53:53\")",
+                        at("upstream")
+                    )
+                })?;
+            dns_upstream.push(addr);
+        }
+        Ok(Config {
+            node,
+            underlay_address: f.underlay_address,
+            underlay_interface: f.underlay_interface,
+            state_dir: f.state_dir.unwrap_or_else(|| "/var/lib/netagent".into()),
+            api_socket: f.api_socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            store,
+            dns_ttl,
+            dns_upstream,
+        })
+    }
+
+    pub fn local_store_path(&self) -> PathBuf {
+        self.state_dir.join("store.json")
+    }
+}
+
+/// 1-based line where `key = ...` is written, for messages about its value.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+fn hostname() -> Result<String> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("cannot read the hostname for the default node name; set node = \"...\"")?;
+    Ok(h.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_documented_keys() {
+        let c = Config::parse(
+            r#"
+node = "host1"
+underlay_address = "192.0.2.11"
+state_dir = "/tmp/x"
+api_socket = "/tmp/x.sock"
+[store]
+etcd = ["http://192.0.2.2:2379"]
+lease_ttl_secs = 3
+[dns]
+ttl_secs = 7
+upstream = ["192.0.2.53", "192.0.2.54:5353"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.node, "host1");
+        assert_eq!(c.dns_ttl, 7);
+        assert_eq!(c.dns_upstream[1], "192.0.2.54:5353".parse().unwrap());
+        match c.store {
+            StoreConfig::Etcd {
+                lease_ttl,
+                ref prefix,
+                ..
+            } => {
+                assert_eq!(lease_ttl, Duration::from_secs(3));
+                assert_eq!(prefix, "/netagent/");
+            }
+            StoreConfig::Local => panic!("etcd expected"),
+        }
+    }
+
+    #[test]
+    fn names_the_line_of_a_bad_value() {
+        let e = Config::parse(
+            "node = \"h\"\n[store]\netcd = [\"http://a:2379\"]\nlease_ttl_secs = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "line 4: lease_ttl_secs = 0 is out of range 1..=60 (default 5)"
+        );
+        let e = Config::parse("node = \"h\"\nunderlay_address = \"192.0.2.300\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let e = Config::parse("node = \"h\"\nnodes = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("unknown field `nodes`"),
+            "{e}"
+        );
+        let e = Config::parse("node = \"h\"\n[dns]\nupstream = [\"resolver\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("line 3: upstream \"resolver\""), "{e}");
+    }
+}

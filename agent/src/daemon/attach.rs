@@ -1,0 +1,324 @@
+//! Attach and detach: the kernel and the store change together under this host's
+//! lock, in an order that leaves nothing half-done (kernel first, then the store;
+//! if the store refuses, the kernel change is undone).
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, bail, Context, Result};
+use netagent_overlay::{Endpoint, NetnsRef};
+use tracing::{info, warn};
+
+use super::{network_spec, Agent, LocalEndpoint, LocalState};
+use crate::api::EndpointInfo;
+use crate::ipam;
+use crate::model::{self, BlockRecord, EndpointRecord};
+use crate::store::{Change, Compare, Store, Txn};
+
+/// How often a block allocation is retried when another host took the same block.
+const BLOCK_RETRIES: usize = 8;
+
+pub struct AttachRequest {
+    pub target: String,
+    pub network: String,
+    pub name: Option<String>,
+    pub service: Option<String>,
+    pub aliases: Vec<String>,
+}
+
+/// A namespace as the user named it, resolved to a reference and its identity.
+pub(super) async fn resolve_target(target: &str) -> Result<(NetnsRef, u64)> {
+    let netns = if target.starts_with('/') || target.starts_with("pid:") {
+        NetnsRef::parse(target)?
+    } else {
+        bail!("target {target:?} is not a namespace: give a path (/run/netns/NAME) or pid:N");
+    };
+    let probe = netns.clone();
+    let ino = tokio::task::spawn_blocking(move || probe.identity())
+        .await
+        .context("identity check panicked")??;
+    Ok((netns, ino))
+}
+
+fn endpoint_id(ino: u64) -> String {
+    format!("ns:{ino}")
+}
+
+/// Names that end up in DNS: letters, digits, '_', '-', '.', as Docker allows.
+fn check_dns_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        bail!("{kind} {name:?} is not a usable DNS name: use 1 to 63 letters, digits, '_', '-' or '.'");
+    }
+    Ok(())
+}
+
+impl<S: Store> Agent<S> {
+    pub async fn attach(&self, req: AttachRequest) -> Result<EndpointInfo> {
+        for (kind, n) in req
+            .name
+            .iter()
+            .map(|n| ("name", n))
+            .chain(req.service.iter().map(|s| ("service", s)))
+            .chain(req.aliases.iter().map(|a| ("alias", a)))
+        {
+            check_dns_name(kind, n)?;
+        }
+        let mut network = self
+            .cluster
+            .read()
+            .unwrap()
+            .networks
+            .get(&req.network)
+            .cloned();
+        if network.is_none() {
+            // Created on another host a moment ago? The watch may not have said yet.
+            if let Ok(loaded) = self.store.load().await {
+                let fresh = model::Cluster::from_loaded(&loaded);
+                network = fresh.networks.get(&req.network).cloned();
+            }
+        }
+        let network = network.ok_or_else(|| {
+            anyhow!(
+                "network {:?} not found; create it with: netagent network create {} --subnet CIDR",
+                req.network,
+                req.network
+            )
+        })?;
+        let (netns, ino) = resolve_target(&req.target).await?;
+        let id = endpoint_id(ino);
+        let mut state = self.local.lock().await;
+        if let Some(existing) = state
+            .endpoints
+            .values()
+            .find(|e| e.record.id == id && e.record.network == network.name)
+        {
+            info!(
+                target = req.target,
+                network = network.name,
+                "already attached"
+            );
+            return Ok(self.endpoint_info(&existing.record));
+        }
+        let block = self.own_block(&network).await?;
+        let taken: BTreeSet<Ipv4Addr> = {
+            let c = self.cluster.read().unwrap();
+            c.endpoints_of(&network.name)
+                .map(|e| e.address)
+                .chain(state.endpoints.values().map(|e| e.record.address))
+                .collect()
+        };
+        let address = ipam::free_address(block, &taken).ok_or_else(|| {
+            anyhow!(
+                "network {:?}: this host's block {block} is full; create a network with larger blocks (--block-size)",
+                network.name
+            )
+        })?;
+        let name = req.name.clone().or_else(|| match &netns {
+            NetnsRef::Path(p) => p.file_name().map(|f| f.to_string_lossy().into_owned()),
+            _ => None,
+        });
+        let record = EndpointRecord {
+            network: network.name.clone(),
+            address,
+            node: self.node.name.clone(),
+            id: id.clone(),
+            netns: netns.to_string(),
+            name,
+            service: req.service.clone(),
+            aliases: req.aliases.clone(),
+            in_service: true,
+        };
+        let spec = network_spec(&network, block);
+        // First endpoint of this network here: its device and peers come first.
+        let known = state
+            .applied
+            .as_ref()
+            .is_some_and(|a| a.networks.iter().any(|n| n.network == spec));
+        if !known {
+            self.ensure_network_here(&mut state, &network.name).await?;
+        }
+        let endpoint = Endpoint {
+            id: id.clone(),
+            netns: netns.clone(),
+            address,
+            mac: None,
+        };
+        self.host
+            .attach(&self.underlay, &spec, &endpoint)
+            .await
+            .with_context(|| format!("attaching {} to {:?}", req.target, network.name))?;
+        let key = model::endpoint_key(&network.name, address);
+        let bytes = model::encode(&record);
+        let txn = Txn::default()
+            .when(Compare::Absent(key.clone()))
+            .put(key.clone(), bytes.clone());
+        let stored = self.store.txn(txn).await;
+        if !matches!(stored, Ok(true)) {
+            if let Err(e) = self.host.detach(address).await {
+                warn!(error = %e, %address, "undoing the attach failed; the next reconcile removes it");
+            }
+            return Err(match stored {
+                Err(e) => anyhow!(
+                    "{e}; nothing was attached (the store must be reachable to hand out an address)"
+                ),
+                _ => anyhow!("address {address} was taken in the store meanwhile; try again"),
+            });
+        }
+        state.endpoints.insert(
+            key.clone(),
+            LocalEndpoint {
+                record: record.clone(),
+                netns,
+                ino,
+            },
+        );
+        if let Some(applied) = state.applied.as_mut() {
+            if let Some(n) = applied.networks.iter_mut().find(|n| n.network == spec) {
+                n.endpoints.push(endpoint);
+            }
+        }
+        self.cluster.write().unwrap().apply(&[Change {
+            key,
+            value: Some(bytes),
+        }]);
+        self.refresh_dns();
+        self.sync_listeners(&mut state).await;
+        info!(target = req.target, network = network.name, %address, "attached");
+        Ok(self.endpoint_info(&record))
+    }
+
+    pub async fn detach(&self, target: &str, network: &str) -> Result<EndpointInfo> {
+        let (_, ino) = resolve_target(target).await?;
+        let id = endpoint_id(ino);
+        let mut state = self.local.lock().await;
+        let (key, ep) = state
+            .endpoints
+            .iter()
+            .find(|(_, e)| e.record.id == id && e.record.network == network)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .ok_or_else(|| {
+                anyhow!("{target} is not attached to network {network:?} on this host")
+            })?;
+        self.store
+            .txn(Txn::default().delete(key.clone()))
+            .await
+            .map_err(|e| anyhow!("{e}; nothing was detached"))?;
+        self.drop_local(&mut state, &key).await;
+        info!(target, network, address = %ep.record.address, "detached");
+        Ok(self.endpoint_info(&ep.record))
+    }
+
+    /// Removes an endpoint of this host from the kernel, the DNS and the local view.
+    /// The store record is the caller's business.
+    pub(super) async fn drop_local(&self, state: &mut LocalState, key: &str) {
+        let Some(ep) = state.endpoints.remove(key) else {
+            return;
+        };
+        if let Err(e) = self.host.detach(ep.record.address).await {
+            warn!(error = %e, key, "detach from the kernel failed; the next reconcile retries");
+        }
+        if let Some(applied) = state.applied.as_mut() {
+            for n in &mut applied.networks {
+                n.endpoints.retain(|e| {
+                    e.address != ep.record.address || n.network.name != ep.record.network
+                });
+            }
+        }
+        self.cluster.write().unwrap().apply(&[Change {
+            key: key.to_owned(),
+            value: None,
+        }]);
+        self.refresh_dns();
+        self.sync_listeners(state).await;
+    }
+
+    /// This host's block of a network, taken from the subnet if it has none yet. The
+    /// store's create-if-absent decides between hosts racing for the same block.
+    async fn own_block(&self, network: &model::NetworkRecord) -> Result<ipnet::Ipv4Net> {
+        for _ in 0..BLOCK_RETRIES {
+            let (mine, taken) = {
+                let c = self.cluster.read().unwrap();
+                let mine = c
+                    .blocks_of(&network.name)
+                    .find(|b| b.node == self.node.name)
+                    .map(|b| b.block);
+                let taken: BTreeSet<ipnet::Ipv4Net> =
+                    c.blocks_of(&network.name).map(|b| b.block).collect();
+                (mine, taken)
+            };
+            if let Some(b) = mine {
+                return Ok(b);
+            }
+            let block = ipam::free_block(network, &taken).ok_or_else(|| {
+                anyhow!(
+                    "network {:?}: every /{} block of {} is held by a host; no room for this one",
+                    network.name,
+                    network.block_prefix,
+                    network.subnet
+                )
+            })?;
+            let record = BlockRecord {
+                network: network.name.clone(),
+                block,
+                node: self.node.name.clone(),
+                underlay: self.node.underlay,
+            };
+            let key = model::block_key(&network.name, block);
+            let bytes = model::encode(&record);
+            let txn = Txn::default()
+                .when(Compare::Absent(key.clone()))
+                .put(key.clone(), bytes.clone());
+            if self
+                .store
+                .txn(txn)
+                .await
+                .map_err(|e| anyhow!("{e}; nothing was attached"))?
+            {
+                info!(network = network.name, %block, "took a block");
+                self.cluster.write().unwrap().apply(&[Change {
+                    key,
+                    value: Some(bytes),
+                }]);
+                return Ok(block);
+            }
+            // Another host won this block: read the store again and pick another.
+            let loaded = self.store.load().await?;
+            *self.cluster.write().unwrap() = model::Cluster::from_loaded(&loaded);
+        }
+        bail!(
+            "network {:?}: could not take a block after {BLOCK_RETRIES} tries (hosts racing); try again",
+            network.name
+        )
+    }
+
+    /// Sets up a network's device and peers on this host before its first endpoint.
+    async fn ensure_network_here(&self, state: &mut LocalState, network: &str) -> Result<()> {
+        let desired = self.desired_host_state(state);
+        if !desired.networks.iter().any(|n| n.network.name == network) {
+            bail!("network {network:?} has no block on this host");
+        }
+        // Device, gateway, peers and the firewall's view of the new network at once.
+        self.host.apply(&desired).await?;
+        state.applied = Some(desired);
+        Ok(())
+    }
+
+    pub(super) fn endpoint_info(&self, e: &EndpointRecord) -> EndpointInfo {
+        let alive = self.cluster.read().unwrap().is_alive(&e.node);
+        EndpointInfo {
+            network: e.network.clone(),
+            address: e.address,
+            node: e.node.clone(),
+            name: e.name.clone(),
+            service: e.service.clone(),
+            aliases: e.aliases.clone(),
+            state: if alive { "up" } else { "down" }.into(),
+            netns: (e.node == self.node.name).then(|| e.netns.clone()),
+        }
+    }
+}

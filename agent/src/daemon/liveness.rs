@@ -1,0 +1,89 @@
+//! Notices namespaces that went away. The DNS listener inside an attached namespace
+//! keeps the namespace itself alive, so its veth never disappears on its own; what
+//! tells us is the name: the path or process no longer leads to the namespace we
+//! attached (a stat, four times a second, off the runtime's workers).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use netagent_overlay::NetnsRef;
+use tracing::info;
+
+use super::Agent;
+use crate::model::EndpointRecord;
+use crate::store::{Store, Txn};
+
+const SWEEP: Duration = Duration::from_millis(250);
+
+/// The namespace of a stored endpoint, if its name still leads to it.
+pub(super) async fn still_there(record: &EndpointRecord) -> Option<(NetnsRef, u64)> {
+    let netns = NetnsRef::parse(&record.netns).ok()?;
+    let want: u64 = record.id.strip_prefix("ns:")?.parse().ok()?;
+    let probe = netns.clone();
+    let ino = tokio::task::spawn_blocking(move || probe.identity().ok())
+        .await
+        .ok()??;
+    (ino == want).then_some((netns, ino))
+}
+
+impl<S: Store> Agent<S> {
+    pub(super) async fn liveness_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.retry_pending_deletes().await;
+            let watched: Vec<(String, NetnsRef, u64)> = {
+                let state = self.local.lock().await;
+                state
+                    .endpoints
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
+                    .collect()
+            };
+            if watched.is_empty() {
+                continue;
+            }
+            let gone: Vec<String> = tokio::task::spawn_blocking(move || {
+                watched
+                    .into_iter()
+                    .filter(|(_, netns, ino)| netns.identity().ok() != Some(*ino))
+                    .map(|(k, _, _)| k)
+                    .collect()
+            })
+            .await
+            .unwrap_or_default();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut state = self.local.lock().await;
+            for key in gone {
+                info!(key, "namespace gone; removing its endpoint");
+                self.drop_local(&mut state, &key).await;
+                self.forget_in_store(&key).await;
+            }
+        }
+    }
+
+    async fn retry_pending_deletes(&self) {
+        let keys: Vec<String> = self
+            .pending_deletes
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        for key in keys {
+            if self
+                .store
+                .txn(Txn::default().delete(key.clone()))
+                .await
+                .is_ok()
+            {
+                self.pending_deletes.lock().unwrap().remove(&key);
+            } else {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The agent: keeps this host's datapath and DNS in line with the cluster store.
+//!
+//! Data flows one way. The store's watch feeds [`Cluster`] (what every host has
+//! published); from it the DNS snapshot is derived at once (no kernel work on that
+//! path, so a name resolves on other hosts within milliseconds of an attach), and a
+//! reconcile pass brings the kernel in line (networks this host holds a block of,
+//! their peers, the namespaces attached here). Attach and detach change the kernel
+//! and the store under one host-local lock; nothing needs a cluster-wide lock.
+
+mod attach;
+mod listeners;
+mod liveness;
+mod networks;
+mod server;
+mod views;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use netagent_dns::{DnsServer, Forwarder, Snapshot};
+use netagent_overlay::{
+    Endpoint, Host, HostState, NetnsRef, NetworkSpec, NetworkState, Peer, Underlay,
+};
+use tokio::sync::{Mutex, Notify};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::model::{self, Cluster, EndpointRecord, NodeRecord};
+use crate::store::{Store, StoreEvent};
+
+pub use server::{bind_api, serve_api};
+
+/// How often the whole datapath is compared with the kernel even without a change.
+const RESYNC: Duration = Duration::from_secs(15);
+
+/// An endpoint attached on this host.
+#[derive(Clone, Debug)]
+struct LocalEndpoint {
+    record: EndpointRecord,
+    netns: NetnsRef,
+    /// Identity of the namespace at attach time (see `NetnsRef::identity`).
+    ino: u64,
+}
+
+/// What only this host knows, changed only under its lock.
+#[derive(Default)]
+struct LocalState {
+    /// By store key.
+    endpoints: BTreeMap<String, LocalEndpoint>,
+    /// DNS listeners, one per attached namespace (by identity).
+    listeners: HashMap<u64, listeners::Listener>,
+    /// The last state applied to the kernel.
+    applied: Option<HostState>,
+}
+
+pub struct Agent<S: Store> {
+    cfg: Config,
+    store: S,
+    host: Host,
+    underlay: Underlay,
+    node: NodeRecord,
+    started: Instant,
+    cluster: RwLock<Cluster>,
+    local: Mutex<LocalState>,
+    dns: Arc<DnsServer>,
+    /// The DNS records last published, and the snapshot they make.
+    dns_records: StdMutex<(BTreeMap<String, netagent_dns::EndpointRecord>, Snapshot)>,
+    /// Keys of this host's endpoints that someone deleted in the store.
+    deleted_here: StdMutex<Vec<String>>,
+    /// Store deletions that failed while the store was away; retried.
+    pending_deletes: StdMutex<BTreeSet<String>>,
+    reconcile: Notify,
+    rtt: StdMutex<HashMap<String, f64>>,
+}
+
+impl<S: Store> Agent<S> {
+    pub async fn start(cfg: Config, store: S) -> Result<Arc<Self>> {
+        let host = Host::open(&NetnsRef::Current).await?;
+        let address = match cfg.underlay_address {
+            Some(a) => a,
+            None => detect_underlay().context(
+                "no underlay_address in the config and none found from the routing table; set underlay_address = \"A.B.C.D\"",
+            )?,
+        };
+        let underlay = host
+            .underlay(address, cfg.underlay_interface.as_deref())
+            .await?;
+        let upstreams = if cfg.dns_upstream.is_empty() {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            netagent_dns::upstreams_from_resolv_conf(&text)
+        } else {
+            cfg.dns_upstream.clone()
+        };
+        let dns = DnsServer::new(Forwarder::new(upstreams), cfg.dns_ttl);
+        let started_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let node = NodeRecord {
+            name: cfg.node.clone(),
+            underlay: address,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: started_unix,
+        };
+        let agent = Arc::new(Agent {
+            cfg,
+            store,
+            host,
+            underlay,
+            node,
+            started: Instant::now(),
+            cluster: RwLock::new(Cluster::default()),
+            local: Mutex::new(LocalState::default()),
+            dns,
+            dns_records: StdMutex::new(Default::default()),
+            deleted_here: StdMutex::new(Vec::new()),
+            pending_deletes: StdMutex::new(BTreeSet::new()),
+            reconcile: Notify::new(),
+            rtt: StdMutex::new(HashMap::new()),
+        });
+        let ttl = match &agent.cfg.store {
+            crate::config::StoreConfig::Etcd { lease_ttl, .. } => *lease_ttl,
+            crate::config::StoreConfig::Local => Duration::from_secs(5),
+        };
+        agent.store.register(
+            model::node_key(&agent.node.name),
+            model::encode(&agent.node),
+            ttl,
+        );
+        let mut events = agent.store.watch();
+        info!(node = %agent.node.name, underlay = %address, "waiting for the cluster store");
+        // Nothing is decided before the first full read of the store.
+        loop {
+            match events.recv().await {
+                Some(StoreEvent::Reset(loaded)) => {
+                    *agent.cluster.write().unwrap() = Cluster::from_loaded(&loaded);
+                    break;
+                }
+                Some(StoreEvent::Changes(_)) => continue,
+                None => anyhow::bail!("the store's watch ended before the first read"),
+            }
+        }
+        agent.adopt().await;
+        agent.refresh_dns();
+        agent.reconcile_once(true).await;
+        info!(node = %agent.node.name, "agent ready");
+        tokio::spawn(agent.clone().follow_store(events));
+        tokio::spawn(agent.clone().reconcile_loop());
+        tokio::spawn(agent.clone().liveness_loop());
+        tokio::spawn(agent.clone().rtt_loop());
+        Ok(agent)
+    }
+
+    /// Takes over this host's endpoints as the store lists them: the ones whose
+    /// namespace still exists keep their addresses; the others are removed.
+    async fn adopt(&self) {
+        let mine: Vec<(String, EndpointRecord)> = {
+            let c = self.cluster.read().unwrap();
+            c.endpoints
+                .iter()
+                .filter(|(_, e)| e.node == self.node.name)
+                .map(|(_, e)| (model::endpoint_key(&e.network, e.address), e.clone()))
+                .collect()
+        };
+        let mut state = self.local.lock().await;
+        for (key, record) in mine {
+            match liveness::still_there(&record).await {
+                Some((netns, ino)) => {
+                    state
+                        .endpoints
+                        .insert(key, LocalEndpoint { record, netns, ino });
+                }
+                None => {
+                    info!(
+                        key,
+                        "namespace gone while the agent was down; removing its endpoint"
+                    );
+                    self.forget_in_store(&key).await;
+                }
+            }
+        }
+        self.update_own_blocks().await;
+    }
+
+    /// Blocks record the owner's underlay; a host that moved updates its own.
+    async fn update_own_blocks(&self) {
+        let stale: Vec<(String, model::BlockRecord)> = {
+            let c = self.cluster.read().unwrap();
+            c.blocks
+                .iter()
+                .filter(|(_, b)| b.node == self.node.name && b.underlay != self.node.underlay)
+                .map(|(_, b)| (model::block_key(&b.network, b.block), b.clone()))
+                .collect()
+        };
+        for (key, mut block) in stale {
+            block.underlay = self.node.underlay;
+            let txn = crate::store::Txn::default().put(key.clone(), model::encode(&block));
+            if let Err(e) = self.store.txn(txn).await {
+                warn!(key, error = %e, "cannot update this host's underlay on its block");
+            }
+        }
+    }
+
+    async fn follow_store(self: Arc<Self>, mut events: tokio::sync::mpsc::Receiver<StoreEvent>) {
+        while let Some(event) = events.recv().await {
+            match event {
+                StoreEvent::Reset(loaded) => {
+                    *self.cluster.write().unwrap() = Cluster::from_loaded(&loaded);
+                }
+                StoreEvent::Changes(changes) => {
+                    let mut deleted = Vec::new();
+                    {
+                        let mut c = self.cluster.write().unwrap();
+                        for ch in changes.iter().filter(|ch| ch.value.is_none()) {
+                            if ch
+                                .key
+                                .strip_prefix(model::ENDPOINTS)
+                                .and_then(|k| c.endpoints.get(k))
+                                .is_some_and(|e| e.node == self.node.name)
+                            {
+                                deleted.push(ch.key.clone());
+                            }
+                        }
+                        c.apply(&changes);
+                    }
+                    self.deleted_here.lock().unwrap().extend(deleted);
+                }
+            }
+            self.refresh_dns();
+            self.reconcile.notify_one();
+        }
+    }
+
+    /// Derives the DNS records from the cluster and publishes the difference.
+    fn refresh_dns(&self) {
+        let wanted: BTreeMap<String, netagent_dns::EndpointRecord> = {
+            let c = self.cluster.read().unwrap();
+            c.endpoints
+                .iter()
+                .filter(|(_, e)| c.is_alive(&e.node) && c.networks.contains_key(&e.network))
+                .map(|(k, e)| (k.clone(), dns_record(e)))
+                .collect()
+        };
+        let mut guard = self.dns_records.lock().unwrap();
+        let (current, snapshot) = &mut *guard;
+        if *current == wanted {
+            return;
+        }
+        let removed: Vec<_> = current
+            .iter()
+            .filter(|(k, r)| wanted.get(*k) != Some(r))
+            .map(|(_, r)| r.clone())
+            .collect();
+        let added: Vec<_> = wanted
+            .iter()
+            .filter(|(k, r)| current.get(*k) != Some(r))
+            .map(|(_, r)| r.clone())
+            .collect();
+        *snapshot = snapshot.apply(&removed, &added);
+        *current = wanted;
+        self.dns.update(snapshot.clone());
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RESYNC);
+        tick.tick().await;
+        loop {
+            let full = tokio::select! {
+                _ = self.reconcile.notified() => false,
+                _ = tick.tick() => true,
+            };
+            self.reconcile_once(full).await;
+        }
+    }
+
+    /// Brings the kernel and the DNS listeners in line with the cluster. `full`
+    /// applies even when nothing seems to have changed (repairs drift).
+    async fn reconcile_once(&self, full: bool) {
+        let mut state = self.local.lock().await;
+        let deleted: Vec<String> = std::mem::take(&mut *self.deleted_here.lock().unwrap());
+        let networks: BTreeSet<String> = self
+            .cluster
+            .read()
+            .unwrap()
+            .networks
+            .keys()
+            .cloned()
+            .collect();
+        let before = state.endpoints.len();
+        state.endpoints.retain(|key, ep| {
+            let keep = networks.contains(&ep.record.network) && !deleted.contains(key);
+            if !keep {
+                info!(key, "endpoint removed from the store; detaching");
+            }
+            keep
+        });
+        let desired = self.desired_host_state(&state);
+        if full || state.applied.as_ref() != Some(&desired) || before != state.endpoints.len() {
+            match self.host.apply(&desired).await {
+                Ok(report) if !report.is_empty() => info!(
+                    created = report.created.len(),
+                    removed = report.removed.len(),
+                    "datapath reconciled"
+                ),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "datapath reconcile incomplete; retrying later"),
+            }
+            state.applied = Some(desired);
+        }
+        self.sync_listeners(&mut state).await;
+    }
+
+    /// The kernel state this host should have: every network it holds a block of,
+    /// with every other block of it as a peer, and the namespaces attached here.
+    fn desired_host_state(&self, state: &LocalState) -> HostState {
+        let c = self.cluster.read().unwrap();
+        let mut networks = Vec::new();
+        for net in c.networks.values() {
+            let Some(mine) = c.blocks_of(&net.name).find(|b| b.node == self.node.name) else {
+                continue;
+            };
+            let peers = c
+                .blocks_of(&net.name)
+                .filter(|b| b.node != self.node.name)
+                .map(|b| Peer {
+                    name: b.node.clone(),
+                    underlay: b.underlay,
+                    block: b.block,
+                })
+                .collect();
+            let endpoints = state
+                .endpoints
+                .values()
+                .filter(|e| e.record.network == net.name)
+                .map(|e| Endpoint {
+                    id: e.record.id.clone(),
+                    netns: e.netns.clone(),
+                    address: e.record.address,
+                    mac: None,
+                })
+                .collect();
+            networks.push(NetworkState {
+                network: network_spec(net, mine.block),
+                peers,
+                endpoints,
+            });
+        }
+        HostState {
+            underlay_address: self.node.underlay,
+            underlay_interface: self.cfg.underlay_interface.clone(),
+            networks,
+        }
+    }
+
+    /// Deletes a key, or remembers to when the store is away.
+    async fn forget_in_store(&self, key: &str) {
+        let txn = crate::store::Txn::default().delete(key);
+        if let Err(e) = self.store.txn(txn).await {
+            warn!(key, error = %e, "cannot remove the endpoint from the store yet; will retry");
+            self.pending_deletes.lock().unwrap().insert(key.to_owned());
+        }
+    }
+}
+
+pub fn network_spec(net: &model::NetworkRecord, block: ipnet::Ipv4Net) -> NetworkSpec {
+    NetworkSpec {
+        name: net.name.clone(),
+        vni: net.vni,
+        subnet: net.subnet,
+        block,
+        mtu: net.mtu,
+    }
+}
+
+fn dns_record(e: &EndpointRecord) -> netagent_dns::EndpointRecord {
+    netagent_dns::EndpointRecord {
+        network: e.network.clone(),
+        address: e.address,
+        // Every endpoint answers to some name of its own, for PTR.
+        name: e
+            .name
+            .clone()
+            .unwrap_or_else(|| e.address.to_string().replace('.', "-")),
+        service: e.service.clone(),
+        aliases: e.aliases.clone(),
+        in_service: e.in_service,
+    }
+}
+
+/// The source address the kernel would use toward the outside world. Connecting a
+/// UDP socket only looks up a route; nothing is sent.
+fn detect_underlay() -> Option<Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    match socket.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(a) if !a.is_unspecified() => Some(a),
+        _ => None,
+    }
+}

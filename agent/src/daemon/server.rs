@@ -1,0 +1,128 @@
+//! The local API server: a unix socket only root can open (mode 0600), one JSON
+//! request and one JSON reply per line.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+use super::attach::AttachRequest;
+use super::Agent;
+use crate::api::{Reply, Request};
+use crate::ipam::NewNetwork;
+use crate::store::Store;
+
+/// Binds the API socket; refuses when another agent answers on it.
+pub async fn bind_api(path: &Path) -> Result<UnixListener> {
+    if UnixStream::connect(path).await.is_ok() {
+        bail!(
+            "another netagent agent answers on {}; stop it first (systemctl stop netagent)",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve_api<S: Store>(agent: Arc<Agent<S>>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_client(agent, stream).await {
+                        warn!(error = %e, "api client failed");
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "api accept failed"),
+        }
+    }
+}
+
+async fn serve_client<S: Store>(agent: Arc<Agent<S>>, stream: UnixStream) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => match agent.handle(req).await {
+                Ok(v) => Reply::Ok(v),
+                Err(e) => Reply::Error(format!("{e:#}")),
+            },
+            Err(e) => Reply::Error(format!("bad request: {e}")),
+        };
+        let mut bytes = serde_json::to_vec(&reply)?;
+        bytes.push(b'\n');
+        write.write_all(&bytes).await?;
+    }
+    Ok(())
+}
+
+impl<S: Store> Agent<S> {
+    pub async fn handle(&self, req: Request) -> Result<serde_json::Value> {
+        Ok(match req {
+            Request::Status => json(&self.status().await),
+            Request::NetworkCreate {
+                name,
+                subnet,
+                vni,
+                block_prefix,
+                mtu,
+                encrypted,
+            } => json(
+                &self
+                    .create_network(
+                        NewNetwork {
+                            name,
+                            subnet,
+                            vni,
+                            block_prefix,
+                            mtu,
+                        },
+                        encrypted,
+                    )
+                    .await?,
+            ),
+            Request::NetworkList => json(&self.list_networks()),
+            Request::NetworkInspect { name } => json(&self.inspect_network(&name)?),
+            Request::NetworkRemove { name, force } => {
+                json(&self.remove_network(&name, force).await?)
+            }
+            Request::Attach {
+                target,
+                network,
+                name,
+                service,
+                aliases,
+            } => json(
+                &self
+                    .attach(AttachRequest {
+                        target,
+                        network,
+                        name,
+                        service,
+                        aliases,
+                    })
+                    .await?,
+            ),
+            Request::Detach { target, network } => json(&self.detach(&target, &network).await?),
+            Request::Peers => json(&self.peers()),
+            Request::Services { network } => json(&self.services(network.as_deref())),
+            Request::Endpoints => json(&self.endpoints()),
+        })
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("api types serialize")
+}

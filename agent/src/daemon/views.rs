@@ -1,0 +1,156 @@
+//! What `status`, `peers`, `services` and `endpoints` show, read from the cluster
+//! view, plus the round-trip probe behind `peers`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use netagent_overlay::block_gateway;
+
+use super::Agent;
+use crate::api::{EndpointInfo, PeerInfo, ServiceInfo, Status};
+use crate::store::Store;
+
+const RTT_EVERY: Duration = Duration::from_secs(2);
+
+impl<S: Store> Agent<S> {
+    pub async fn status(&self) -> Status {
+        let store = self.store.health().borrow().clone();
+        let local_endpoints = self.local.lock().await.endpoints.len();
+        let peers = self.peers();
+        let c = self.cluster.read().unwrap();
+        Status {
+            node: self.node.name.clone(),
+            underlay: self.node.underlay,
+            version: self.node.version.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            state: if store.connected { "ok" } else { "degraded" }.into(),
+            store,
+            networks: c.networks.len(),
+            local_endpoints,
+            endpoints: c.endpoints.len(),
+            peers_up: peers.iter().filter(|p| p.state == "up").count(),
+            peers_down: peers.iter().filter(|p| p.state != "up").count(),
+        }
+    }
+
+    /// Every other host that is alive or holds a block: up while its lease lives.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let c = self.cluster.read().unwrap();
+        let rtt = self.rtt.lock().unwrap();
+        let mut peers: BTreeMap<String, PeerInfo> = BTreeMap::new();
+        for b in c.blocks.values().filter(|b| b.node != self.node.name) {
+            let p = peers.entry(b.node.clone()).or_insert_with(|| PeerInfo {
+                name: b.node.clone(),
+                underlay: b.underlay,
+                state: String::new(),
+                rtt_ms: None,
+                endpoints: 0,
+                networks: Vec::new(),
+            });
+            p.networks.push(b.network.clone());
+        }
+        for n in c.nodes.values().filter(|n| n.name != self.node.name) {
+            let p = peers.entry(n.name.clone()).or_insert_with(|| PeerInfo {
+                name: n.name.clone(),
+                underlay: n.underlay,
+                state: String::new(),
+                rtt_ms: None,
+                endpoints: 0,
+                networks: Vec::new(),
+            });
+            p.underlay = n.underlay;
+        }
+        for p in peers.values_mut() {
+            p.state = if c.is_alive(&p.name) { "up" } else { "down" }.into();
+            p.endpoints = c.endpoints.values().filter(|e| e.node == p.name).count();
+            p.rtt_ms = rtt.get(&p.name).copied();
+        }
+        peers.into_values().collect()
+    }
+
+    pub fn services(&self, network: Option<&str>) -> Vec<ServiceInfo> {
+        let c = self.cluster.read().unwrap();
+        let mut services: BTreeMap<(String, String), ServiceInfo> = BTreeMap::new();
+        for e in c.endpoints.values() {
+            let Some(service) = &e.service else { continue };
+            if network.is_some_and(|n| n != e.network) {
+                continue;
+            }
+            let s = services
+                .entry((e.network.clone(), service.clone()))
+                .or_insert_with(|| ServiceInfo {
+                    network: e.network.clone(),
+                    service: service.clone(),
+                    replicas: Vec::new(),
+                    nodes: Vec::new(),
+                });
+            if c.is_alive(&e.node) && e.in_service {
+                s.replicas.push(e.address);
+                if !s.nodes.contains(&e.node) {
+                    s.nodes.push(e.node.clone());
+                }
+            }
+        }
+        services.into_values().collect()
+    }
+
+    pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        let records: Vec<_> = self
+            .cluster
+            .read()
+            .unwrap()
+            .endpoints
+            .values()
+            .cloned()
+            .collect();
+        records.iter().map(|e| self.endpoint_info(e)).collect()
+    }
+
+    /// Measures each live peer's round trip to its gateway on one shared network.
+    pub(super) async fn rtt_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(RTT_EVERY);
+        loop {
+            tick.tick().await;
+            let targets: BTreeMap<Ipv4Addr, String> = {
+                let c = self.cluster.read().unwrap();
+                let mine: BTreeSet<&str> = c
+                    .blocks
+                    .values()
+                    .filter(|b| b.node == self.node.name)
+                    .map(|b| b.network.as_str())
+                    .collect();
+                c.blocks
+                    .values()
+                    .filter(|b| b.node != self.node.name && mine.contains(b.network.as_str()))
+                    .filter(|b| c.is_alive(&b.node))
+                    .map(|b| (block_gateway(&b.block), b.node.clone()))
+                    .collect()
+            };
+            // One gateway per peer is enough.
+            let mut seen = BTreeSet::new();
+            let targets: BTreeMap<Ipv4Addr, String> = targets
+                .into_iter()
+                .filter(|(_, n)| seen.insert(n.clone()))
+                .collect();
+            let measured = if targets.is_empty() {
+                Default::default()
+            } else {
+                netagent_overlay::overlay_rtt(
+                    targets.keys().copied().collect(),
+                    Duration::from_secs(1),
+                )
+                .await
+                .unwrap_or_default()
+            };
+            let mut rtt = self.rtt.lock().unwrap();
+            rtt.clear();
+            for (ip, d) in measured {
+                if let Some(node) = targets.get(&ip) {
+                    rtt.insert(node.clone(), d.as_secs_f64() * 1000.0);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! What the store holds, key by key, and the cluster as this agent sees it: rebuilt
+//! from a full read and kept current by the watch.
+//!
+//! Keys (under the store's prefix):
+//! - `nodes/<node>`: a live agent, under its lease (gone when the lease expires);
+//! - `networks/<name>`, guarded by `meta/networks` (a generation number that every
+//!   create and remove bumps, so overlap checks see every other network);
+//! - `blocks/<network>/<a.b.c.d_len>`: which host owns a block of the subnet,
+//!   created only if absent, so no two hosts ever own the same addresses;
+//! - `endpoints/<network>/<address>`: an attached namespace, written only by the
+//!   host owning the block. Endpoints are not under the lease: they survive an agent
+//!   restart, and other hosts answer only for endpoints of live nodes.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::store::{Change, Loaded};
+
+pub const NODES: &str = "nodes/";
+pub const NETWORKS: &str = "networks/";
+pub const NETWORKS_GUARD: &str = "meta/networks";
+pub const BLOCKS: &str = "blocks/";
+pub const ENDPOINTS: &str = "endpoints/";
+
+pub fn node_key(node: &str) -> String {
+    format!("{NODES}{node}")
+}
+pub fn network_key(name: &str) -> String {
+    format!("{NETWORKS}{name}")
+}
+pub fn block_key(network: &str, block: Ipv4Net) -> String {
+    format!(
+        "{BLOCKS}{network}/{}_{}",
+        block.network(),
+        block.prefix_len()
+    )
+}
+pub fn endpoint_key(network: &str, address: Ipv4Addr) -> String {
+    format!("{ENDPOINTS}{network}/{address}")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub underlay: Ipv4Addr,
+    pub version: String,
+    /// Unix seconds when this agent started.
+    pub started: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    pub vni: u32,
+    #[serde(default)]
+    pub encrypted: bool,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// Prefix length of the blocks hosts take from the subnet.
+    pub block_prefix: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub network: String,
+    pub block: Ipv4Net,
+    pub node: String,
+    /// Where the owner's VXLAN endpoint is; kept even while the owner is down, so a
+    /// partition heals in the datapath before the store catches up.
+    pub underlay: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub network: String,
+    pub address: Ipv4Addr,
+    pub node: String,
+    /// Stable identity of the attached namespace (`netns:NAME`, `pid:N`, container id).
+    pub id: String,
+    /// How the owning host reaches the namespace (`/run/netns/x`, `pid:N`).
+    pub netns: String,
+    /// Its own DNS name (container or namespace name), if any.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default = "yes")]
+    pub in_service: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The cluster as the store describes it. Maps are keyed by the store key without
+/// its kind (`nodes/h1` is `h1`; `endpoints/app/100.64.1.2` is `app/100.64.1.2`).
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub networks: BTreeMap<String, NetworkRecord>,
+    pub blocks: BTreeMap<String, BlockRecord>,
+    pub endpoints: BTreeMap<String, EndpointRecord>,
+    /// Value of `meta/networks` (None: no network was ever created).
+    pub networks_guard: Option<Vec<u8>>,
+}
+
+impl Cluster {
+    pub fn from_loaded(loaded: &Loaded) -> Self {
+        let mut c = Cluster::default();
+        for (k, v) in &loaded.pairs {
+            c.set(k, Some(v));
+        }
+        c
+    }
+
+    pub fn apply(&mut self, changes: &[Change]) {
+        for ch in changes {
+            self.set(&ch.key, ch.value.as_deref());
+        }
+    }
+
+    fn set(&mut self, key: &str, value: Option<&[u8]>) {
+        if key == NETWORKS_GUARD {
+            self.networks_guard = value.map(<[u8]>::to_vec);
+        } else if let Some(k) = key.strip_prefix(NODES) {
+            put(&mut self.nodes, k, value);
+        } else if let Some(k) = key.strip_prefix(NETWORKS) {
+            put(&mut self.networks, k, value);
+        } else if let Some(k) = key.strip_prefix(BLOCKS) {
+            put(&mut self.blocks, k, value);
+        } else if let Some(k) = key.strip_prefix(ENDPOINTS) {
+            put(&mut self.endpoints, k, value);
+        }
+    }
+
+    pub fn is_alive(&self, node: &str) -> bool {
+        self.nodes.contains_key(node)
+    }
+
+    pub fn blocks_of<'a>(&'a self, network: &'a str) -> impl Iterator<Item = &'a BlockRecord> {
+        self.blocks.values().filter(move |b| b.network == network)
+    }
+
+    pub fn endpoints_of<'a>(
+        &'a self,
+        network: &'a str,
+    ) -> impl Iterator<Item = &'a EndpointRecord> {
+        self.endpoints
+            .values()
+            .filter(move |e| e.network == network)
+    }
+}
+
+/// Decodes one record into its map; a value this agent cannot read is logged and
+/// skipped (a newer agent may have written it) rather than stopping the watch.
+fn put<T: for<'de> Deserialize<'de>>(
+    map: &mut BTreeMap<String, T>,
+    key: &str,
+    value: Option<&[u8]>,
+) {
+    match value {
+        None => {
+            map.remove(key);
+        }
+        Some(bytes) => match serde_json::from_slice(bytes) {
+            Ok(record) => {
+                map.insert(key.to_owned(), record);
+            }
+            Err(e) => warn!(key, error = %e, "unreadable record in the store; ignored"),
+        },
+    }
+}
+
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records serialize")
+}

@@ -1,0 +1,240 @@
+//! A cluster on the test bed: etcd in the underlay namespace (192.0.2.2:2379, on the
+//! bridge every host hangs off) and a real `netagent agent` per host, each with its
+//! own config, state directory and API socket under a temporary directory.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use crate::run::{netagent_bin, sh, sh_ok};
+use crate::testbed::Testbed;
+
+pub const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+pub struct Cluster {
+    pub bed: Testbed,
+    pub dir: PathBuf,
+    pub lease_ttl: u64,
+    etcd: Option<u32>,
+    agents: Vec<Option<u32>>,
+    /// Extra lines for every agent's [dns] table.
+    pub dns_extra: String,
+}
+
+impl Cluster {
+    /// `hosts` hosts with etcd, agents not started yet.
+    pub fn new(hosts: usize, lease_ttl: u64) -> Self {
+        let bed = Testbed::new(hosts);
+        let dir = std::env::temp_dir().join(format!("{}-cluster", bed.id));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        sh_ok(&format!(
+            "ip -n {u} addr add {ETCD_ADDRESS}/24 dev br0",
+            u = bed.underlay_ns
+        ));
+        let mut c = Cluster {
+            bed,
+            dir,
+            lease_ttl,
+            etcd: None,
+            agents: vec![None; hosts],
+            dns_extra: String::new(),
+        };
+        c.start_etcd();
+        c
+    }
+
+    /// A cluster with every agent running.
+    pub fn running(hosts: usize, lease_ttl: u64) -> Self {
+        let mut c = Cluster::new(hosts, lease_ttl);
+        for i in 1..=hosts {
+            c.start_agent(i);
+        }
+        c
+    }
+
+    pub fn start_etcd(&mut self) {
+        let data = self.dir.join("etcd");
+        let client = format!("http://{ETCD_ADDRESS}:2379");
+        let u = self.bed.underlay_ns.clone();
+        let pid = self.bed.spawn(
+            &u,
+            "etcd",
+            &[
+                "--name",
+                "t",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "t=http://127.0.0.1:2380",
+                "--log-level",
+                "error",
+            ],
+        );
+        self.etcd = Some(pid);
+        wait_for(Duration::from_secs(20), "etcd to answer", || {
+            sh(&format!(
+                "ip netns exec {u} etcdctl --endpoints {client} --dial-timeout 1s endpoint health"
+            ))
+            .status
+            .success()
+        });
+    }
+
+    /// Stops etcd (SIGKILL); its data stays for `start_etcd`.
+    pub fn stop_etcd(&mut self) {
+        if let Some(pid) = self.etcd.take() {
+            self.bed.kill(pid);
+        }
+    }
+
+    pub fn config_path(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("h{host}.toml"))
+    }
+
+    pub fn socket(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("h{host}.sock"))
+    }
+
+    fn write_config(&self, host: usize) {
+        let h = &self.bed.hosts[host - 1];
+        let text = format!(
+            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n\
+             [store]\netcd = [\"http://{ETCD_ADDRESS}:2379\"]\nlease_ttl_secs = {}\n[dns]\n{}",
+            h.underlay,
+            self.dir.join(format!("h{host}-state")).display(),
+            self.socket(host).display(),
+            self.lease_ttl,
+            self.dns_extra,
+        );
+        std::fs::write(self.config_path(host), text).unwrap();
+    }
+
+    /// Starts host `host`'s agent (1-based) and waits until its API answers.
+    pub fn start_agent(&mut self, host: usize) {
+        self.write_config(host);
+        let ns = self.bed.hosts[host - 1].netns.clone();
+        let bin = netagent_bin();
+        let config = self.config_path(host);
+        let pid = self.bed.spawn(
+            &ns,
+            bin.to_str().unwrap(),
+            &["agent", "--config", config.to_str().unwrap()],
+        );
+        self.agents[host - 1] = Some(pid);
+        let socket = self.socket(host);
+        wait_for(Duration::from_secs(20), "the agent's API", || {
+            run_cli(&socket, &["status"]).status.success()
+        });
+    }
+
+    /// SIGKILL, no clean-up (a crash or a dead host).
+    pub fn kill_agent(&mut self, host: usize) -> String {
+        match self.agents[host - 1].take() {
+            Some(pid) => self.bed.kill(pid),
+            None => String::new(),
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop (systemctl stop).
+    pub fn stop_agent(&mut self, host: usize) -> String {
+        let Some(pid) = self.agents[host - 1].take() else {
+            return String::new();
+        };
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let child = self.bed.take(pid).expect("agent process");
+        let out = child.wait_with_output().expect("agent exits");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Cuts host `host` off the underlay (peers and etcd), or restores it.
+    pub fn set_underlay(&self, host: usize, up: bool) {
+        sh_ok(&format!(
+            "ip -n {} link set h{host} {}",
+            self.bed.underlay_ns,
+            if up { "up" } else { "down" }
+        ));
+    }
+
+    pub fn cli(&self, host: usize, args: &[&str]) -> Output {
+        run_cli(&self.socket(host), args)
+    }
+
+    /// Runs a CLI command against host `host`'s agent; it must succeed.
+    pub fn cli_ok(&self, host: usize, args: &[&str]) -> String {
+        let out = self.cli(host, args);
+        assert!(
+            out.status.success(),
+            "netagent {args:?} on host{host} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Attaches a container namespace on `host`; returns its address.
+    pub fn attach(&self, host: usize, netns: &str, network: &str, extra: &[&str]) -> Ipv4Addr {
+        let path = format!("/run/netns/{netns}");
+        let mut args = vec!["attach", path.as_str(), network, "--json"];
+        args.extend_from_slice(extra);
+        let out = self.cli_ok(host, &args);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["address"].as_str().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The bed kills agents and etcd; the files go here.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn run_cli(socket: &std::path::Path, args: &[&str]) -> Output {
+    std::process::Command::new(netagent_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run netagent")
+}
+
+/// The A records `name` resolves to from inside `netns`, through the embedded DNS
+/// at 127.0.0.11, in the order given.
+pub fn resolve(netns: &str, name: &str) -> Vec<Ipv4Addr> {
+    let out = sh(&format!(
+        "ip netns exec {netns} dig +short +tries=1 +time=1 @127.0.0.11 {name} A"
+    ));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Polls `done` every 20 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if done() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -20,6 +20,8 @@ pub struct Cluster {
     agents: Vec<Option<u32>>,
     /// Extra lines for every agent's [dns] table.
     pub dns_extra: String,
+    /// No etcd: agents use the embedded local store.
+    local_store: bool,
 }
 
 impl Cluster {
@@ -40,9 +42,27 @@ impl Cluster {
             etcd: None,
             agents: vec![None; hosts],
             dns_extra: String::new(),
+            local_store: false,
         };
         c.start_etcd();
         c
+    }
+
+    /// One host whose agent uses the embedded local store (no etcd).
+    pub fn local() -> Self {
+        let bed = Testbed::new(1);
+        let dir = std::env::temp_dir().join(format!("{}-cluster", bed.id));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Cluster {
+            bed,
+            dir,
+            lease_ttl: 0,
+            etcd: None,
+            agents: vec![None],
+            dns_extra: String::new(),
+            local_store: true,
+        }
     }
 
     /// A cluster with every agent running.
@@ -101,19 +121,34 @@ impl Cluster {
         self.dir.join(format!("h{host}.toml"))
     }
 
+    pub fn log_path(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("h{host}.log"))
+    }
+
+    /// Host `host`'s agent log so far (every start appends).
+    pub fn log(&self, host: usize) -> String {
+        std::fs::read_to_string(self.log_path(host)).unwrap_or_default()
+    }
+
     pub fn socket(&self, host: usize) -> PathBuf {
         self.dir.join(format!("h{host}.sock"))
     }
 
     fn write_config(&self, host: usize) {
         let h = &self.bed.hosts[host - 1];
+        let store = if self.local_store {
+            String::new()
+        } else {
+            format!(
+                "[store]\netcd = [\"http://{ETCD_ADDRESS}:2379\"]\nlease_ttl_secs = {}\n",
+                self.lease_ttl
+            )
+        };
         let text = format!(
-            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n\
-             [store]\netcd = [\"http://{ETCD_ADDRESS}:2379\"]\nlease_ttl_secs = {}\n[dns]\n{}",
+            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n{store}[dns]\n{}",
             h.underlay,
             self.dir.join(format!("h{host}-state")).display(),
             self.socket(host).display(),
-            self.lease_ttl,
             self.dns_extra,
         );
         std::fs::write(self.config_path(host), text).unwrap();
@@ -125,10 +160,12 @@ impl Cluster {
         let ns = self.bed.hosts[host - 1].netns.clone();
         let bin = netagent_bin();
         let config = self.config_path(host);
-        let pid = self.bed.spawn(
+        let log = self.log_path(host);
+        let pid = self.bed.spawn_logged(
             &ns,
             bin.to_str().unwrap(),
             &["agent", "--config", config.to_str().unwrap()],
+            &log,
         );
         self.agents[host - 1] = Some(pid);
         let socket = self.socket(host);
@@ -138,10 +175,9 @@ impl Cluster {
     }
 
     /// SIGKILL, no clean-up (a crash or a dead host).
-    pub fn kill_agent(&mut self, host: usize) -> String {
-        match self.agents[host - 1].take() {
-            Some(pid) => self.bed.kill(pid),
-            None => String::new(),
+    pub fn kill_agent(&mut self, host: usize) {
+        if let Some(pid) = self.agents[host - 1].take() {
+            self.bed.kill(pid);
         }
     }
 
@@ -151,13 +187,9 @@ impl Cluster {
             return String::new();
         };
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        let child = self.bed.take(pid).expect("agent process");
-        let out = child.wait_with_output().expect("agent exits");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        let mut child = self.bed.take(pid).expect("agent process");
+        child.wait().expect("agent exits");
+        self.log(host)
     }
 
     /// Cuts host `host` off the underlay (peers and etcd), or restores it.
@@ -198,6 +230,17 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failed test shows what the agents said.
+        if std::thread::panicking() {
+            for host in 1..=self.agents.len() {
+                let log = self.log(host);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- host{host} agent log (last {} lines) ---", tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
         // The bed kills agents and etcd; the files go here.
         let _ = std::fs::remove_dir_all(&self.dir);
     }

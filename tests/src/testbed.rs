@@ -1,7 +1,7 @@
 //! Topology builder and guard. See the crate docs.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -168,6 +168,27 @@ impl Testbed {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} in {netns}: {e}"));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Like `spawn`, with stdout and stderr appended to `log` (long-lived chatty
+    /// processes must not block on a full pipe nobody reads).
+    pub fn spawn_logged(&mut self, netns: &str, program: &str, args: &[&str], log: &Path) -> u32 {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program} in {netns}: {e}"));
         let pid = child.id();

@@ -52,8 +52,8 @@ impl EtcdStore {
 impl Inner {
     async fn connect(&self) -> std::result::Result<Client, etcd_client::Error> {
         let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(1))
-            .with_timeout(Duration::from_secs(2))
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(1))
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
             .with_keep_alive_while_idle(true);
         Client::connect(&self.endpoints, Some(options)).await

@@ -174,6 +174,11 @@ impl Cluster {
         });
     }
 
+    /// The process id of host `host`'s running agent.
+    pub fn agent_pid(&self, host: usize) -> Option<u32> {
+        self.agents[host - 1]
+    }
+
     /// SIGKILL, no clean-up (a crash or a dead host).
     pub fn kill_agent(&mut self, host: usize) {
         if let Some(pid) = self.agents[host - 1].take() {

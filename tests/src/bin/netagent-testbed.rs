@@ -4,7 +4,8 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use netagent_tests::{netagent_bin, write_state, Mesh, Testbed};
+use netagent_tests::cluster::Cluster;
+use netagent_tests::{Mesh, Testbed};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -15,8 +16,11 @@ fn main() {
         }
         Some("dns-serve") => dns_serve(args.get(1).map_or("127.0.0.1:5301", String::as_str)),
         Some("dns-memory") => dns_memory(),
+        Some("bench-convergence") => {
+            bench_convergence(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(100))
+        }
         _ => {
-            eprintln!("usage: netagent-testbed demo | bench-overlay [SECONDS] | dns-serve ADDR | dns-memory");
+            eprintln!("usage: netagent-testbed demo | bench-overlay [SECONDS] | dns-serve ADDR | dns-memory | bench-convergence [ATTACHES]");
             std::process::exit(2);
         }
     }
@@ -31,107 +35,129 @@ fn show(bed: &Testbed, netns: &str, label: &str, cmd: &str) {
     print!("{}", bed.exec_ok(netns, cmd));
 }
 
-/// Three hosts, an agent each, a `db` and three `echo_api` replicas spread over them.
+/// Three hosts, etcd, an agent each; a network, a `db` and three `echo_api`
+/// replicas spread over the hosts, seen from a client on host 1.
 fn demo() {
-    let bin = netagent_bin();
-    let bin = bin.to_str().unwrap().to_string();
-    step("three hosts (network namespaces) on one underlay: 192.0.2.11-13");
-    let mut bed = Testbed::new(3);
-    let mut mesh = Mesh::new(&bed)
-        .network("app-net", 4100, "100.64.0.0/16")
-        .network("other-net", 4200, "100.65.0.0/16");
-    let client = bed.container("client");
-    let db = bed.container("db");
-    let replicas: Vec<(usize, String)> = [(2, "echo_api.1"), (2, "echo_api.2"), (3, "echo_api.3")]
-        .iter()
-        .map(|(h, n)| (*h, bed.container(&n.replace(['.', '_'], ""))))
-        .collect();
-    let outsider = bed.container("outsider");
-    let client_ip = mesh.endpoint(1, "app-net", &client, 10);
-    let db_ip = mesh.endpoint(1, "app-net", &db, 11);
-    let replica_ips: Vec<Ipv4Addr> = replicas
-        .iter()
-        .enumerate()
-        .map(|(i, (h, ns))| mesh.endpoint(*h, "app-net", ns, 10 + i as u8))
-        .collect();
-    mesh.endpoint(3, "other-net", &outsider, 10);
-    println!(
-        "client {client_ip} and db {db_ip} on h1; echo_api replicas {replica_ips:?} on h2, h2, h3"
+    step("etcd and three hosts (network namespaces on one underlay: 192.0.2.11-13), `netagent agent` on each");
+    let mut c = Cluster::running(3, 5);
+    let run = |c: &Cluster, host: usize, args: &[&str]| {
+        println!("$ netagent {}        # on host{host}", args.join(" "));
+        print!("{}", c.cli_ok(host, args));
+    };
+    run(
+        &c,
+        1,
+        &["network", "create", "app-net", "--subnet", "100.64.0.0/16"],
+    );
+    run(
+        &c,
+        1,
+        &[
+            "network",
+            "create",
+            "other-net",
+            "--subnet",
+            "100.65.0.0/16",
+        ],
     );
 
-    step("an agent per host applies that host's desired state (netagent apply --hold)");
-    let dir = std::env::temp_dir().join(format!("{}-demo", bed.id));
-    std::fs::create_dir_all(&dir).unwrap();
-    for (i, h) in bed.hosts.clone().iter().enumerate() {
-        let file = dir.join(format!("{}.toml", h.name));
-        write_state(&file, &mesh.state(i + 1));
-        bed.spawn(
-            &h.netns,
-            &bin,
-            &["apply", "--state", file.to_str().unwrap(), "--hold"],
+    step("containers (namespaces) attached on the hosts they run on");
+    let client = c.bed.container("client");
+    let db = c.bed.container("db");
+    let replicas: Vec<(usize, String)> = [(2, "api1"), (2, "api2"), (3, "api3")]
+        .iter()
+        .map(|(h, n)| (*h, c.bed.container(n)))
+        .collect();
+    let outsider = c.bed.container("outsider");
+    let attach = |c: &Cluster, host: usize, ns: &str, net: &str, extra: &[&str]| {
+        let path = format!("/run/netns/{ns}");
+        let mut args = vec!["attach", path.as_str(), net];
+        args.extend_from_slice(extra);
+        run(c, host, &args);
+    };
+    attach(&c, 1, &client, "app-net", &["--name", "client"]);
+    attach(&c, 1, &db, "app-net", &["--service", "db", "--name", "db"]);
+    for (i, (h, ns)) in replicas.iter().enumerate() {
+        let name = format!("echo_api.{}", i + 1);
+        attach(
+            &c,
+            *h,
+            ns,
+            "app-net",
+            &["--service", "echo_api", "--name", &name],
         );
     }
-    let t = Instant::now();
-    while !bed.ping(&client, replica_ips[2]) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "overlay did not come up"
-        );
-    }
-    println!(
-        "state file of h1:\n{}",
-        std::fs::read_to_string(dir.join("h1.toml")).unwrap()
-    );
+    attach(&c, 3, &outsider, "other-net", &["--name", "outsider"]);
 
-    step("kernel state on h1: one route, one neighbour, one FDB entry per remote host");
-    let h1 = bed.hosts[0].netns.clone();
-    show(&bed, &h1, "h1", "ip route show dev nax4100");
-    show(&bed, &h1, "h1", "ip neigh show dev nax4100");
-    show(&bed, &h1, "h1", "bridge fdb show dev nax4100");
+    step("the mesh, the services and every endpoint, as host 1 sees them");
+    std::thread::sleep(Duration::from_millis(2500)); // one round-trip probe
+    run(&c, 1, &["peers"]);
+    run(&c, 1, &["services"]);
+    run(&c, 1, &["endpoints"]);
 
     step("each echo_api replica serves its name over HTTP (busybox httpd)");
     for (i, (_, ns)) in replicas.iter().enumerate() {
-        bed.exec_ok(
-            ns,
-            &format!(
-                "mkdir -p /tmp/{ns} && echo 'hello from echo_api.{}' > /tmp/{ns}/index.html",
-                i + 1
-            ),
-        );
-        bed.spawn(
+        let dir = c.dir.join(ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("index.html"),
+            format!("hello from echo_api.{}\n", i + 1),
+        )
+        .unwrap();
+        c.bed.spawn(
             ns,
             "busybox",
-            &["httpd", "-f", "-p", "80", "-h", &format!("/tmp/{ns}")],
+            &["httpd", "-f", "-p", "80", "-h", dir.to_str().unwrap()],
         );
     }
+    // The client's resolver is the embedded DNS, as in a Docker container.
+    let etc = format!("/etc/netns/{client}");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.11\n").unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    for ip in &replica_ips {
+
+    step("round-robin: echo_api from the client on host 1, four times (order rotates)");
+    for _ in 0..4 {
         show(
-            &bed,
+            &c.bed,
             &client,
-            "client on h1",
-            &format!("busybox wget -q -O - http://{ip}/"),
+            "client",
+            "dig +short echo_api | tr '\\n' ' '; echo",
         );
     }
-
-    step("other-net is isolated from app-net");
-    let reach = bed.ping(&outsider, client_ip);
-    println!(
-        "outsider (other-net, h3) -> client (app-net, h1): {}",
-        if reach { "REACHABLE (bug!)" } else { "blocked" }
-    );
-
-    step("egress: the client reaches an address outside the overlay through h1 (masquerade)");
     show(
-        &bed,
+        &c.bed,
         &client,
         "client",
-        "ping -n -c 1 -W 1 203.0.113.1 | head -2",
+        "busybox nslookup db 127.0.0.11 | tail -n +3",
     );
-    println!("\nnot yet in this build: the agent serving DNS to containers (the dns crate is ready and tested), the etcd control plane, `netagent peers`.");
+
+    step("requests by name reach every replica across hosts");
+    for _ in 0..3 {
+        show(
+            &c.bed,
+            &client,
+            "client",
+            "busybox wget -q -O - http://echo_api/",
+        );
+    }
+
+    step("other-net is isolated from app-net; its names are not visible either");
+    let reach = c.bed.ping(&outsider, "100.64.0.2".parse().unwrap());
+    println!(
+        "outsider (other-net, host3) -> client (app-net, host1): {}",
+        if reach { "REACHABLE (bug!)" } else { "blocked" }
+    );
+    show(
+        &c.bed,
+        &outsider,
+        "outsider",
+        "dig +short @127.0.0.11 echo_api; echo \"(no answer: NXDOMAIN)\"",
+    );
+
     step("cleaning up");
-    drop(bed);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&etc);
+    drop(c);
     println!("done");
 }
 
@@ -307,5 +333,135 @@ fn dns_memory() {
         "rss_mib={total:.1} baseline_rss_mib={baseline:.1} build_ms={} update_ms={:.2}",
         build.as_millis(),
         update.as_secs_f64() * 1000.0
+    );
+}
+
+/// A DNS query for `name` (type A), id 0x4e41.
+fn a_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x4e, 0x41, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// Number of answers in a DNS response.
+fn answer_count(r: &[u8]) -> u16 {
+    if r.len() < 12 {
+        return 0;
+    }
+    u16::from_be_bytes([r[6], r[7]])
+}
+
+/// Convergence (attach on host 2 -> name resolves on host 1), failure detection
+/// (host 3 dies -> its replica leaves host 1's answers) and agent memory with 1,000
+/// endpoints over three hosts. Last line: key=value figures.
+fn bench_convergence(attaches: usize) {
+    let ttl = 3;
+    let mut c = Cluster::running(3, ttl);
+    c.cli_ok(
+        1,
+        &["network", "create", "bench", "--subnet", "100.64.0.0/14"],
+    );
+    let client = c.bed.container("client");
+    c.attach(1, &client, "bench", &["--name", "client"]);
+    let ask = netagent_tests::in_netns(&client, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect("127.0.0.11:53").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        s
+    })
+    .join()
+    .unwrap();
+    let resolves = |name: &str| {
+        let _ = ask.send(&a_query(name));
+        let mut buf = [0u8; 512];
+        ask.recv(&mut buf)
+            .is_ok_and(|n| answer_count(&buf[..n]) > 0)
+    };
+
+    step(&format!(
+        "convergence: {attaches} attaches on host 2, each polled from host 1 (1 ms)"
+    ));
+    let names = c.bed.containers("cv", attaches);
+    let mut lat = Vec::new();
+    for (i, ns) in names.iter().enumerate() {
+        let name = format!("cv{i}");
+        c.attach(2, ns, "bench", &["--name", &name]);
+        let t = Instant::now();
+        while !resolves(&name) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{name} never resolved"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "attach returned -> resolves on host 1: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+
+    step(&format!(
+        "failure detection: host 3 killed (SIGKILL, underlay cut), lease TTL {ttl} s"
+    ));
+    let victim = c.bed.container("victim");
+    c.attach(3, &victim, "bench", &["--name", "victim"]);
+    while !resolves("victim") {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    c.set_underlay(3, false);
+    c.kill_agent(3);
+    let t = Instant::now();
+    while resolves("victim") {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let detect = t.elapsed().as_secs_f64();
+    println!("victim left host 1's answers after {detect:.2} s (TTL {ttl} s)");
+    c.set_underlay(3, true);
+    c.start_agent(3);
+
+    step("memory: 1,000 endpoints over three hosts");
+    let total = 1000usize;
+    let have = attaches + 2;
+    let more = c.bed.containers("m", total - have);
+    for (i, ns) in more.iter().enumerate() {
+        let host = 1 + i % 3;
+        c.attach(host, ns, "bench", &["--service", "mem"]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut rss = Vec::new();
+    for host in 1..=3 {
+        let pid = c.agent_pid(host).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        rss.push(kb / 1024.0);
+        println!("host{host} agent RSS {:.1} MiB", kb / 1024.0);
+    }
+    let eps = c.cli_ok(1, &["endpoints", "--json"]);
+    let n = serde_json::from_str::<serde_json::Value>(&eps)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len();
+    println!("endpoints in the cluster: {n}");
+    let max_rss = rss.iter().cloned().fold(0.0, f64::max);
+    drop(c);
+    println!(
+        "attaches={attaches} p50_ms={:.1} p99_ms={:.1} detect_s={detect:.2} ttl_s={ttl} endpoints={n} rss_mib={max_rss:.1}",
+        pct(0.5),
+        pct(0.99)
     );
 }

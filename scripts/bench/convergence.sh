@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Control-plane benchmark on the test bed (etcd + 3 hosts, an agent each):
+#   convergence  attach returning on host 2 -> the name resolving on host 1 (p50/p99)
+#   detection    host 3 killed and cut off -> its endpoint leaves host 1's answers
+#   memory       agent RSS with 1,000 endpoints across the 3 hosts
+# Usage: sudo scripts/bench/convergence.sh [ATTACHES]   (default 100)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ "$(id -u)" = 0 ] || { echo "run as root: sudo $0" >&2; exit 1; }
+scripts/deps.sh
+cargo build --release --workspace --bins
+exec target/release/netagent-testbed bench-convergence "${1:-100}"

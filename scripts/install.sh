@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs netagent on this host: the binary, the systemd unit and a commented
+# default config (kept if one exists). Run from a checkout, as root:
+#   sudo scripts/install.sh && sudo systemctl enable --now netagent
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root: sudo $0" >&2; exit 1; }
+scripts/deps.sh
+cargo build --release -p netagent
+install -m 0755 target/release/netagent /usr/local/bin/netagent
+install -m 0644 scripts/netagent.service /etc/systemd/system/netagent.service
+install -d -m 0755 /etc/netagent
+if [ ! -e /etc/netagent/netagent.toml ]; then
+  cat > /etc/netagent/netagent.toml <<'CONF'
+# netagent configuration. Every key is optional; shown with its default.
+
+# This host's name in the cluster (default: the hostname).
+# node = "host1"
+
+# This host's address toward its peers: VXLAN packets leave and arrive here
+# (default: the source address of the route to the outside world).
+# underlay_address = "192.0.2.11"
+
+# state_dir = "/var/lib/netagent"
+# api_socket = "/run/netagent/netagent.sock"
+
+# The cluster store. Without [store] etcd, the agent keeps a local store in
+# state_dir: a single host, no other setup.
+# [store]
+# etcd = ["http://192.0.2.2:2379"]
+# lease_ttl_secs = 5        # a dead host leaves every answer after this long
+
+# [dns]
+# ttl_secs = 5
+# upstream = ["192.0.2.53"]  # default: the nameservers of /etc/resolv.conf
+CONF
+  echo "wrote /etc/netagent/netagent.toml (defaults; edit [store] for a multi-host cluster)"
+fi
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  echo "installed; start with: systemctl enable --now netagent"
+else
+  echo "installed; systemd is not running here: start with: netagent agent --config /etc/netagent/netagent.toml"
+fi

@@ -9,6 +9,9 @@ use std::os::fd::RawFd;
 
 /// Queries taken per system call at most.
 pub const BATCH: usize = 32;
+/// Buffers a new socket starts with: an agent has one socket per attached namespace,
+/// most of them nearly idle, so a batch grows only where queries queue up.
+const FIRST_BATCH: usize = 2;
 const BUF: usize = 4096;
 
 /// Receive buffers and peer addresses for one batch.
@@ -23,17 +26,30 @@ pub struct Batch {
 impl Batch {
     pub fn new() -> Self {
         Self {
-            bufs: vec![[0u8; BUF]; BATCH],
+            bufs: vec![[0u8; BUF]; FIRST_BATCH],
             // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
-            peers: vec![unsafe { zeroed() }; BATCH],
-            lens: vec![0; BATCH],
-            peer_lens: vec![0; BATCH],
+            peers: vec![unsafe { zeroed() }; FIRST_BATCH],
+            lens: vec![0; FIRST_BATCH],
+            peer_lens: vec![0; FIRST_BATCH],
             count: 0,
         }
     }
 
+    /// Doubles the batch (up to BATCH) after a receive that filled it.
+    fn grow(&mut self) {
+        let to = (self.bufs.len() * 2).min(BATCH);
+        self.bufs.resize(to, [0u8; BUF]);
+        // SAFETY: as in `new`.
+        self.peers.resize(to, unsafe { zeroed() });
+        self.lens.resize(to, 0);
+        self.peer_lens.resize(to, 0);
+    }
+
     /// Receives as many queries as are waiting (up to BATCH) without blocking.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        if self.count == self.bufs.len() && self.bufs.len() < BATCH {
+            self.grow();
+        }
         let mut iovs: Vec<libc::iovec> = self
             .bufs
             .iter_mut()
@@ -48,12 +64,12 @@ impl Batch {
             .zip(self.peers.iter_mut())
             .map(|(iov, peer)| header(peer, storage, iov))
             .collect();
-        // SAFETY: msgs holds BATCH valid headers pointing into self's buffers.
+        // SAFETY: msgs holds one valid header per buffer, pointing into self's buffers.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
                 msgs.as_mut_ptr(),
-                BATCH as libc::c_uint,
+                msgs.len() as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )

@@ -186,13 +186,17 @@ mod tests {
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = server.local_addr().unwrap();
-        a.send_to(b"one", to).unwrap();
-        b.send_to(b"two", to).unwrap();
-        a.send_to(b"three", to).unwrap();
+        for (i, text) in ["one", "two", "three", "four", "five"].iter().enumerate() {
+            let sender = if i % 2 == 0 { &a } else { &b };
+            sender.send_to(text.as_bytes(), to).unwrap();
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
         let mut batch = Batch::new();
-        assert_eq!(batch.recv(server.as_raw_fd()).unwrap(), 3);
+        // A new batch is small; having been filled, it grows and takes the rest.
+        assert_eq!(batch.recv(server.as_raw_fd()).unwrap(), FIRST_BATCH);
         assert_eq!(batch.packet(1), b"two");
+        assert_eq!(batch.recv(server.as_raw_fd()).unwrap(), 3);
+        assert_eq!(batch.packet(1), b"four");
         assert_eq!(batch.peer(1), Some(b.local_addr().unwrap()));
         let replies: Vec<(usize, Vec<u8>)> = (0..3)
             .map(|i| (i, [b"re:", batch.packet(i)].concat()))
@@ -200,9 +204,9 @@ mod tests {
         assert_eq!(batch.send(server.as_raw_fd(), &replies).unwrap(), 3);
         let mut buf = [0u8; 64];
         let n = b.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"re:two");
+        assert_eq!(&buf[..n], b"re:four");
         let n = a.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"re:one");
+        assert_eq!(&buf[..n], b"re:three");
         // Nothing waiting: WouldBlock, not a hang.
         assert_eq!(
             batch.recv(server.as_raw_fd()).unwrap_err().kind(),

@@ -53,21 +53,30 @@ impl NetnsRef {
     /// name. A `stat`; blocking, so call it off the runtime's workers.
     pub fn identity(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
-        let path = match self {
+        let path = self.file_path();
+        let meta = std::fs::metadata(&path).map_err(|source| self.open_error(path, source))?;
+        Ok(meta.ino())
+    }
+}
+
+impl NetnsRef {
+    /// The nsfs file naming this namespace.
+    fn file_path(&self) -> PathBuf {
+        match self {
             NetnsRef::Current => PathBuf::from("/proc/self/ns/net"),
             NetnsRef::Path(p) => p.clone(),
             NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-        };
-        let meta = std::fs::metadata(&path).map_err(|source| match self {
+        }
+    }
+
+    /// A missing process is named as such; anything else names the file.
+    fn open_error(&self, path: PathBuf, source: std::io::Error) -> Error {
+        match self {
             NetnsRef::Pid(pid) if source.kind() == std::io::ErrorKind::NotFound => {
                 Error::NoSuchProcess { pid: *pid }
             }
-            _ => Error::OpenNetns {
-                path: path.clone(),
-                source,
-            },
-        })?;
-        Ok(meta.ino())
+            _ => Error::OpenNetns { path, source },
+        }
     }
 }
 
@@ -123,18 +132,9 @@ impl Netns {
                     file: None,
                 })
             }
-            NetnsRef::Path(p) => p.clone(),
-            NetnsRef::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+            _ => reference.file_path(),
         };
-        let file = File::open(&path).map_err(|source| match reference {
-            NetnsRef::Pid(pid) if source.kind() == std::io::ErrorKind::NotFound => {
-                Error::NoSuchProcess { pid: *pid }
-            }
-            _ => Error::OpenNetns {
-                path: path.clone(),
-                source,
-            },
-        })?;
+        let file = File::open(&path).map_err(|source| reference.open_error(path, source))?;
         Ok(Self {
             reference: reference.clone(),
             file: Some(Arc::new(file)),

@@ -41,26 +41,13 @@ impl<S: Store> Agent<S> {
         let rtt = self.rtt.lock().unwrap();
         let mut peers: BTreeMap<String, PeerInfo> = BTreeMap::new();
         for b in c.blocks.values().filter(|b| b.node != self.node.name) {
-            let p = peers.entry(b.node.clone()).or_insert_with(|| PeerInfo {
-                name: b.node.clone(),
-                underlay: b.underlay,
-                state: String::new(),
-                rtt_ms: None,
-                endpoints: 0,
-                networks: Vec::new(),
-            });
-            p.networks.push(b.network.clone());
+            peer(&mut peers, &b.node, b.underlay)
+                .networks
+                .push(b.network.clone());
         }
+        // A live node's own record has its current underlay.
         for n in c.nodes.values().filter(|n| n.name != self.node.name) {
-            let p = peers.entry(n.name.clone()).or_insert_with(|| PeerInfo {
-                name: n.name.clone(),
-                underlay: n.underlay,
-                state: String::new(),
-                rtt_ms: None,
-                endpoints: 0,
-                networks: Vec::new(),
-            });
-            p.underlay = n.underlay;
+            peer(&mut peers, &n.name, n.underlay).underlay = n.underlay;
         }
         for p in peers.values_mut() {
             p.state = if c.is_alive(&p.name) { "up" } else { "down" }.into();
@@ -153,4 +140,19 @@ impl<S: Store> Agent<S> {
             }
         }
     }
+}
+
+fn peer<'a>(
+    peers: &'a mut BTreeMap<String, PeerInfo>,
+    name: &str,
+    underlay: Ipv4Addr,
+) -> &'a mut PeerInfo {
+    peers.entry(name.to_owned()).or_insert_with(|| PeerInfo {
+        name: name.to_owned(),
+        underlay,
+        state: String::new(),
+        rtt_ms: None,
+        endpoints: 0,
+        networks: Vec::new(),
+    })
 }

@@ -7,24 +7,14 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::ipam::NewNetwork;
 use crate::store::StoreHealth;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    NetworkCreate {
-        name: String,
-        subnet: Ipv4Net,
-        #[serde(default)]
-        vni: Option<u32>,
-        #[serde(default)]
-        block_prefix: Option<u8>,
-        #[serde(default)]
-        mtu: Option<u32>,
-        #[serde(default)]
-        encrypted: bool,
-    },
+    NetworkCreate(NewNetwork),
     NetworkList,
     NetworkInspect {
         name: String,
@@ -34,16 +24,7 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
-    Attach {
-        target: String,
-        network: String,
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        service: Option<String>,
-        #[serde(default)]
-        aliases: Vec<String>,
-    },
+    Attach(AttachRequest),
     Detach {
         target: String,
         network: String,
@@ -54,6 +35,19 @@ pub enum Request {
         network: Option<String>,
     },
     Endpoints,
+}
+
+/// `netagent attach TARGET NETWORK [--name] [--service] [--alias]...`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub target: String,
+    pub network: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -7,7 +7,8 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
-use crate::api::Request;
+use crate::api::{AttachRequest, Request};
+use crate::ipam::NewNetwork;
 use crate::{client, commands, config, static_state};
 
 #[derive(Parser, Debug)]
@@ -139,14 +140,14 @@ impl Cli {
                 block_size,
                 mtu,
                 encrypted,
-            }) => Request::NetworkCreate {
+            }) => Request::NetworkCreate(NewNetwork {
                 name,
                 subnet,
                 vni,
                 block_prefix: block_size,
                 mtu,
                 encrypted,
-            },
+            }),
             Command::Network(NetworkCommand::Ls) => Request::NetworkList,
             Command::Network(NetworkCommand::Inspect { name }) => Request::NetworkInspect { name },
             Command::Network(NetworkCommand::Rm { name, force }) => {
@@ -158,13 +159,13 @@ impl Cli {
                 service,
                 aliases,
                 name,
-            } => Request::Attach {
+            } => Request::Attach(AttachRequest {
                 target,
                 network,
                 name,
                 service,
                 aliases,
-            },
+            }),
             Command::Detach { target, network } => Request::Detach { target, network },
             Command::Peers => Request::Peers,
             Command::Services { network } => Request::Services { network },

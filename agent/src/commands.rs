@@ -144,12 +144,12 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             t.render()
         }
-        Request::NetworkCreate { .. }
+        Request::NetworkCreate(_)
         | Request::NetworkInspect { .. }
         | Request::NetworkRemove { .. } => {
             let n: NetworkInfo = serde_json::from_value(reply)?;
             let verb = match request {
-                Request::NetworkCreate { .. } => "created ",
+                Request::NetworkCreate(_) => "created ",
                 Request::NetworkRemove { .. } => "removed ",
                 _ => "",
             };
@@ -163,9 +163,9 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             s
         }
-        Request::Attach { .. } | Request::Detach { .. } => {
+        Request::Attach(_) | Request::Detach { .. } => {
             let e: EndpointInfo = serde_json::from_value(reply)?;
-            let verb = if matches!(request, Request::Attach { .. }) {
+            let verb = if matches!(request, Request::Attach(_)) {
                 "attached"
             } else {
                 "detached"

@@ -63,21 +63,28 @@ pub fn default_block_prefix(subnet: Ipv4Net) -> u8 {
     }
 }
 
+/// A network as `netagent network create` asks for it (also the API request).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct NewNetwork {
     pub name: String,
     pub subnet: Ipv4Net,
+    #[serde(default)]
     pub vni: Option<u32>,
+    #[serde(default)]
     pub block_prefix: Option<u8>,
+    #[serde(default)]
     pub mtu: Option<u32>,
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// Checks a new network against the existing ones and fills in VNI and block size.
 pub fn plan_network<'a>(
-    new: NewNetwork,
+    new: &NewNetwork,
     existing: impl Iterator<Item = &'a NetworkRecord> + Clone,
 ) -> Result<NetworkRecord, IpamError> {
     if !valid_name(&new.name) {
-        return Err(IpamError::BadName(new.name));
+        return Err(IpamError::BadName(new.name.clone()));
     }
     let subnet = new.subnet;
     if subnet != subnet.trunc() {
@@ -137,10 +144,10 @@ pub fn plan_network<'a>(
         return Err(IpamError::Mtu(m));
     }
     Ok(NetworkRecord {
-        name: new.name,
+        name: new.name.clone(),
         subnet,
         vni,
-        encrypted: false,
+        encrypted: new.encrypted,
         mtu: new.mtu,
         block_prefix,
     })
@@ -187,13 +194,14 @@ mod tests {
             vni: None,
             block_prefix: None,
             mtu: None,
+            encrypted: false,
         }
     }
 
     #[test]
     fn refuses_what_cannot_coexist() {
         let existing = [net("app-net", "100.64.0.0/16", 1000)];
-        let plan = |n: NewNetwork| plan_network(n, existing.iter()).map(|r| r.name);
+        let plan = |n: NewNetwork| plan_network(&n, existing.iter()).map(|r| r.name);
         let e = plan(new("app-net", "100.65.0.0/16")).unwrap_err();
         assert!(e.to_string().contains("already exists"), "{e}");
         let e = plan(new("other", "100.64.128.0/24")).unwrap_err();
@@ -226,9 +234,9 @@ mod tests {
             net("a", "100.64.0.0/16", 1000),
             net("b", "100.65.0.0/16", 1002),
         ];
-        let r = plan_network(new("c", "100.66.0.0/24"), existing.iter()).unwrap();
+        let r = plan_network(&new("c", "100.66.0.0/24"), existing.iter()).unwrap();
         assert_eq!((r.vni, r.block_prefix), (1001, 26));
-        let r = plan_network(new("d", "100.80.0.0/12"), existing.iter()).unwrap();
+        let r = plan_network(&new("d", "100.80.0.0/12"), existing.iter()).unwrap();
         assert_eq!(r.block_prefix, 24);
     }
 

@@ -10,21 +10,13 @@ use netagent_overlay::{Endpoint, NetnsRef};
 use tracing::{info, warn};
 
 use super::{network_spec, Agent, LocalEndpoint, LocalState};
-use crate::api::EndpointInfo;
+use crate::api::{AttachRequest, EndpointInfo};
 use crate::ipam;
 use crate::model::{self, BlockRecord, EndpointRecord};
 use crate::store::{Change, Compare, Store, Txn};
 
 /// How often a block allocation is retried when another host took the same block.
 const BLOCK_RETRIES: usize = 8;
-
-pub struct AttachRequest {
-    pub target: String,
-    pub network: String,
-    pub name: Option<String>,
-    pub service: Option<String>,
-    pub aliases: Vec<String>,
-}
 
 /// A namespace as the user named it, resolved to a reference and its identity.
 pub(super) async fn resolve_target(target: &str) -> Result<(NetnsRef, u64)> {

@@ -14,29 +14,13 @@ use crate::store::{Compare, Store, Txn};
 const RETRIES: usize = 5;
 
 impl<S: Store> Agent<S> {
-    pub async fn create_network(&self, new: NewNetwork, encrypted: bool) -> Result<NetworkInfo> {
-        if encrypted {
+    pub async fn create_network(&self, new: &NewNetwork) -> Result<NetworkInfo> {
+        if new.encrypted {
             bail!("encrypted networks are not available yet (WireGuard mesh not built); create the network without --encrypted");
         }
-        let NewNetwork {
-            name,
-            subnet,
-            vni,
-            block_prefix,
-            mtu,
-        } = new;
         for _ in 0..RETRIES {
             let cluster = self.fresh_cluster().await?;
-            let record = ipam::plan_network(
-                NewNetwork {
-                    name: name.clone(),
-                    subnet,
-                    vni,
-                    block_prefix,
-                    mtu,
-                },
-                cluster.networks.values(),
-            )?;
+            let record = ipam::plan_network(new, cluster.networks.values())?;
             let (guard, next) = guard_step(&cluster);
             let txn = Txn::default()
                 .when(guard)
@@ -48,7 +32,10 @@ impl<S: Store> Agent<S> {
                 return Ok(network_info(&cluster, &record));
             }
         }
-        bail!("network {name:?}: the store kept changing under the create; try again")
+        bail!(
+            "network {:?}: the store kept changing under the create; try again",
+            new.name
+        )
     }
 
     pub async fn remove_network(&self, name: &str, force: bool) -> Result<NetworkInfo> {

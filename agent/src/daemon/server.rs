@@ -10,10 +10,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
-use super::attach::AttachRequest;
 use super::Agent;
 use crate::api::{Reply, Request};
-use crate::ipam::NewNetwork;
 use crate::store::Store;
 
 /// Binds the API socket; refuses when another agent answers on it.
@@ -72,49 +70,13 @@ impl<S: Store> Agent<S> {
     pub async fn handle(&self, req: Request) -> Result<serde_json::Value> {
         Ok(match req {
             Request::Status => json(&self.status().await),
-            Request::NetworkCreate {
-                name,
-                subnet,
-                vni,
-                block_prefix,
-                mtu,
-                encrypted,
-            } => json(
-                &self
-                    .create_network(
-                        NewNetwork {
-                            name,
-                            subnet,
-                            vni,
-                            block_prefix,
-                            mtu,
-                        },
-                        encrypted,
-                    )
-                    .await?,
-            ),
+            Request::NetworkCreate(new) => json(&self.create_network(&new).await?),
             Request::NetworkList => json(&self.list_networks()),
             Request::NetworkInspect { name } => json(&self.inspect_network(&name)?),
             Request::NetworkRemove { name, force } => {
                 json(&self.remove_network(&name, force).await?)
             }
-            Request::Attach {
-                target,
-                network,
-                name,
-                service,
-                aliases,
-            } => json(
-                &self
-                    .attach(AttachRequest {
-                        target,
-                        network,
-                        name,
-                        service,
-                        aliases,
-                    })
-                    .await?,
-            ),
+            Request::Attach(req) => json(&self.attach(req).await?),
             Request::Detach { target, network } => json(&self.detach(&target, &network).await?),
             Request::Peers => json(&self.peers()),
             Request::Services { network } => json(&self.services(network.as_deref())),

@@ -222,6 +222,11 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Creates a network (through host 1's agent).
+    pub fn create_network(&self, name: &str, subnet: &str) {
+        self.cli_ok(1, &["network", "create", name, "--subnet", subnet]);
+    }
+
     /// Attaches a container namespace on `host`; returns its address.
     pub fn attach(&self, host: usize, netns: &str, network: &str, extra: &[&str]) -> Ipv4Addr {
         let path = format!("/run/netns/{netns}");

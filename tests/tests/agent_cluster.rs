@@ -20,10 +20,7 @@ fn replicas_on_other_hosts_resolve_rotated_and_take_tcp() {
         return;
     }
     let mut c = Cluster::running(3, 3);
-    c.cli_ok(
-        1,
-        &["network", "create", "app-net", "--subnet", "100.64.0.0/16"],
-    );
+    c.create_network("app-net", "100.64.0.0/16");
     let client = c.bed.container("client");
     let api = c.bed.containers("api", 3);
     let db = c.bed.container("db");
@@ -76,10 +73,7 @@ fn replicas_on_other_hosts_resolve_rotated_and_take_tcp() {
 
 /// Three hosts, `app-net`, a client on host 1; returns the client's namespace.
 fn with_client(c: &mut Cluster) -> String {
-    c.cli_ok(
-        1,
-        &["network", "create", "app-net", "--subnet", "100.64.0.0/16"],
-    );
+    c.create_network("app-net", "100.64.0.0/16");
     let client = c.bed.container("client");
     c.attach(1, &client, "app-net", &["--name", "client"]);
     client
@@ -244,10 +238,7 @@ fn concurrent_attaches_on_three_hosts_get_distinct_addresses() {
         return;
     }
     let mut c = Cluster::running(3, 3);
-    c.cli_ok(
-        1,
-        &["network", "create", "app-net", "--subnet", "100.64.0.0/16"],
-    );
+    c.create_network("app-net", "100.64.0.0/16");
     let per_host: Vec<Vec<String>> = (1..=3)
         .map(|h| c.bed.containers(&format!("h{h}e"), 50))
         .collect();
@@ -353,10 +344,7 @@ fn the_local_store_keeps_addresses_across_restarts() {
     }
     let mut c = Cluster::local();
     c.start_agent(1);
-    c.cli_ok(
-        1,
-        &["network", "create", "solo", "--subnet", "100.64.0.0/24"],
-    );
+    c.create_network("solo", "100.64.0.0/24");
     let a = c.bed.container("a");
     let b = c.bed.container("b");
     let ip_a = c.attach(1, &a, "solo", &["--service", "db", "--alias", "primary"]);
@@ -381,10 +369,7 @@ fn bad_input_is_refused_with_the_fix() {
         return;
     }
     let mut c = Cluster::running(1, 3);
-    c.cli_ok(
-        1,
-        &["network", "create", "app-net", "--subnet", "100.64.0.0/16"],
-    );
+    c.create_network("app-net", "100.64.0.0/16");
     let err = |out: std::process::Output| {
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()

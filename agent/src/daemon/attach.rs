@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use netagent_overlay::{Endpoint, NetnsRef};
 use tracing::{info, warn};
 
+use super::liveness::endpoint_id;
 use super::{network_spec, Agent, LocalEndpoint, LocalState};
 use crate::api::{AttachRequest, EndpointInfo};
 use crate::ipam;
@@ -30,10 +31,6 @@ pub(super) async fn resolve_target(target: &str) -> Result<(NetnsRef, u64)> {
         .await
         .context("identity check panicked")??;
     Ok((netns, ino))
-}
-
-fn endpoint_id(ino: u64) -> String {
-    format!("ns:{ino}")
 }
 
 /// Names that end up in DNS: letters, digits, '_', '-', '.', as Docker allows.

@@ -15,15 +15,33 @@ use crate::store::{Store, Txn};
 
 const SWEEP: Duration = Duration::from_millis(250);
 
-/// The namespace of a stored endpoint, if its name still leads to it.
-pub(super) async fn still_there(record: &EndpointRecord) -> Option<(NetnsRef, u64)> {
+/// An endpoint's identity: the namespace's nsfs inode (see `NetnsRef::identity`).
+pub(super) fn endpoint_id(ino: u64) -> String {
+    format!("ns:{ino}")
+}
+
+/// The namespace a stored endpoint was attached to, as its record names it.
+pub(super) fn recorded_namespace(record: &EndpointRecord) -> Option<(NetnsRef, u64)> {
     let netns = NetnsRef::parse(&record.netns).ok()?;
-    let want: u64 = record.id.strip_prefix("ns:")?.parse().ok()?;
-    let probe = netns.clone();
-    let ino = tokio::task::spawn_blocking(move || probe.identity().ok())
-        .await
-        .ok()??;
-    (ino == want).then_some((netns, ino))
+    let ino = record.id.strip_prefix("ns:")?.parse().ok()?;
+    Some((netns, ino))
+}
+
+/// Which of `watched` no longer lead to the namespace they were attached to: one
+/// `stat` each, all on one blocking thread.
+pub(super) async fn gone<K: Send + 'static>(watched: Vec<(K, NetnsRef, u64)>) -> Vec<K> {
+    if watched.is_empty() {
+        return Vec::new();
+    }
+    tokio::task::spawn_blocking(move || {
+        watched
+            .into_iter()
+            .filter(|(_, netns, ino)| netns.identity().ok() != Some(*ino))
+            .map(|(k, _, _)| k)
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 impl<S: Store> Agent<S> {
@@ -41,18 +59,7 @@ impl<S: Store> Agent<S> {
                     .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
                     .collect()
             };
-            if watched.is_empty() {
-                continue;
-            }
-            let gone: Vec<String> = tokio::task::spawn_blocking(move || {
-                watched
-                    .into_iter()
-                    .filter(|(_, netns, ino)| netns.identity().ok() != Some(*ino))
-                    .map(|(k, _, _)| k)
-                    .collect()
-            })
-            .await
-            .unwrap_or_default();
+            let gone = gone(watched).await;
             if gone.is_empty() {
                 continue;
             }

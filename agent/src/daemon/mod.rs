@@ -89,7 +89,9 @@ impl<S: Store> Agent<S> {
             .underlay(address, cfg.underlay_interface.as_deref())
             .await?;
         let upstreams = if cfg.dns_upstream.is_empty() {
-            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            let text = tokio::fs::read_to_string("/etc/resolv.conf")
+                .await
+                .unwrap_or_default();
             netagent_dns::upstreams_from_resolv_conf(&text)
         } else {
             cfg.dns_upstream.clone()
@@ -164,23 +166,30 @@ impl<S: Store> Agent<S> {
                 .map(|(_, e)| (model::endpoint_key(&e.network, e.address), e.clone()))
                 .collect()
         };
-        let mut state = self.local.lock().await;
+        let mut found = BTreeMap::new();
+        let mut unreadable = Vec::new();
         for (key, record) in mine {
-            match liveness::still_there(&record).await {
+            match liveness::recorded_namespace(&record) {
                 Some((netns, ino)) => {
-                    state
-                        .endpoints
-                        .insert(key, LocalEndpoint { record, netns, ino });
+                    found.insert(key, LocalEndpoint { record, netns, ino });
                 }
-                None => {
-                    info!(
-                        key,
-                        "namespace gone while the agent was down; removing its endpoint"
-                    );
-                    self.forget_in_store(&key).await;
-                }
+                None => unreadable.push(key),
             }
         }
+        let watched = found
+            .iter()
+            .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
+            .collect();
+        let gone = liveness::gone(watched).await;
+        for key in gone.into_iter().chain(unreadable) {
+            found.remove(&key);
+            info!(
+                key,
+                "namespace gone while the agent was down; removing its endpoint"
+            );
+            self.forget_in_store(&key).await;
+        }
+        self.local.lock().await.endpoints = found;
         self.update_own_blocks().await;
     }
 

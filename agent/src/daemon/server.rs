@@ -22,13 +22,15 @@ pub async fn bind_api(path: &Path) -> Result<UnixListener> {
             path.display()
         );
     }
-    let _ = std::fs::remove_file(path);
+    let _ = tokio::fs::remove_file(path).await;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).await?;
     Ok(listener)
 }
 

@@ -419,3 +419,30 @@ fn bad_input_is_refused_with_the_fix() {
         "{e}"
     );
 }
+
+#[test]
+fn a_namespace_gone_while_its_agent_was_down_is_removed_at_start() {
+    if !require_root("a_namespace_gone_while_its_agent_was_down_is_removed_at_start") {
+        return;
+    }
+    let mut c = Cluster::running(2, 3);
+    let client = with_client(&mut c);
+    let kept = c.bed.container("kept");
+    let lost = c.bed.container("lost");
+    let ip_kept = c.attach(2, &kept, "app-net", &["--service", "web"]);
+    let ip_lost = c.attach(2, &lost, "app-net", &["--service", "web"]);
+    wait_for(Duration::from_secs(2), "both replicas", || {
+        resolve(&client, "web").len() == 2
+    });
+    c.stop_agent(2);
+    assert!(netagent_tests::sh(&format!("ip netns del {lost}"))
+        .status
+        .success());
+    c.start_agent(2);
+    wait_for(Duration::from_secs(2), "the lost replica to leave", || {
+        resolve(&client, "web") == vec![ip_kept]
+    });
+    let eps = c.cli_ok(1, &["endpoints", "--json"]);
+    assert!(!eps.contains(&format!("\"{ip_lost}\"")), "{eps}");
+    assert!(eps.contains(&format!("\"{ip_kept}\"")), "{eps}");
+}

@@ -3,8 +3,10 @@
 # benchmarks use. Needs root; does nothing when everything is present.
 set -euo pipefail
 # protobuf-compiler: etcd-client generates its gRPC code at build time.
-packages=(iproute2 nftables iputils-ping busybox-static iperf3 dnsutils procps
-  protobuf-compiler etcd-server etcd-client)
+# docker.io (dockerd, containerd, runc) and iptables: the Docker tests start their
+# own engines; util-linux has nsenter.
+packages=(iproute2 nftables iptables iputils-ping busybox-static iperf3 dnsutils procps
+  util-linux protobuf-compiler etcd-server etcd-client docker.io)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -12,7 +14,14 @@ done
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Installed, not started: the tests start the daemons they need themselves.
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install a Rust toolchain (rustup or Debian's cargo)" >&2; exit 1; }

@@ -33,6 +33,11 @@ if [ ! -e /etc/netagent/netagent.toml ]; then
 # [dns]
 # ttl_secs = 5
 # upstream = ["192.0.2.53"]  # default: the nameservers of /etc/resolv.conf
+
+# Docker containers with the label netagent.network=NAME join that network.
+# [docker]
+# enabled = true
+# socket = "/var/run/docker.sock"
 CONF
   echo "wrote /etc/netagent/netagent.toml (defaults; edit [store] for a multi-host cluster)"
 fi

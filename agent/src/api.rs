@@ -37,7 +37,8 @@ pub enum Request {
     Endpoints,
 }
 
-/// `netagent attach TARGET NETWORK [--name] [--service] [--alias]...`
+/// `netagent attach TARGET NETWORK [--name] [--service] [--alias]...`; the target is
+/// a namespace path, `pid:N`, or a running Docker container's name or id.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AttachRequest {
     pub target: String,
@@ -72,6 +73,27 @@ pub struct Status {
     pub endpoints: usize,
     pub peers_up: usize,
     pub peers_down: usize,
+    /// None: Docker integration is off (`[docker] enabled = false`).
+    #[serde(default)]
+    pub docker: Option<DockerStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DockerStatus {
+    pub socket: String,
+    pub connected: bool,
+    /// The engine's version while connected.
+    pub engine: Option<String>,
+    /// Why it is not connected (retried every second).
+    pub error: Option<String>,
+    /// Labelled containers left alone, and why.
+    pub problems: Vec<ContainerProblem>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContainerProblem {
+    pub container: String,
+    pub problem: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,10 +122,14 @@ pub struct EndpointInfo {
     pub name: Option<String>,
     pub service: Option<String>,
     pub aliases: Vec<String>,
-    /// Up when its node is alive; down endpoints are left out of DNS answers.
+    /// "up" when its node is alive, "down" (left out of DNS answers) when not,
+    /// "unhealthy" when its container's health check fails (left out of service answers).
     pub state: String,
     /// The namespace, on its own node only.
     pub netns: Option<String>,
+    /// The Docker container's id, when it is one.
+    #[serde(default)]
+    pub container: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

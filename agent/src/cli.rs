@@ -42,7 +42,7 @@ enum Command {
     /// Create, list, inspect and remove networks.
     #[command(subcommand)]
     Network(NetworkCommand),
-    /// Attach a namespace (path such as /run/netns/x, or pid:N) to a network.
+    /// Attach a Docker container (name or id) or a namespace (/run/netns/x, pid:N) to a network.
     Attach {
         target: String,
         network: String,
@@ -56,7 +56,7 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Detach a namespace from a network.
+    /// Detach a container or namespace from a network.
     Detach { target: String, network: String },
     /// Other hosts: state, underlay, round trip over the overlay.
     Peers,

@@ -123,11 +123,28 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
                     s.store.error.unwrap_or_default()
                 )
             };
-            format!(
-                "node:       {}\nunderlay:   {}\nstate:      {}\nstore:      {store}\nnetworks:   {}\nendpoints:  {} here, {} in the cluster\npeers:      {} up, {} down\nversion:    {} (up {}s)\n",
+            let docker = match &s.docker {
+                None => "off".to_owned(),
+                Some(d) if d.connected => format!(
+                    "{} (connected, engine {})",
+                    d.socket,
+                    d.engine.as_deref().unwrap_or("?")
+                ),
+                Some(d) => format!(
+                    "{} (unreachable: {}; retrying)",
+                    d.socket,
+                    d.error.as_deref().unwrap_or("not connected yet")
+                ),
+            };
+            let mut out = format!(
+                "node:       {}\nunderlay:   {}\nstate:      {}\nstore:      {store}\ndocker:     {docker}\nnetworks:   {}\nendpoints:  {} here, {} in the cluster\npeers:      {} up, {} down\nversion:    {} (up {}s)\n",
                 s.node, s.underlay, s.state, s.networks, s.local_endpoints, s.endpoints,
                 s.peers_up, s.peers_down, s.version, s.uptime_secs
-            )
+            );
+            for p in s.docker.iter().flat_map(|d| &d.problems) {
+                out.push_str(&format!("container {}: {}\n", p.container, p.problem));
+            }
+            out
         }
         Request::NetworkList => {
             let nets: Vec<NetworkInfo> = serde_json::from_value(reply)?;

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_PATH: &str = "/etc/netagent/netagent.toml";
 pub const DEFAULT_SOCKET: &str = "/run/netagent/netagent.sock";
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +24,15 @@ struct File {
     store: StoreFile,
     #[serde(default)]
     dns: DnsFile,
+    #[serde(default)]
+    docker: DockerFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DockerFile {
+    enabled: Option<bool>,
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -53,6 +63,8 @@ pub struct Config {
     pub dns_ttl: u32,
     /// Empty: the host's /etc/resolv.conf.
     pub dns_upstream: Vec<SocketAddr>,
+    /// The Docker engine whose containers join networks by label; None: off.
+    pub docker_socket: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -155,6 +167,19 @@ impl Config {
                 })?;
             dns_upstream.push(addr);
         }
+        let docker_socket = match (f.docker.enabled, f.docker.socket) {
+            (Some(false), Some(_)) => bail!(
+                "{}socket is set but enabled = false; remove one of them",
+                at("socket")
+            ),
+            (Some(false), None) => None,
+            (_, Some(p)) if !p.is_absolute() => bail!(
+                "{}socket {:?} must be an absolute path (default {DEFAULT_DOCKER_SOCKET})",
+                at("socket"),
+                p.display().to_string()
+            ),
+            (_, socket) => Some(socket.unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.into())),
+        };
         Ok(Config {
             node,
             underlay_address: f.underlay_address,
@@ -164,6 +189,7 @@ impl Config {
             store,
             dns_ttl,
             dns_upstream,
+            docker_socket,
         })
     }
 
@@ -207,9 +233,16 @@ lease_ttl_secs = 3
 [dns]
 ttl_secs = 7
 upstream = ["192.0.2.53", "192.0.2.54:5353"]
+[docker]
+socket = "/run/docker-h1.sock"
 "#,
         )
         .unwrap();
+        assert_eq!(c.docker_socket, Some("/run/docker-h1.sock".into()));
+        let off = Config::parse("node = \"h\"\n[docker]\nenabled = false\n").unwrap();
+        assert_eq!(off.docker_socket, None);
+        let default = Config::parse("node = \"h\"\n").unwrap();
+        assert_eq!(default.docker_socket, Some(DEFAULT_DOCKER_SOCKET.into()));
         assert_eq!(c.node, "host1");
         assert_eq!(c.dns_ttl, 7);
         assert_eq!(c.dns_upstream[1], "192.0.2.54:5353".parse().unwrap());

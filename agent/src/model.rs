@@ -93,6 +93,10 @@ pub struct EndpointRecord {
     pub aliases: Vec<String>,
     #[serde(default = "yes")]
     pub in_service: bool,
+    /// The Docker container this namespace belongs to (its full id), if any: its
+    /// death and health events concern this endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 fn yes() -> bool {

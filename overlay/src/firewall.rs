@@ -8,6 +8,12 @@
 //! Docker's bridge); traffic leaving the overlay for the outside is masqueraded. The
 //! table is rendered from the networks (pure, unit-tested) and replaced in one nft
 //! transaction; a hash in the table's comment lets a re-apply of the same state skip it.
+//!
+//! A Docker host adds a second filter: dockerd sets the FORWARD policy of its own
+//! iptables table to DROP. A drop in any base chain is final, so our accept alone does
+//! not carry a packet through; every packet our forward chain accepts is marked
+//! ([`FORWARD_MARK`]) and one rule in Docker's `DOCKER-USER` chain (the chain Docker
+//! leaves to its users) accepts that mark (see [`open_docker_forward`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -20,6 +26,10 @@ use crate::spec::NetworkSpec;
 
 /// Name of our table (family `ip`).
 pub const TABLE: &str = "netagent";
+
+/// The packet-mark bit our forward chain sets on what it accepts. One bit, outside
+/// the ones kube-proxy (0x4000, 0x8000) and Weave (0x20000, 0x40000) use.
+pub const FORWARD_MARK: u32 = 0x0100_0000;
 
 /// The whole table for these networks, ending with its identifying comment.
 pub fn render(networks: &[NetworkSpec]) -> String {
@@ -89,15 +99,19 @@ fn render_body(networks: &[NetworkSpec]) -> String {
          \t\tudp dport 4789 notrack\n\
          \t}\n",
     );
-    s.push_str(
-        "\tchain forward {\n\
+    let mark = format!("meta mark set meta mark | {FORWARD_MARK:#x}");
+    s.push_str(&format!(
+        "\tchain forward {{\n\
          \t\ttype filter hook forward priority filter - 10; policy accept;\n\
-         \t\tiifgroup . oifgroup @same_network accept\n\
+         \t\tiifgroup . oifgroup @same_network {mark} accept\n\
          \t\tiifgroup @overlay_groups oifgroup @overlay_groups drop\n\
-         \t\toifgroup @overlay_groups ct state established,related accept\n\
+         \t\toifgroup @overlay_groups ct state established,related {mark} accept\n\
          \t\toifgroup @overlay_groups drop\n\
-         \t}\n\
-         \tchain input {\n\
+         \t\tiifgroup @overlay_groups {mark} accept\n\
+         \t}}\n"
+    ));
+    s.push_str(
+        "\tchain input {\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
          \t\tiifgroup . ip daddr @foreign_gateways drop\n\
          \t}\n\
@@ -142,13 +156,85 @@ pub async fn remove(ns: &Netns) -> Result<()> {
     .await
 }
 
-/// Runs nft in the calling thread's namespace (called from a namespace worker).
+/// What [`open_docker_forward`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DockerForward {
+    /// No `DOCKER-USER` chain: no dockerd manages iptables here.
+    NoDocker,
+    /// Our rule was there already.
+    Open,
+    /// Our rule was missing and is now inserted.
+    Opened,
+}
+
+/// The `DOCKER-USER` rule that lets our marked packets through Docker's FORWARD chain.
+fn docker_rule(verb: &str) -> Vec<String> {
+    let mark = format!("{FORWARD_MARK:#x}/{FORWARD_MARK:#x}");
+    [
+        "-w",
+        verb,
+        "DOCKER-USER",
+        "-m",
+        "mark",
+        "--mark",
+        &mark,
+        "-m",
+        "comment",
+        "--comment",
+        TABLE,
+        "-j",
+        "ACCEPT",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Makes sure Docker's FORWARD chain in `ns` lets the overlay's traffic through.
+/// Uses the `iptables` command, as dockerd does, so both see the same backend.
+pub async fn open_docker_forward(ns: &Netns) -> Result<DockerForward> {
+    let name = ns.to_string();
+    ns.run(move || {
+        if run(&name, "iptables", &["-w", "-n", "-L", "DOCKER-USER"], None).is_err() {
+            return Ok(DockerForward::NoDocker);
+        }
+        let check = docker_rule("-C");
+        let check: Vec<&str> = check.iter().map(String::as_str).collect();
+        if run(&name, "iptables", &check, None).is_ok() {
+            return Ok(DockerForward::Open);
+        }
+        let insert = docker_rule("-I");
+        let insert: Vec<&str> = insert.iter().map(String::as_str).collect();
+        run(&name, "iptables", &insert, None)?;
+        Ok(DockerForward::Opened)
+    })
+    .await
+}
+
+/// Removes the rule [`open_docker_forward`] inserted, if it is there.
+pub async fn close_docker_forward(ns: &Netns) -> Result<()> {
+    let name = ns.to_string();
+    ns.run(move || {
+        let delete = docker_rule("-D");
+        let delete: Vec<&str> = delete.iter().map(String::as_str).collect();
+        while run(&name, "iptables", &delete, None).is_ok() {}
+        Ok(())
+    })
+    .await
+}
+
 fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    run(ns, "nft", args, stdin)
+}
+
+/// Runs a firewall command in the calling thread's namespace (called from a
+/// namespace worker).
+fn run(ns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let fail = |message: String| Error::Firewall {
         ns: ns.to_string(),
         message,
     };
-    let mut child = Command::new("nft")
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -156,7 +242,12 @@ fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
         .spawn()
         .map_err(|e| {
             fail(format!(
-                "cannot run nft ({e}); install the nftables package"
+                "cannot run {program} ({e}); install the {} package",
+                if program == "nft" {
+                    "nftables"
+                } else {
+                    program
+                }
             ))
         })?;
     if let Some(input) = stdin {
@@ -171,7 +262,7 @@ fn nft(ns: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     if !out.status.success() {
         return Err(fail(format!(
-            "nft {} failed: {}",
+            "{program} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
@@ -206,6 +297,16 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("elements = { 100.64.0.0/16, 100.65.0.0/16 }"));
+    }
+
+    #[test]
+    fn everything_forwarded_is_marked_for_docker() {
+        let r = render(&[net("a", 1, "100.64.0.0/16", "100.64.1.0/24")]);
+        let accepts: Vec<&str> = r.lines().filter(|l| l.ends_with(" accept")).collect();
+        assert_eq!(accepts.len(), 3, "{r}");
+        for l in accepts {
+            assert!(l.contains("meta mark set meta mark | 0x1000000"), "{l}");
+        }
     }
 
     #[test]

@@ -394,6 +394,12 @@ impl Host {
         Error::collect(errors)
     }
 
+    /// Lets overlay traffic through the FORWARD chain of a dockerd on this host (whose
+    /// policy is DROP); nothing to do where no dockerd manages iptables.
+    pub async fn open_docker_forward(&self) -> Result<firewall::DockerForward> {
+        firewall::open_docker_forward(&self.ns).await
+    }
+
     /// Removes every device and rule we own here (uninstall, tests); reports every error.
     pub async fn reset(&self) -> Result<()> {
         let observed = self.observe().await?;
@@ -406,6 +412,9 @@ impl Host {
             }
         }
         if let Err(e) = firewall::remove(&self.ns).await {
+            errors.push(e);
+        }
+        if let Err(e) = firewall::close_docker_forward(&self.ns).await {
             errors.push(e);
         }
         Error::collect(errors)

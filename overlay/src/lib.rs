@@ -20,7 +20,7 @@ mod probe;
 mod spec;
 
 pub use error::{Error, Result};
-pub use firewall::TABLE as FIREWALL_TABLE;
+pub use firewall::{DockerForward, FORWARD_MARK, TABLE as FIREWALL_TABLE};
 pub use host::{ApplyReport, Host, Underlay, VXLAN_OVERHEAD};
 pub use naming::{host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};

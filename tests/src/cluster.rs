@@ -22,6 +22,8 @@ pub struct Cluster {
     pub dns_extra: String,
     /// No etcd: agents use the embedded local store.
     local_store: bool,
+    /// Per host: the Docker engine its agent follows (None: integration off).
+    pub docker_sockets: Vec<Option<PathBuf>>,
 }
 
 impl Cluster {
@@ -43,6 +45,7 @@ impl Cluster {
             agents: vec![None; hosts],
             dns_extra: String::new(),
             local_store: false,
+            docker_sockets: vec![None; hosts],
         };
         c.start_etcd();
         c
@@ -62,6 +65,7 @@ impl Cluster {
             agents: vec![None],
             dns_extra: String::new(),
             local_store: true,
+            docker_sockets: vec![None],
         }
     }
 
@@ -144,8 +148,12 @@ impl Cluster {
                 self.lease_ttl
             )
         };
+        let docker = match &self.docker_sockets[host - 1] {
+            Some(socket) => format!("socket = \"{}\"", socket.display()),
+            None => "enabled = false".into(),
+        };
         let text = format!(
-            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n{store}[dns]\n{}",
+            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n{store}[docker]\n{docker}\n[dns]\n{}",
             h.underlay,
             self.dir.join(format!("h{host}-state")).display(),
             self.socket(host).display(),

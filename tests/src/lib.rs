@@ -7,9 +7,11 @@
 //! (pass, failure or panic) kills the processes started in it and deletes its namespaces.
 
 pub mod cluster;
+pub mod docker;
 pub mod mesh;
 pub mod run;
 pub mod testbed;
+pub mod upstream;
 
 pub use mesh::{block, Mesh};
 pub use run::{netagent_bin, require_root, sh, sh_ok};

@@ -5,11 +5,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record};
 use netagent_dns::{DnsServer, EndpointRecord, Forwarder, SnapshotBuilder};
-use netagent_tests::{in_netns, require_root, Testbed};
+use netagent_tests::{in_netns, require_root, upstream, Testbed};
 
 fn ep(network: &str, ip: [u8; 4], name: &str, service: &str) -> EndpointRecord {
     EndpointRecord {
@@ -20,30 +17,6 @@ fn ep(network: &str, ip: [u8; 4], name: &str, service: &str) -> EndpointRecord {
         aliases: vec![],
         in_service: true,
     }
-}
-
-/// The fake upstream's answer: `outside.test` is 203.0.113.7 (TTL 60); `big.test` is
-/// 203.0.113.8 but over UDP only a truncated answer comes; anything else NXDOMAIN.
-fn upstream_reply(query: &[u8], udp: bool) -> Option<Vec<u8>> {
-    let q = Message::from_vec(query).ok()?;
-    let mut r = Message::response(q.metadata.id, OpCode::Query);
-    r.metadata.recursion_desired = q.metadata.recursion_desired;
-    r.metadata.recursion_available = true;
-    let question = q.queries.first()?.clone();
-    let name = question.name().to_ascii().to_ascii_lowercase();
-    let a = |ip: Ipv4Addr| Record::from_rdata(question.name().clone(), 60, RData::A(A(ip)));
-    match (name.as_str(), udp) {
-        ("outside.test.", _) => {
-            r.add_answer(a(Ipv4Addr::new(203, 0, 113, 7)));
-        }
-        ("big.test.", true) => r.metadata.truncation = true,
-        ("big.test.", false) => {
-            r.add_answer(a(Ipv4Addr::new(203, 0, 113, 8)));
-        }
-        _ => r.metadata.response_code = ResponseCode::NXDomain,
-    }
-    r.add_query(question);
-    r.to_vec().ok()
 }
 
 /// A fake upstream on 127.0.0.1, UDP and TCP on one port (see `upstream_reply`).
@@ -64,7 +37,7 @@ fn start_upstream(rt: &tokio::runtime::Runtime, silent: bool) -> SocketAddr {
             if silent || conn.read_exact(&mut q).await.is_err() {
                 continue;
             }
-            if let Some(r) = upstream_reply(&q, false) {
+            if let Some(r) = upstream::reply(&q, false) {
                 let _ = conn.write_all(&(r.len() as u16).to_be_bytes()).await;
                 let _ = conn.write_all(&r).await;
             }
@@ -79,7 +52,7 @@ fn start_upstream(rt: &tokio::runtime::Runtime, silent: bool) -> SocketAddr {
             if silent {
                 continue;
             }
-            if let Some(r) = upstream_reply(&buf[..n], true) {
+            if let Some(r) = upstream::reply(&buf[..n], true) {
                 let _ = socket.send_to(&r, peer).await;
             }
         }

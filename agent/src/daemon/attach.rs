@@ -12,42 +12,106 @@ use tracing::{info, warn};
 use super::liveness::endpoint_id;
 use super::{network_spec, Agent, LocalEndpoint, LocalState};
 use crate::api::{AttachRequest, EndpointInfo};
+use crate::docker::{labels, resolv_conf, Container};
 use crate::ipam;
 use crate::model::{self, BlockRecord, EndpointRecord};
+use crate::names::check_dns_name;
 use crate::store::{Change, Compare, Store, Txn};
 
 /// How often a block allocation is retried when another host took the same block.
 const BLOCK_RETRIES: usize = 8;
 
-/// A namespace as the user named it, resolved to a reference and its identity.
-pub(super) async fn resolve_target(target: &str) -> Result<(NetnsRef, u64)> {
-    let netns = if target.starts_with('/') || target.starts_with("pid:") {
-        NetnsRef::parse(target)?
-    } else {
-        bail!("target {target:?} is not a namespace: give a path (/run/netns/NAME) or pid:N");
-    };
-    let probe = netns.clone();
-    let ino = tokio::task::spawn_blocking(move || probe.identity())
-        .await
-        .context("identity check panicked")??;
-    Ok((netns, ino))
+/// What an attach or detach names, resolved: the namespace, its identity, and the
+/// Docker container it belongs to.
+pub(super) struct Target {
+    pub netns: NetnsRef,
+    pub ino: u64,
+    pub container: Option<Container>,
 }
 
-/// Names that end up in DNS: letters, digits, '_', '-', '.', as Docker allows.
-fn check_dns_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !ok {
-        bail!("{kind} {name:?} is not a usable DNS name: use 1 to 63 letters, digits, '_', '-' or '.'");
-    }
-    Ok(())
+/// The identity of a namespace (a `stat`, off the runtime's workers).
+async fn identity(netns: &NetnsRef) -> Result<u64> {
+    let probe = netns.clone();
+    tokio::task::spawn_blocking(move || probe.identity())
+        .await
+        .context("identity check panicked")?
+        .map_err(Into::into)
+}
+
+/// A running container's namespace, reached through its first process.
+pub(super) async fn container_target(c: Container) -> Result<Target> {
+    let netns = NetnsRef::parse(&format!("pid:{}", c.pid))?;
+    let ino = identity(&netns)
+        .await
+        .with_context(|| format!("container {:?} stopped while being attached", c.name))?;
+    Ok(Target {
+        netns,
+        ino,
+        container: Some(c),
+    })
 }
 
 impl<S: Store> Agent<S> {
+    /// A namespace as the user named it: a path, `pid:N`, or a Docker container.
+    pub(super) async fn resolve_target(&self, target: &str) -> Result<Target> {
+        if target.starts_with('/') || target.starts_with("pid:") {
+            let netns = NetnsRef::parse(target)?;
+            let ino = identity(&netns).await?;
+            return Ok(Target {
+                netns,
+                ino,
+                container: None,
+            });
+        }
+        let engine = self.docker_engine().map_err(|why| {
+            anyhow!("{target:?} is not a namespace path (/run/netns/NAME) or pid:N, and {why}")
+        })?;
+        container_target(engine.inspect(target).await?).await
+    }
+
     pub async fn attach(&self, req: AttachRequest) -> Result<EndpointInfo> {
+        let target = self.resolve_target(&req.target).await?;
+        match target.container.clone() {
+            Some(c) => self.attach_container(req, c).await,
+            None => self.attach_target(req, target, true).await,
+        }
+    }
+
+    /// Attaches a running container: its name, its service label and its short id
+    /// are names too (as on Docker's own networks), its health decides whether it is
+    /// in service, and its resolver is pointed at the embedded DNS.
+    pub(super) async fn attach_container(
+        &self,
+        mut req: AttachRequest,
+        c: Container,
+    ) -> Result<EndpointInfo> {
+        req.name.get_or_insert_with(|| c.name.clone());
+        if req.service.is_none() {
+            req.service = labels::service_of(&c.labels);
+        }
+        let short = c.short_id().to_owned();
+        if !req.aliases.contains(&short) {
+            req.aliases.push(short);
+        }
+        let (pid, name, healthy) = (c.pid, c.name.clone(), !c.unhealthy);
+        let target = container_target(c).await?;
+        let info = self.attach_target(req, target, healthy).await?;
+        match tokio::task::spawn_blocking(move || resolv_conf::rewrite_for_pid(pid)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(container = name, error = %e, "cannot point the container's resolv.conf at 127.0.0.11")
+            }
+            Err(e) => warn!(container = name, error = %e, "resolv.conf rewrite panicked"),
+        }
+        Ok(info)
+    }
+
+    async fn attach_target(
+        &self,
+        req: AttachRequest,
+        target: Target,
+        in_service: bool,
+    ) -> Result<EndpointInfo> {
         for (kind, n) in req
             .name
             .iter()
@@ -55,7 +119,7 @@ impl<S: Store> Agent<S> {
             .chain(req.service.iter().map(|s| ("service", s)))
             .chain(req.aliases.iter().map(|a| ("alias", a)))
         {
-            check_dns_name(kind, n)?;
+            check_dns_name(kind, n).map_err(|e| anyhow!(e))?;
         }
         let mut network = self
             .cluster
@@ -78,7 +142,11 @@ impl<S: Store> Agent<S> {
                 req.network
             )
         })?;
-        let (netns, ino) = resolve_target(&req.target).await?;
+        let Target {
+            netns,
+            ino,
+            container,
+        } = target;
         let id = endpoint_id(ino);
         let mut state = self.local.lock().await;
         if let Some(existing) = state
@@ -120,7 +188,8 @@ impl<S: Store> Agent<S> {
             name,
             service: req.service.clone(),
             aliases: req.aliases.clone(),
-            in_service: true,
+            in_service,
+            container: container.map(|c| c.id),
         };
         let spec = network_spec(&network, block);
         // First endpoint of this network here: its device and peers come first.
@@ -182,8 +251,7 @@ impl<S: Store> Agent<S> {
     }
 
     pub async fn detach(&self, target: &str, network: &str) -> Result<EndpointInfo> {
-        let (_, ino) = resolve_target(target).await?;
-        let id = endpoint_id(ino);
+        let id = endpoint_id(self.resolve_target(target).await?.ino);
         let mut state = self.local.lock().await;
         let (key, ep) = state
             .endpoints
@@ -306,8 +374,14 @@ impl<S: Store> Agent<S> {
             name: e.name.clone(),
             service: e.service.clone(),
             aliases: e.aliases.clone(),
-            state: if alive { "up" } else { "down" }.into(),
+            state: match (alive, e.in_service) {
+                (false, _) => "down",
+                (true, true) => "up",
+                (true, false) => "unhealthy",
+            }
+            .into(),
             netns: (e.node == self.node.name).then(|| e.netns.clone()),
+            container: e.container.clone(),
         }
     }
 }

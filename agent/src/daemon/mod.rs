@@ -8,6 +8,7 @@
 //! and the store under one host-local lock; nothing needs a cluster-wide lock.
 
 mod attach;
+mod containers;
 mod listeners;
 mod liveness;
 mod networks;
@@ -74,6 +75,8 @@ pub struct Agent<S: Store> {
     pending_deletes: StdMutex<BTreeSet<String>>,
     reconcile: Notify,
     rtt: StdMutex<HashMap<String, f64>>,
+    /// None: Docker integration is off.
+    docker: Option<containers::DockerLink>,
 }
 
 impl<S: Store> Agent<S> {
@@ -106,6 +109,7 @@ impl<S: Store> Agent<S> {
             version: env!("CARGO_PKG_VERSION").into(),
             started: started_unix,
         };
+        let cfg_docker = cfg.docker_socket.clone();
         let agent = Arc::new(Agent {
             cfg,
             store,
@@ -121,6 +125,7 @@ impl<S: Store> Agent<S> {
             pending_deletes: StdMutex::new(BTreeSet::new()),
             reconcile: Notify::new(),
             rtt: StdMutex::new(HashMap::new()),
+            docker: cfg_docker.map(containers::DockerLink::new),
         });
         let ttl = match &agent.cfg.store {
             crate::config::StoreConfig::Etcd { lease_ttl, .. } => *lease_ttl,
@@ -152,6 +157,7 @@ impl<S: Store> Agent<S> {
         tokio::spawn(agent.clone().reconcile_loop());
         tokio::spawn(agent.clone().liveness_loop());
         tokio::spawn(agent.clone().rtt_loop());
+        tokio::spawn(agent.clone().docker_loop());
         Ok(agent)
     }
 
@@ -237,6 +243,9 @@ impl<S: Store> Agent<S> {
                     self.deleted_here.lock().unwrap().extend(deleted);
                 }
             }
+            if let Some(link) = &self.docker {
+                link.networks_changed();
+            }
             self.refresh_dns();
             self.reconcile.notify_one();
         }
@@ -319,6 +328,11 @@ impl<S: Store> Agent<S> {
             state.applied = Some(desired);
         }
         self.sync_listeners(&mut state).await;
+        drop(state);
+        if full && self.docker.is_some() {
+            // dockerd may have been (re)started since: its FORWARD policy drops.
+            self.open_docker_forward().await;
+        }
     }
 
     /// The kernel state this host should have: every network it holds a block of,

@@ -19,19 +19,26 @@ impl<S: Store> Agent<S> {
         let store = self.store.health().borrow().clone();
         let local_endpoints = self.local.lock().await.endpoints.len();
         let peers = self.peers();
+        let docker = self.docker.as_ref().map(|d| d.status());
         let c = self.cluster.read().unwrap();
         Status {
             node: self.node.name.clone(),
             underlay: self.node.underlay,
             version: self.node.version.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
-            state: if store.connected { "ok" } else { "degraded" }.into(),
+            state: if store.connected && docker.as_ref().is_none_or(|d| d.connected) {
+                "ok"
+            } else {
+                "degraded"
+            }
+            .into(),
             store,
             networks: c.networks.len(),
             local_endpoints,
             endpoints: c.endpoints.len(),
             peers_up: peers.iter().filter(|p| p.state == "up").count(),
             peers_down: peers.iter().filter(|p| p.state != "up").count(),
+            docker,
         }
     }
 

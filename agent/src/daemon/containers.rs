@@ -1,0 +1,370 @@
+//! Docker containers join networks by label. The engine's events drive it: a start
+//! attaches a labelled container, a death removes its endpoints at once, a health
+//! change takes it out of or back into service. Every (re)connection begins with a
+//! pass over the running containers, so the ones started while the agent or the
+//! engine was away are attached; the ones that went away meanwhile are the liveness
+//! sweep's (their namespace is gone).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use netagent_overlay::DockerForward;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::{liveness, Agent};
+use crate::api::{AttachRequest, ContainerProblem, DockerStatus};
+use crate::docker::{labels, DockerError, Engine, Event};
+use crate::model;
+use crate::store::{Change, Store, Txn};
+
+/// How often an unreachable engine is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The agent's side of the Docker engine.
+pub(super) struct DockerLink {
+    socket: PathBuf,
+    engine: StdMutex<Option<Engine>>,
+    status: StdMutex<LinkStatus>,
+    /// Look at the labelled containers again (a network they name may exist now).
+    resync: Notify,
+}
+
+#[derive(Default)]
+struct LinkStatus {
+    version: Option<String>,
+    error: Option<String>,
+    /// Labelled containers left alone, by id: (name, what is wrong).
+    problems: BTreeMap<String, (String, String)>,
+}
+
+impl DockerLink {
+    pub(super) fn new(socket: PathBuf) -> Self {
+        DockerLink {
+            socket,
+            engine: StdMutex::new(None),
+            status: StdMutex::new(LinkStatus::default()),
+            resync: Notify::new(),
+        }
+    }
+
+    pub(super) fn status(&self) -> DockerStatus {
+        let s = self.status.lock().unwrap();
+        DockerStatus {
+            socket: self.socket.display().to_string(),
+            connected: s.version.is_some(),
+            engine: s.version.clone(),
+            error: s.error.clone(),
+            problems: s
+                .problems
+                .values()
+                .map(|(container, problem)| ContainerProblem {
+                    container: container.clone(),
+                    problem: problem.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Asks for another pass over the labelled containers, when one was left alone.
+    pub(super) fn networks_changed(&self) {
+        if !self.status.lock().unwrap().problems.is_empty() {
+            self.resync.notify_one();
+        }
+    }
+
+    fn connected(&self, engine: Engine, version: String) {
+        info!(socket = %self.socket.display(), version, "connected to the Docker engine");
+        *self.engine.lock().unwrap() = Some(engine);
+        let mut s = self.status.lock().unwrap();
+        s.version = Some(version);
+        s.error = None;
+    }
+
+    fn lost(&self, error: &DockerError) {
+        *self.engine.lock().unwrap() = None;
+        let mut s = self.status.lock().unwrap();
+        let message = error.to_string();
+        // Said once per new reason, not every second.
+        if s.error.as_deref() != Some(message.as_str()) {
+            warn!(
+                error = message,
+                "Docker engine unreachable; retrying every second"
+            );
+        }
+        s.version = None;
+        s.error = Some(message);
+    }
+
+    fn problem(&self, id: &str, name: &str, problem: String) {
+        let mut s = self.status.lock().unwrap();
+        let entry = (name.to_owned(), problem);
+        if s.problems.get(id) != Some(&entry) {
+            warn!(container = name, problem = entry.1, "container left alone");
+            s.problems.insert(id.to_owned(), entry);
+        }
+    }
+
+    fn clear_problem(&self, id: &str) {
+        self.status.lock().unwrap().problems.remove(id);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl<S: Store> Agent<S> {
+    /// The engine, or why there is none (for messages that go on with "and ...").
+    pub(super) fn docker_engine(&self) -> Result<Engine, String> {
+        let Some(link) = &self.docker else {
+            return Err("Docker integration is off ([docker] enabled = false)".into());
+        };
+        let engine = link.engine.lock().unwrap().clone();
+        engine.ok_or_else(|| {
+            let why = link.status.lock().unwrap().error.clone();
+            format!(
+                "the Docker engine is not reachable ({})",
+                why.unwrap_or_else(|| "not connected yet".into())
+            )
+        })
+    }
+
+    pub(super) async fn docker_loop(self: Arc<Self>) {
+        let Some(link) = &self.docker else {
+            return;
+        };
+        loop {
+            let error = match Engine::connect(&link.socket).await {
+                Ok((engine, version)) => {
+                    link.connected(engine.clone(), version);
+                    self.follow_engine(link, &engine).await
+                }
+                Err(e) => e,
+            };
+            link.lost(&error);
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Serves one connection to the engine until it breaks; returns why.
+    async fn follow_engine(&self, link: &DockerLink, engine: &Engine) -> DockerError {
+        // Events from a second before the pass over the running containers are
+        // replayed, so a container that starts during the pass is not missed.
+        let mut events = Box::pin(engine.events(unix_now().saturating_sub(1)));
+        self.open_docker_forward().await;
+        if let Err(e) = self.attach_labelled(link, engine).await {
+            return e;
+        }
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    None => {
+                        return DockerError::Unreachable {
+                            socket: link.socket.display().to_string(),
+                            message: "the event stream ended".into(),
+                        }
+                    }
+                    Some(Err(e)) => return e,
+                    Some(Ok(event)) => {
+                        if let Err(e) = self.on_event(link, engine, event).await {
+                            return e;
+                        }
+                    }
+                },
+                _ = link.resync.notified() => {
+                    if let Err(e) = self.attach_labelled(link, engine).await {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets overlay traffic through dockerd's FORWARD chain (policy DROP).
+    pub(super) async fn open_docker_forward(&self) {
+        match self.host.open_docker_forward().await {
+            Ok(DockerForward::Opened) => {
+                info!("overlay traffic let through Docker's FORWARD chain (DOCKER-USER)")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot open Docker's FORWARD chain to overlay traffic"),
+        }
+    }
+
+    async fn on_event(
+        &self,
+        link: &DockerLink,
+        engine: &Engine,
+        event: Event,
+    ) -> Result<(), DockerError> {
+        match event {
+            Event::Started(id) => self.container_started(link, engine, &id).await?,
+            Event::Died(id) => self.container_died(link, &id).await,
+            Event::Health { id, healthy } => self.set_in_service(&id, healthy).await,
+        }
+        Ok(())
+    }
+
+    /// Attaches every running labelled container not yet on all its networks, and
+    /// brings the health of the attached ones up to date.
+    async fn attach_labelled(&self, link: &DockerLink, engine: &Engine) -> Result<(), DockerError> {
+        let running = engine.running().await?;
+        {
+            let mut s = link.status.lock().unwrap();
+            s.problems
+                .retain(|id, _| running.iter().any(|c| &c.id == id));
+        }
+        for c in running {
+            let Ok(Some(wanted)) = labels::wanted(&c.labels) else {
+                if let Err(problem) = labels::wanted(&c.labels) {
+                    link.problem(&c.id, &c.name, problem);
+                }
+                continue;
+            };
+            let attached = {
+                let state = self.local.lock().await;
+                wanted.networks.iter().all(|n| {
+                    state.endpoints.values().any(|e| {
+                        e.record.container.as_deref() == Some(c.id.as_str())
+                            && &e.record.network == n
+                    })
+                })
+            };
+            if attached {
+                self.set_in_service(&c.id, !c.unhealthy).await;
+            } else {
+                self.container_started(link, engine, &c.id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A container started: if its labels ask for networks, attach it to each.
+    async fn container_started(
+        &self,
+        link: &DockerLink,
+        engine: &Engine,
+        id: &str,
+    ) -> Result<(), DockerError> {
+        let c = match engine.inspect(id).await {
+            Ok(c) => c,
+            // Gone again already: its death event follows.
+            Err(DockerError::NotRunning(_) | DockerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let wanted = match labels::wanted(&c.labels) {
+            Ok(Some(w)) => w,
+            Ok(None) => return Ok(()),
+            Err(problem) => {
+                link.problem(&c.id, &c.name, problem);
+                return Ok(());
+            }
+        };
+        let missing: Vec<String> = {
+            let cluster = self.cluster.read().unwrap();
+            wanted
+                .networks
+                .iter()
+                .filter(|n| !cluster.networks.contains_key(*n))
+                .cloned()
+                .collect()
+        };
+        if let Some(n) = missing.first() {
+            link.problem(
+                &c.id,
+                &c.name,
+                format!(
+                    "label {}={:?} names network {n:?}, which does not exist; create it with: netagent network create {n} --subnet CIDR",
+                    labels::NETWORK,
+                    wanted.networks.join(",")
+                ),
+            );
+            return Ok(());
+        }
+        for network in &wanted.networks {
+            let req = AttachRequest {
+                target: c.id.clone(),
+                network: network.clone(),
+                name: None,
+                service: wanted.service.clone(),
+                aliases: wanted.aliases.clone(),
+            };
+            match self.attach_container(req, c.clone()).await {
+                Ok(info) => {
+                    info!(container = c.name, network, address = %info.address, "container attached")
+                }
+                Err(e) => {
+                    link.problem(&c.id, &c.name, format!("attaching to {network:?}: {e:#}"));
+                    return Ok(());
+                }
+            }
+        }
+        link.clear_problem(&c.id);
+        Ok(())
+    }
+
+    /// A container died: its endpoints go, everywhere, now. Only those whose
+    /// namespace is gone: a restarted container's new namespace may already be on.
+    async fn container_died(&self, link: &DockerLink, id: &str) {
+        link.clear_problem(id);
+        let watched: Vec<(String, netagent_overlay::NetnsRef, u64)> = {
+            let state = self.local.lock().await;
+            state
+                .endpoints
+                .iter()
+                .filter(|(_, e)| e.record.container.as_deref() == Some(id))
+                .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
+                .collect()
+        };
+        let gone = liveness::gone(watched).await;
+        if gone.is_empty() {
+            return;
+        }
+        let mut state = self.local.lock().await;
+        for key in gone {
+            info!(key, container = id, "container died; removing its endpoint");
+            self.drop_local(&mut state, &key).await;
+            self.forget_in_store(&key).await;
+        }
+    }
+
+    /// Takes a container's endpoints out of service answers (unhealthy) or back.
+    async fn set_in_service(&self, id: &str, healthy: bool) {
+        let mut state = self.local.lock().await;
+        let mut changed = Vec::new();
+        for (key, ep) in state.endpoints.iter_mut().filter(|(_, e)| {
+            e.record.container.as_deref() == Some(id) && e.record.in_service != healthy
+        }) {
+            let mut record = ep.record.clone();
+            record.in_service = healthy;
+            let bytes = model::encode(&record);
+            match self
+                .store
+                .txn(Txn::default().put(key.clone(), bytes.clone()))
+                .await
+            {
+                Ok(_) => {
+                    info!(key, healthy, "container health changed");
+                    ep.record = record;
+                    changed.push(Change {
+                        key: key.clone(),
+                        value: Some(bytes),
+                    });
+                }
+                // The next pass over the containers (on reconnection) tries again.
+                Err(e) => warn!(key, error = %e, "cannot record the container's health"),
+            }
+        }
+        drop(state);
+        if !changed.is_empty() {
+            self.cluster.write().unwrap().apply(&changed);
+            self.refresh_dns();
+        }
+    }
+}

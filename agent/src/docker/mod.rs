@@ -1,0 +1,250 @@
+//! The Docker engine as the agent needs it: the running containers, one container's
+//! facts (process, labels, health), and a stream of starts, deaths and health
+//! changes. Everything else about Docker (what labels mean, what to attach) lives in
+//! [`labels`] and the daemon.
+
+pub mod labels;
+pub mod resolv_conf;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bollard::errors::Error as BollardError;
+use bollard::models::HealthStatusEnum;
+use bollard::query_parameters::{EventsOptions, ListContainersOptions};
+use bollard::Docker;
+use futures::{Stream, StreamExt};
+
+/// Seconds a request may take before the engine counts as unreachable.
+const REQUEST_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("Docker engine at {socket} unreachable ({message}); is dockerd running? (set [docker] socket, or enabled = false)")]
+    Unreachable { socket: String, message: String },
+    #[error("no container {0:?} on this host (docker ps lists the running ones)")]
+    NotFound(String),
+    #[error("container {0:?} is not running; start it first: docker start {0}")]
+    NotRunning(String),
+    #[error("Docker engine refused {what}: {message}")]
+    Refused { what: String, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, DockerError>;
+
+/// A running container, as inspected.
+#[derive(Clone, Debug)]
+pub struct Container {
+    pub id: String,
+    /// Without Docker's leading '/'.
+    pub name: String,
+    pub pid: u32,
+    pub labels: HashMap<String, String>,
+    /// Its health check says unhealthy (no check, starting or healthy: false).
+    pub unhealthy: bool,
+}
+
+impl Container {
+    /// Docker's short id (the container's hostname), 12 hex digits.
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(12)]
+    }
+}
+
+/// A running container, as listed (no process id; inspect for that).
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub id: String,
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    /// Its status line says so (`Up 2 minutes (unhealthy)`).
+    pub unhealthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Started(String),
+    Died(String),
+    Health { id: String, healthy: bool },
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    socket: PathBuf,
+}
+
+impl Engine {
+    /// Connects and agrees on an API version; returns the engine's version too.
+    pub async fn connect(socket: &Path) -> Result<(Engine, String)> {
+        let unreachable = |e: BollardError| DockerError::Unreachable {
+            socket: socket.display().to_string(),
+            message: e.to_string(),
+        };
+        let docker = Docker::connect_with_unix(
+            &socket.to_string_lossy(),
+            REQUEST_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(unreachable)?
+        .negotiate_version()
+        .await
+        .map_err(unreachable)?;
+        let version = docker
+            .version()
+            .await
+            .map_err(unreachable)?
+            .version
+            .unwrap_or_default();
+        Ok((
+            Engine {
+                docker,
+                socket: socket.to_owned(),
+            },
+            version,
+        ))
+    }
+
+    fn error(&self, what: &str, e: BollardError) -> DockerError {
+        match e {
+            BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            } => DockerError::NotFound(what.to_owned()),
+            BollardError::DockerResponseServerError { message, .. } => DockerError::Refused {
+                what: what.to_owned(),
+                message,
+            },
+            other => DockerError::Unreachable {
+                socket: self.socket.display().to_string(),
+                message: other.to_string(),
+            },
+        }
+    }
+
+    /// Every running container.
+    pub async fn running(&self) -> Result<Vec<Listed>> {
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions::default()))
+            .await
+            .map_err(|e| self.error("the container list", e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                Some(Listed {
+                    id: c.id?,
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .map(|n| n.trim_start_matches('/').to_owned())
+                        .unwrap_or_default(),
+                    labels: c.labels.unwrap_or_default(),
+                    unhealthy: c.status.is_some_and(|s| s.ends_with("(unhealthy)")),
+                })
+            })
+            .collect())
+    }
+
+    /// A running container by name or id.
+    pub async fn inspect(&self, name_or_id: &str) -> Result<Container> {
+        let c = self
+            .docker
+            .inspect_container(name_or_id, None)
+            .await
+            .map_err(|e| self.error(name_or_id, e))?;
+        let state = c.state.unwrap_or_default();
+        let pid = state.pid.unwrap_or(0);
+        if state.running != Some(true) || pid <= 0 {
+            return Err(DockerError::NotRunning(name_or_id.to_owned()));
+        }
+        let unhealthy = state
+            .health
+            .and_then(|h| h.status)
+            .is_some_and(|s| s == HealthStatusEnum::UNHEALTHY);
+        Ok(Container {
+            id: c.id.unwrap_or_default(),
+            name: c
+                .name
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_owned(),
+            pid: pid as u32,
+            labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
+            unhealthy,
+        })
+    }
+
+    /// Container starts, deaths and health changes since `since` (unix seconds; the
+    /// engine replays what it logged after it). The stream ends (or yields an error)
+    /// when the engine goes away.
+    pub fn events(&self, since: u64) -> impl Stream<Item = Result<Event>> + Send + 'static {
+        let filters = HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            (
+                "event".to_owned(),
+                vec!["start".into(), "die".into(), "health_status".into()],
+            ),
+        ]);
+        let options = EventsOptions {
+            filters: Some(filters),
+            since: Some(since.to_string()),
+            ..Default::default()
+        };
+        let engine = self.clone();
+        self.docker.events(Some(options)).filter_map(move |item| {
+            let out = match item {
+                Ok(msg) => {
+                    let id = msg.actor.and_then(|a| a.id).unwrap_or_default();
+                    msg.action.as_deref().and_then(|a| event(a, id)).map(Ok)
+                }
+                Err(e) => Some(Err(engine.error("the event stream", e))),
+            };
+            std::future::ready(out)
+        })
+    }
+}
+
+/// An event action as the engine writes it (`start`, `health_status: healthy`).
+fn event(action: &str, id: String) -> Option<Event> {
+    if id.is_empty() {
+        return None;
+    }
+    match action {
+        "start" => Some(Event::Started(id)),
+        "die" => Some(Event::Died(id)),
+        _ => match action.strip_prefix("health_status:").map(str::trim) {
+            Some("healthy") => Some(Event::Health { id, healthy: true }),
+            Some("unhealthy") => Some(Event::Health { id, healthy: false }),
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_engine_s_actions() {
+        let id = || "abc".to_owned();
+        assert_eq!(event("start", id()), Some(Event::Started(id())));
+        assert_eq!(event("die", id()), Some(Event::Died(id())));
+        assert_eq!(
+            event("health_status: unhealthy", id()),
+            Some(Event::Health {
+                id: id(),
+                healthy: false
+            })
+        );
+        assert_eq!(
+            event("health_status: healthy", id()),
+            Some(Event::Health {
+                id: id(),
+                healthy: true
+            })
+        );
+        assert_eq!(event("health_status: starting", id()), None);
+        assert_eq!(event("exec_start: sh", id()), None);
+        assert_eq!(event("start", String::new()), None);
+    }
+}

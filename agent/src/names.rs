@@ -1,0 +1,19 @@
+//! What may be a DNS name here (container names, services, aliases), shared by the
+//! attach API and Docker labels so both refuse the same things in the same words.
+
+/// Letters, digits, '_', '-', '.', 1 to 63 of them, as Docker allows. `_` is fine:
+/// Compose services are often named `echo_api`.
+pub fn check_dns_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{kind} {name:?} is not a usable DNS name: use 1 to 63 letters, digits, '_', '-' or '.'"
+        ))
+    }
+}

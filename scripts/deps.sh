@@ -5,7 +5,7 @@ set -euo pipefail
 # protobuf-compiler: etcd-client generates its gRPC code at build time.
 # docker.io (dockerd, containerd, runc) and iptables: the Docker tests start their
 # own engines; util-linux has nsenter.
-packages=(iproute2 nftables iptables iputils-ping busybox-static iperf3 dnsutils procps
+packages=(iproute2 nftables iptables iputils-ping busybox-static iperf3 dnsutils procps tcpdump
   util-linux protobuf-compiler etcd-server etcd-client docker.io)
 missing=()
 for p in "${packages[@]}"; do

@@ -35,6 +35,8 @@ pub enum Request {
         network: Option<String>,
     },
     Endpoints,
+    /// Replace this host's WireGuard key (peers pick the new one up from the store).
+    RotateKey,
 }
 
 /// `netagent attach TARGET NETWORK [--name] [--service] [--alias]...`; the target is
@@ -76,6 +78,11 @@ pub struct Status {
     /// None: Docker integration is off (`[docker] enabled = false`).
     #[serde(default)]
     pub docker: Option<DockerStatus>,
+    /// This host's mesh address, while the encrypted mesh runs.
+    #[serde(default)]
+    pub mesh_address: Option<Ipv4Addr>,
+    /// This host's WireGuard public key (the private key is never shown).
+    pub public_key: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,4 +157,19 @@ pub struct PeerInfo {
     pub rtt_ms: Option<f64>,
     pub endpoints: usize,
     pub networks: Vec<String>,
+    /// Its side of the encrypted mesh, when both hosts are on it.
+    #[serde(default)]
+    pub mesh: Option<MeshPeerInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MeshPeerInfo {
+    pub address: Ipv4Addr,
+    /// Where its WireGuard packets come from (roaming followed).
+    pub endpoint: String,
+    pub public_key: String,
+    /// Seconds since the last completed handshake; None: none yet.
+    pub handshake_secs: Option<u64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
 }

@@ -69,6 +69,8 @@ enum Command {
     Endpoints,
     /// This node, the store's health, counts.
     Status,
+    /// Replace this host's WireGuard key; peers pick it up and handshake again.
+    RotateKey,
     /// Remove every kernel object, rule and local state this host's agent made.
     /// Refused while the agent runs.
     Reset(ConfigArg),
@@ -171,6 +173,7 @@ impl Cli {
             Command::Services { network } => Request::Services { network },
             Command::Endpoints => Request::Endpoints,
             Command::Status => Request::Status,
+            Command::RotateKey => Request::RotateKey,
         };
         let reply = client::call(&self.socket, &request).await?;
         if self.json {

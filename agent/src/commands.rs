@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use netagent_overlay::{Host, NetnsRef};
 use tracing::info;
 
-use crate::api::{EndpointInfo, NetworkInfo, PeerInfo, Request, ServiceInfo, Status};
+use crate::api::{EndpointInfo, MeshPeerInfo, NetworkInfo, PeerInfo, Request, ServiceInfo, Status};
 use crate::config::{Config, StoreConfig, DEFAULT_PATH};
 use crate::daemon::{bind_api, serve_api, Agent};
 use crate::model;
@@ -90,6 +90,9 @@ pub async fn reset(config: &Path) -> Result<()> {
                 for b in c.blocks.values().filter(|b| b.node == cfg.node) {
                     txn = txn.delete(model::block_key(&b.network, b.block));
                 }
+                for m in c.mesh.values().filter(|m| m.node == cfg.node) {
+                    txn = txn.delete(model::mesh_key(m.address));
+                }
                 store.txn(txn).await
             };
             match tokio::time::timeout(Duration::from_secs(5), forget).await {
@@ -106,6 +109,16 @@ pub async fn reset(config: &Path) -> Result<()> {
     }
     println!("removed every netagent device, route and firewall table on this host");
     Ok(())
+}
+
+/// Byte counts as people read them.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1}GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1}MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1}KiB", n as f64 / 1024.0),
+        n => format!("{n}B"),
+    }
 }
 
 /// A person's view of an API reply.
@@ -141,6 +154,13 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
                 s.node, s.underlay, s.state, s.networks, s.local_endpoints, s.endpoints,
                 s.peers_up, s.peers_down, s.version, s.uptime_secs
             );
+            out.push_str(&format!(
+                "mesh:       {} (public key {})\n",
+                s.mesh_address
+                    .map_or("not started (no encrypted network here)".into(), |a| a
+                        .to_string()),
+                s.public_key
+            ));
             for p in s.docker.iter().flat_map(|d| &d.problems) {
                 out.push_str(&format!("container {}: {}\n", p.container, p.problem));
             }
@@ -197,19 +217,45 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
         }
         Request::Peers => {
             let peers: Vec<PeerInfo> = serde_json::from_value(reply)?;
-            let mut t = Table::new(&["PEER", "UNDERLAY", "STATE", "RTT", "ENDPOINTS", "NETWORKS"]);
+            let mut t = Table::new(&[
+                "PEER",
+                "UNDERLAY",
+                "STATE",
+                "RTT",
+                "ENDPOINTS",
+                "NETWORKS",
+                "MESH",
+                "WG ENDPOINT",
+                "HANDSHAKE",
+                "TX",
+                "RX",
+            ]);
             for p in peers {
+                let mesh =
+                    |f: &dyn Fn(&MeshPeerInfo) -> String| p.mesh.as_ref().map_or("-".to_owned(), f);
                 t.row(vec![
-                    p.name,
+                    p.name.clone(),
                     p.underlay.to_string(),
-                    p.state,
+                    p.state.clone(),
                     p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}ms")),
                     p.endpoints.to_string(),
                     p.networks.join(","),
+                    mesh(&|m| m.address.to_string()),
+                    mesh(&|m| m.endpoint.clone()),
+                    mesh(&|m| {
+                        m.handshake_secs
+                            .map_or("never".into(), |s| format!("{s}s ago"))
+                    }),
+                    mesh(&|m| bytes(m.tx_bytes)),
+                    mesh(&|m| bytes(m.rx_bytes)),
                 ]);
             }
             t.render()
         }
+        Request::RotateKey => format!(
+            "new public key: {}\n",
+            reply["public_key"].as_str().unwrap_or("?")
+        ),
         Request::Services { .. } => {
             let services: Vec<ServiceInfo> = serde_json::from_value(reply)?;
             let mut t = Table::new(&["NETWORK", "SERVICE", "REPLICAS", "ADDRESSES", "HOSTS"]);

@@ -26,6 +26,14 @@ struct File {
     dns: DnsFile,
     #[serde(default)]
     docker: DockerFile,
+    #[serde(default)]
+    mesh: MeshFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MeshFile {
+    listen_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -65,6 +73,8 @@ pub struct Config {
     pub dns_upstream: Vec<SocketAddr>,
     /// The Docker engine whose containers join networks by label; None: off.
     pub docker_socket: Option<PathBuf>,
+    /// UDP port of the encrypted mesh (WireGuard) on the underlay address.
+    pub mesh_port: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -190,6 +200,14 @@ impl Config {
             dns_ttl,
             dns_upstream,
             docker_socket,
+            mesh_port: match f.mesh.listen_port {
+                Some(0) => bail!(
+                    "{}listen_port = 0: give a port (default 51820)",
+                    at("listen_port")
+                ),
+                Some(p) => p,
+                None => 51820,
+            },
         })
     }
 

@@ -42,6 +42,8 @@ pub enum IpamError {
     BlockSize { block: u8, subnet: Ipv4Net },
     #[error("MTU {0} is out of range 576..=9000")]
     Mtu(u32),
+    #[error("subnet {0} overlaps the encrypted mesh's addresses ({1}); pick a subnet outside it")]
+    MeshOverlap(Ipv4Net, Ipv4Net),
 }
 
 /// Docker-compatible network names; they also appear in store keys and DNS names.
@@ -102,6 +104,10 @@ pub fn plan_network<'a>(
             name: n.name.clone(),
             subnet: n.subnet,
         });
+    }
+    let mesh = crate::model::mesh_subnet();
+    if mesh.contains(&subnet.network()) || subnet.contains(&mesh.network()) {
+        return Err(IpamError::MeshOverlap(subnet, mesh));
     }
     if let Some(n) = existing
         .clone()
@@ -209,8 +215,13 @@ mod tests {
             e.to_string(),
             "subnet 100.64.128.0/24 overlaps network \"app-net\" (100.64.0.0/16); pick a subnet outside it"
         );
-        let e = plan(new("other", "100.0.0.0/8")).unwrap_err();
+        let e = plan(new("other", "100.64.0.0/12")).unwrap_err();
         assert!(matches!(e, IpamError::Overlap { .. }), "{e}");
+        let e = plan(new("other", "100.127.0.0/16")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "subnet 100.127.0.0/16 overlaps the encrypted mesh's addresses (100.127.192.0/18); pick a subnet outside it"
+        );
         let e = plan(new("other", "100.66.0.1/16")).unwrap_err();
         assert_eq!(
             e.to_string(),

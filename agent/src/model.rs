@@ -10,6 +10,8 @@
 //! - `endpoints/<network>/<address>`: an attached namespace, written only by the
 //!   host owning the block. Endpoints are not under the lease: they survive an agent
 //!   restart, and other hosts answer only for endpoints of live nodes.
+//! - `mesh/<address>`: a host's place on the encrypted mesh (its mesh address, taken
+//!   create-if-absent like a block, its WireGuard public key and endpoint).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -25,6 +27,15 @@ pub const NETWORKS: &str = "networks/";
 pub const NETWORKS_GUARD: &str = "meta/networks";
 pub const BLOCKS: &str = "blocks/";
 pub const ENDPOINTS: &str = "endpoints/";
+pub const MESH: &str = "mesh/";
+
+/// Addresses of the encrypted mesh (one per host, on `nawg0`); network subnets may
+/// not overlap it.
+pub const MESH_SUBNET: &str = "100.127.192.0/18";
+
+pub fn mesh_subnet() -> Ipv4Net {
+    MESH_SUBNET.parse().expect("valid mesh subnet")
+}
 
 pub fn node_key(node: &str) -> String {
     format!("{NODES}{node}")
@@ -41,6 +52,19 @@ pub fn block_key(network: &str, block: Ipv4Net) -> String {
 }
 pub fn endpoint_key(network: &str, address: Ipv4Addr) -> String {
     format!("{ENDPOINTS}{network}/{address}")
+}
+pub fn mesh_key(address: Ipv4Addr) -> String {
+    format!("{MESH}{address}")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshRecord {
+    pub node: String,
+    pub address: Ipv4Addr,
+    /// WireGuard public key, base64 as `wg` writes it.
+    pub public_key: String,
+    /// Where its WireGuard socket listens.
+    pub endpoint: std::net::SocketAddrV4,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +135,7 @@ pub struct Cluster {
     pub networks: BTreeMap<String, NetworkRecord>,
     pub blocks: BTreeMap<String, BlockRecord>,
     pub endpoints: BTreeMap<String, EndpointRecord>,
+    pub mesh: BTreeMap<String, MeshRecord>,
     /// Value of `meta/networks` (None: no network was ever created).
     pub networks_guard: Option<Vec<u8>>,
 }
@@ -141,7 +166,13 @@ impl Cluster {
             put(&mut self.blocks, k, value);
         } else if let Some(k) = key.strip_prefix(ENDPOINTS) {
             put(&mut self.endpoints, k, value);
+        } else if let Some(k) = key.strip_prefix(MESH) {
+            put(&mut self.mesh, k, value);
         }
+    }
+
+    pub fn mesh_of(&self, node: &str) -> Option<&MeshRecord> {
+        self.mesh.values().find(|m| m.node == node)
     }
 
     pub fn is_alive(&self, node: &str) -> bool {

@@ -10,29 +10,24 @@ use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::host::{Host, Underlay};
+use crate::host::Host;
 use crate::naming::{host_veth_name, vxlan_name, Mac};
 use crate::netlink::{Link, Netlink};
 use crate::netns::Netns;
 use crate::spec::{Endpoint, NetworkSpec};
 
 impl Host {
-    /// Attaches a namespace to a network already ensured on this host.
-    pub async fn attach(
-        &self,
-        underlay: &Underlay,
-        spec: &NetworkSpec,
-        ep: &Endpoint,
-    ) -> Result<()> {
+    /// Attaches a namespace to a network already ensured on this host, with the MTU
+    /// of the network's device (which apply computed for its path: underlay or mesh).
+    pub async fn attach(&self, spec: &NetworkSpec, ep: &Endpoint) -> Result<()> {
         spec.validate_endpoint_address(ep.address)?;
-        if self.nl.link(&vxlan_name(spec.vni)).await?.is_none() {
+        let Some(device) = self.nl.link(&vxlan_name(spec.vni)).await? else {
             return Err(Error::UnknownNetwork {
                 network: spec.name.clone(),
                 vni: spec.vni,
             });
-        }
-        self.attach_to(spec, ep, spec.mtu_over(underlay.overlay_mtu()))
-            .await
+        };
+        self.attach_to(spec, ep, device.mtu).await
     }
 
     /// Detaches the endpoint holding `address` (nothing to do when it is not there).

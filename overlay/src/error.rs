@@ -54,6 +54,9 @@ pub enum Error {
         ns: String,
     },
 
+    #[error("encrypted mesh: {message}")]
+    Mesh { message: String },
+
     #[error("firewall (nft) in namespace {ns}: {message}")]
     Firewall { ns: String, message: String },
 

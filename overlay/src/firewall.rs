@@ -92,11 +92,11 @@ fn render_body(networks: &[NetworkSpec]) -> String {
         "\tchain raw_prerouting {\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
          \t\tiifgroup @overlay_groups ip daddr @subnets notrack\n\
-         \t\tudp dport 4789 notrack\n\
+         \t\tudp dport { 4789, 4790 } notrack\n\
          \t}\n\
          \tchain raw_output {\n\
          \t\ttype filter hook output priority raw; policy accept;\n\
-         \t\tudp dport 4789 notrack\n\
+         \t\tudp dport { 4789, 4790 } notrack\n\
          \t}\n",
     );
     let mark = format!("meta mark set meta mark | {FORWARD_MARK:#x}");
@@ -114,6 +114,7 @@ fn render_body(networks: &[NetworkSpec]) -> String {
         "\tchain input {\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
          \t\tiifgroup . ip daddr @foreign_gateways drop\n\
+         \t\tudp dport 4790 iifname != \"nawg0\" drop\n\
          \t}\n\
          \tchain postrouting {\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
@@ -281,6 +282,7 @@ mod tests {
             subnet: subnet.parse().unwrap(),
             block: block.parse().unwrap(),
             mtu: None,
+            encrypted: false,
         }
     }
 

@@ -15,9 +15,24 @@ use crate::netlink::{Link, Netlink, Route};
 use crate::netns::{Netns, NetnsRef};
 use crate::plan::{desired_objects, plan, Object};
 use crate::spec::{HostState, NetworkSpec, NetworkState, Peer};
+use crate::wireguard::{KeyPair, Mesh, MESH_INTERFACE, WIREGUARD_OVERHEAD};
 
 /// VXLAN over IPv4 adds 50 bytes (outer IP 20, UDP 8, VXLAN 8, inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// VXLAN's port for plain networks, on the underlay.
+pub const VXLAN_PORT: u16 = 4789;
+/// VXLAN's port for encrypted networks, inside the mesh only: a socket of its own,
+/// so a plaintext packet to 4789 can never reach an encrypted network's device, and
+/// anything to 4790 that did not come out of the mesh is dropped by the firewall.
+pub const ENCRYPTED_VXLAN_PORT: u16 = 4790;
+
+fn vxlan_port(spec: &NetworkSpec) -> u16 {
+    if spec.encrypted {
+        ENCRYPTED_VXLAN_PORT
+    } else {
+        VXLAN_PORT
+    }
+}
 
 /// What an `apply` changed; empty when the kernel already matched.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -113,6 +128,17 @@ impl Host {
         let underlay = self
             .underlay(state.underlay_address, state.underlay_interface.as_deref())
             .await?;
+        // Encrypted networks hang off the mesh device instead.
+        let mesh = match state.mesh_address {
+            Some(a) if state.networks.iter().any(|n| n.network.encrypted) => {
+                Some(self.underlay(a, Some(MESH_INTERFACE)).await?)
+            }
+            _ => None,
+        };
+        let via = |spec: &NetworkSpec| match (&mesh, spec.encrypted) {
+            (Some(m), true) => m,
+            _ => &underlay,
+        };
         self.ns.write_sysctl("net.ipv4.ip_forward", "1").await?;
         let mut observed = self.observe().await?;
         let plan = plan(&desired_objects(state), &observed.objects);
@@ -135,7 +161,7 @@ impl Host {
         for object in &plan.create {
             let net = networks[&object.vni()];
             match self
-                .create_object(object, net, &underlay, &mut observed.links)
+                .create_object(object, net, via(&net.network), &mut observed.links)
                 .await
             {
                 Ok(()) => report.created.push(format!("{object:?}")),
@@ -143,7 +169,7 @@ impl Host {
             }
         }
         for net in &state.networks {
-            let mtu = net.network.mtu_over(underlay.overlay_mtu());
+            let mtu = net.network.mtu_over(via(&net.network).overlay_mtu());
             let name = vxlan_name(net.network.vni);
             if let Some(link) = observed.links.get(&name).filter(|l| l.mtu != mtu) {
                 self.nl.set_mtu(link.index, &name, mtu).await?;
@@ -179,7 +205,10 @@ impl Host {
         let mut orphans = Vec::new();
         for link in links.values() {
             if let (Some(vni), Some(vx)) = (vni_of(&link.name, "nax"), &link.vxlan) {
-                let sound = vx.vni == vni && vx.port == 4789 && !vx.learning && link.group == vni;
+                let sound = vx.vni == vni
+                    && (vx.port == VXLAN_PORT || vx.port == ENCRYPTED_VXLAN_PORT)
+                    && !vx.learning
+                    && link.group == vni;
                 let local = vx.local.filter(|_| sound).unwrap_or(Ipv4Addr::UNSPECIFIED);
                 objects.insert(Object::Vxlan { vni, local });
                 for (_, address) in addresses.iter().filter(|(i, _)| *i == link.index) {
@@ -252,7 +281,15 @@ impl Host {
                 }
                 let mac = Mac::for_vtep(*vni, *local);
                 self.nl
-                    .create_vxlan(&vx_name, *vni, *local, underlay.index, mac, mtu)
+                    .create_vxlan(
+                        &vx_name,
+                        *vni,
+                        *local,
+                        underlay.index,
+                        mac,
+                        mtu,
+                        vxlan_port(spec),
+                    )
                     .await?;
                 if let Some(l) = self.nl.link(&vx_name).await? {
                     links.insert(vx_name, l);
@@ -360,6 +397,7 @@ impl Host {
             underlay_address: underlay.address,
             underlay_interface: None,
             networks: vec![net.clone()],
+            mesh_address: spec.encrypted.then_some(underlay.address),
         };
         let mut observed = self.observe().await?;
         let wanted: BTreeSet<Object> = desired_objects(&state).into_iter().filter(part).collect();
@@ -392,6 +430,35 @@ impl Host {
             }
         }
         Error::collect(errors)
+    }
+
+    /// Starts the encrypted mesh here: the TUN device with `address/prefix`, its MTU
+    /// the underlay's less WireGuard's overhead, and the datapath threads.
+    pub async fn start_mesh(
+        &self,
+        keys: KeyPair,
+        underlay: &Underlay,
+        address: Ipv4Addr,
+        prefix: u8,
+        listen_port: u16,
+    ) -> Result<Mesh> {
+        let mtu = underlay.mtu.saturating_sub(WIREGUARD_OVERHEAD);
+        let listen = std::net::SocketAddrV4::new(underlay.address, listen_port);
+        let mesh = Mesh::start(&self.ns, keys, address, listen).await?;
+        let link = self
+            .nl
+            .link(MESH_INTERFACE)
+            .await?
+            .ok_or_else(|| Error::Mesh {
+                message: format!("{MESH_INTERFACE} vanished after creation"),
+            })?;
+        let net = ipnet::Ipv4Net::new(address, prefix).map_err(|e| Error::Mesh {
+            message: e.to_string(),
+        })?;
+        self.nl.set_mtu(link.index, MESH_INTERFACE, mtu).await?;
+        self.nl.add_address(link.index, MESH_INTERFACE, net).await?;
+        self.nl.set_up(link.index, MESH_INTERFACE).await?;
+        Ok(mesh)
     }
 
     /// Lets overlay traffic through the FORWARD chain of a dockerd on this host (whose

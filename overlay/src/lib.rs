@@ -18,12 +18,14 @@ mod netns;
 mod plan;
 mod probe;
 mod spec;
+mod wireguard;
 
 pub use error::{Error, Result};
 pub use firewall::{DockerForward, FORWARD_MARK, TABLE as FIREWALL_TABLE};
-pub use host::{ApplyReport, Host, Underlay, VXLAN_OVERHEAD};
+pub use host::{ApplyReport, Host, Underlay, ENCRYPTED_VXLAN_PORT, VXLAN_OVERHEAD, VXLAN_PORT};
 pub use naming::{host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};
 pub use plan::{desired_objects, plan, Object, Plan};
 pub use probe::overlay_rtt;
 pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer, MAX_VNI};
+pub use wireguard::{KeyPair, Mesh, MeshPeer, PeerStats, MESH_INTERFACE, WIREGUARD_OVERHEAD};

@@ -127,6 +127,7 @@ impl Netlink {
 
     /// A VXLAN device with no learning and no flooding (every remote MAC is
     /// programmed), in interface group `vni`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_vxlan(
         &self,
         name: &str,
@@ -135,11 +136,12 @@ impl Netlink {
         underlay_index: u32,
         mac: Mac,
         mtu: u32,
+        port: u16,
     ) -> Result<()> {
         let msg = LinkVxlan::new(name, vni)
             .dev(underlay_index)
             .local(local)
-            .port(4789)
+            .port(port)
             .learning(false)
             .address(mac.0.to_vec())
             .mtu(mtu)

@@ -65,7 +65,7 @@ impl Object {
 pub fn desired_objects(state: &HostState) -> BTreeSet<Object> {
     let mut out = BTreeSet::new();
     for net in &state.networks {
-        network_objects(state.underlay_address, net, &mut out);
+        network_objects(state.vxlan_source(&net.network), net, &mut out);
     }
     out
 }
@@ -154,6 +154,7 @@ mod tests {
         HostState {
             underlay_address: "192.0.2.11".parse().unwrap(),
             underlay_interface: None,
+            mesh_address: None,
             networks: vec![NetworkState {
                 network: NetworkSpec {
                     name: "a".into(),
@@ -161,6 +162,7 @@ mod tests {
                     subnet: "100.64.0.0/16".parse().unwrap(),
                     block: "100.64.1.0/24".parse().unwrap(),
                     mtu: None,
+                    encrypted: false,
                 },
                 peers: peers
                     .iter()

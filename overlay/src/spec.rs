@@ -23,6 +23,10 @@ pub struct HostState {
     /// Networks present on this host, each with its peers and local endpoints.
     #[serde(default)]
     pub networks: Vec<NetworkState>,
+    /// This host's address on the encrypted mesh (on [`crate::MESH_INTERFACE`]):
+    /// the VXLAN source of encrypted networks, whose peers are mesh addresses too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_address: Option<Ipv4Addr>,
 }
 
 /// One named network as seen from this host.
@@ -54,6 +58,10 @@ pub struct NetworkSpec {
     /// MTU asked for the network; the underlay's MTU less VXLAN's overhead caps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// Carried between hosts inside the WireGuard mesh (VXLAN on port 4790 over the
+    /// mesh addresses); plaintext VXLAN for it from the underlay is dropped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 impl NetworkSpec {
@@ -161,6 +169,15 @@ impl NetworkSpec {
 }
 
 impl HostState {
+    /// Where a network's VXLAN packets leave from: the mesh address for encrypted
+    /// networks, the underlay address for the others.
+    pub fn vxlan_source(&self, spec: &NetworkSpec) -> Ipv4Addr {
+        match (spec.encrypted, self.mesh_address) {
+            (true, Some(mesh)) => mesh,
+            _ => self.underlay_address,
+        }
+    }
+
     /// Refuses a state that cannot be applied whole: overlapping subnets, duplicate
     /// names, VNIs or addresses, blocks outside their subnet, peers that clash.
     pub fn validate(&self) -> Result<()> {
@@ -172,6 +189,11 @@ impl HostState {
             let spec = &net.network;
             spec.validate()?;
             let name = spec.name.as_str();
+            if spec.encrypted && self.mesh_address.is_none() {
+                return invalid(format!(
+                    "network {name:?} is encrypted but this host has no mesh address"
+                ));
+            }
             if !names.insert(name) {
                 return invalid(format!("network {name:?} appears twice"));
             }
@@ -189,7 +211,8 @@ impl HostState {
             }
             subnets.push((name, spec.subnet));
             let mut blocks = vec![(String::from("this host"), spec.block)];
-            let mut underlays = BTreeSet::from([self.underlay_address]);
+            let local = self.vxlan_source(spec);
+            let mut underlays = BTreeSet::from([local]);
             for peer in &net.peers {
                 if !spec.subnet.contains(&peer.block) || peer.block != peer.block.trunc() {
                     return invalid(format!(
@@ -251,6 +274,7 @@ mod tests {
                 subnet: subnet.parse().unwrap(),
                 block: block.parse().unwrap(),
                 mtu: None,
+                encrypted: false,
             },
             peers: vec![],
             endpoints: vec![],
@@ -271,6 +295,7 @@ mod tests {
             underlay_address: "192.0.2.11".parse().unwrap(),
             underlay_interface: None,
             networks,
+            mesh_address: None,
         }
     }
 

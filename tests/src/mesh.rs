@@ -98,6 +98,7 @@ impl Mesh {
                     subnet: net.subnet,
                     block: block(net.subnet, host),
                     mtu: None,
+                    encrypted: false,
                 },
                 peers: self
                     .underlays
@@ -127,6 +128,7 @@ impl Mesh {
             underlay_address: self.underlays[host - 1],
             underlay_interface: None,
             networks,
+            mesh_address: None,
         }
     }
 }

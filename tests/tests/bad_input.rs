@@ -20,14 +20,13 @@ fn bad_attaches_are_refused_and_leave_nothing() {
     let spec = state.networks[0].network.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let host = rt.block_on(Host::open(&NetnsRef::Path(h1.path()))).unwrap();
-    let underlay = rt.block_on(host.underlay(h1.underlay, None)).unwrap();
     let ep = |netns: NetnsRef, ip: [u8; 4], id: &str| Endpoint {
         id: id.into(),
         netns,
         address: Ipv4Addr::from(ip),
         mac: None,
     };
-    let attach = |spec: &NetworkSpec, e: Endpoint| rt.block_on(host.attach(&underlay, spec, &e));
+    let attach = |spec: &NetworkSpec, e: Endpoint| rt.block_on(host.attach(spec, &e));
     let clean = bed.dump(&h1.netns);
 
     let err = attach(
@@ -47,6 +46,7 @@ fn bad_attaches_are_refused_and_leave_nothing() {
         subnet: "100.66.0.0/16".parse().unwrap(),
         block: "100.66.1.0/24".parse().unwrap(),
         mtu: None,
+        encrypted: false,
     };
     let err = attach(
         &other,

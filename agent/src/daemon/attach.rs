@@ -207,7 +207,7 @@ impl<S: Store> Agent<S> {
             mac: None,
         };
         self.host
-            .attach(&self.underlay, &spec, &endpoint)
+            .attach(&spec, &endpoint)
             .await
             .with_context(|| format!("attaching {} to {:?}", req.target, network.name))?;
         let key = model::endpoint_key(&network.name, address);
@@ -355,8 +355,20 @@ impl<S: Store> Agent<S> {
 
     /// Sets up a network's device and peers on this host before its first endpoint.
     async fn ensure_network_here(&self, state: &mut LocalState, network: &str) -> Result<()> {
+        self.ensure_mesh().await;
         let desired = self.desired_host_state(state);
         if !desired.networks.iter().any(|n| n.network.name == network) {
+            if self.mesh_address().is_none()
+                && self
+                    .cluster
+                    .read()
+                    .unwrap()
+                    .networks
+                    .get(network)
+                    .is_some_and(|n| n.encrypted)
+            {
+                bail!("network {network:?} is encrypted and this host's mesh is not up (see the agent's log)");
+            }
             bail!("network {network:?} has no block on this host");
         }
         // Device, gateway, peers and the firewall's view of the new network at once.

@@ -11,6 +11,7 @@ mod attach;
 mod containers;
 mod listeners;
 mod liveness;
+mod mesh;
 mod networks;
 mod server;
 mod views;
@@ -77,6 +78,11 @@ pub struct Agent<S: Store> {
     rtt: StdMutex<HashMap<String, f64>>,
     /// None: Docker integration is off.
     docker: Option<containers::DockerLink>,
+    /// This host's WireGuard key pair (private half: here and in its file only).
+    keys: StdMutex<netagent_overlay::KeyPair>,
+    /// The encrypted mesh, once this host holds a block of an encrypted network.
+    mesh: StdMutex<Option<netagent_overlay::Mesh>>,
+    mesh_starting: Mutex<()>,
 }
 
 impl<S: Store> Agent<S> {
@@ -110,6 +116,7 @@ impl<S: Store> Agent<S> {
             started: started_unix,
         };
         let cfg_docker = cfg.docker_socket.clone();
+        let keys = mesh::load_or_create_key(&cfg.state_dir).await?;
         let agent = Arc::new(Agent {
             cfg,
             store,
@@ -126,6 +133,9 @@ impl<S: Store> Agent<S> {
             reconcile: Notify::new(),
             rtt: StdMutex::new(HashMap::new()),
             docker: cfg_docker.map(containers::DockerLink::new),
+            keys: StdMutex::new(keys),
+            mesh: StdMutex::new(None),
+            mesh_starting: Mutex::new(()),
         });
         let ttl = match &agent.cfg.store {
             crate::config::StoreConfig::Etcd { lease_ttl, .. } => *lease_ttl,
@@ -296,6 +306,7 @@ impl<S: Store> Agent<S> {
     /// Brings the kernel and the DNS listeners in line with the cluster. `full`
     /// applies even when nothing seems to have changed (repairs drift).
     async fn reconcile_once(&self, full: bool) {
+        self.ensure_mesh().await;
         let mut state = self.local.lock().await;
         let deleted: Vec<String> = std::mem::take(&mut *self.deleted_here.lock().unwrap());
         let networks: BTreeSet<String> = self
@@ -338,19 +349,32 @@ impl<S: Store> Agent<S> {
     /// The kernel state this host should have: every network it holds a block of,
     /// with every other block of it as a peer, and the namespaces attached here.
     fn desired_host_state(&self, state: &LocalState) -> HostState {
+        let mesh_address = self.mesh_address();
         let c = self.cluster.read().unwrap();
         let mut networks = Vec::new();
         for net in c.networks.values() {
             let Some(mine) = c.blocks_of(&net.name).find(|b| b.node == self.node.name) else {
                 continue;
             };
+            if net.encrypted && mesh_address.is_none() {
+                // Waits for the mesh: never plaintext on the underlay.
+                continue;
+            }
+            // Encrypted networks reach their peers at mesh addresses, inside WireGuard.
             let peers = c
                 .blocks_of(&net.name)
                 .filter(|b| b.node != self.node.name)
-                .map(|b| Peer {
-                    name: b.node.clone(),
-                    underlay: b.underlay,
-                    block: b.block,
+                .filter_map(|b| {
+                    let underlay = if net.encrypted {
+                        c.mesh_of(&b.node)?.address
+                    } else {
+                        b.underlay
+                    };
+                    Some(Peer {
+                        name: b.node.clone(),
+                        underlay,
+                        block: b.block,
+                    })
                 })
                 .collect();
             let endpoints = state
@@ -373,6 +397,7 @@ impl<S: Store> Agent<S> {
         HostState {
             underlay_address: self.node.underlay,
             underlay_interface: self.cfg.underlay_interface.clone(),
+            mesh_address,
             networks,
         }
     }
@@ -394,6 +419,7 @@ pub fn network_spec(net: &model::NetworkRecord, block: ipnet::Ipv4Net) -> Networ
         subnet: net.subnet,
         block,
         mtu: net.mtu,
+        encrypted: net.encrypted,
     }
 }
 

@@ -15,9 +15,6 @@ const RETRIES: usize = 5;
 
 impl<S: Store> Agent<S> {
     pub async fn create_network(&self, new: &NewNetwork) -> Result<NetworkInfo> {
-        if new.encrypted {
-            bail!("encrypted networks are not available yet (WireGuard mesh not built); create the network without --encrypted");
-        }
         for _ in 0..RETRIES {
             let cluster = self.fresh_cluster().await?;
             let record = ipam::plan_network(new, cluster.networks.values())?;

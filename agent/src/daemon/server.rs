@@ -83,6 +83,7 @@ impl<S: Store> Agent<S> {
             Request::Peers => json(&self.peers()),
             Request::Services { network } => json(&self.services(network.as_deref())),
             Request::Endpoints => json(&self.endpoints()),
+            Request::RotateKey => self.rotate_key().await?,
         })
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use netagent_overlay::block_gateway;
 
 use super::Agent;
-use crate::api::{EndpointInfo, PeerInfo, ServiceInfo, Status};
+use crate::api::{EndpointInfo, MeshPeerInfo, PeerInfo, ServiceInfo, Status};
 use crate::store::Store;
 
 const RTT_EVERY: Duration = Duration::from_secs(2);
@@ -39,6 +39,8 @@ impl<S: Store> Agent<S> {
             peers_up: peers.iter().filter(|p| p.state == "up").count(),
             peers_down: peers.iter().filter(|p| p.state != "up").count(),
             docker,
+            mesh_address: self.mesh_address(),
+            public_key: super::mesh::encode_key(&self.keys.lock().unwrap().public()),
         }
     }
 
@@ -56,7 +58,27 @@ impl<S: Store> Agent<S> {
         for n in c.nodes.values().filter(|n| n.name != self.node.name) {
             peer(&mut peers, &n.name, n.underlay).underlay = n.underlay;
         }
+        let stats = self
+            .mesh
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.stats())
+            .unwrap_or_default();
         for p in peers.values_mut() {
+            p.mesh = c.mesh_of(&p.name).and_then(|record| {
+                let s = stats
+                    .iter()
+                    .find(|s| super::mesh::encode_key(&s.public_key) == record.public_key)?;
+                Some(MeshPeerInfo {
+                    address: s.address,
+                    endpoint: s.endpoint.to_string(),
+                    public_key: record.public_key.clone(),
+                    handshake_secs: s.last_handshake.map(|d| d.as_secs()),
+                    tx_bytes: s.tx_bytes,
+                    rx_bytes: s.rx_bytes,
+                })
+            });
             p.state = if c.is_alive(&p.name) { "up" } else { "down" }.into();
             p.endpoints = c.endpoints.values().filter(|e| e.node == p.name).count();
             p.rtt_ms = rtt.get(&p.name).copied();
@@ -161,5 +183,6 @@ fn peer<'a>(
         rtt_ms: None,
         endpoints: 0,
         networks: Vec::new(),
+        mesh: None,
     })
 }

@@ -1,0 +1,245 @@
+//! The encrypted mesh as the agent runs it. This host's WireGuard key lives in the
+//! state directory (mode 0600) and nowhere else: not in a log, the API or the store;
+//! the store has the public key, the mesh address (taken create-if-absent, like a
+//! block) and the endpoint. The datapath starts when this host first holds a block
+//! of an encrypted network, and its peer set follows the other hosts' records.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use netagent_overlay::{KeyPair, MeshPeer};
+use tracing::{info, warn};
+
+use super::Agent;
+use crate::model::{self, MeshRecord};
+use crate::store::{Change, Compare, Store, Txn};
+
+const KEY_FILE: &str = "wireguard.key";
+
+pub fn key_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(KEY_FILE)
+}
+
+/// This host's key pair: read from the state directory, or made and saved on the
+/// first start.
+pub(super) async fn load_or_create_key(state_dir: &Path) -> Result<KeyPair> {
+    let path = key_path(state_dir);
+    match tokio::fs::read_to_string(&path).await {
+        Ok(text) => {
+            let bytes: [u8; 32] = B64
+                .decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{} is not a WireGuard private key (base64 of 32 bytes); remove it to have a new one made",
+                        path.display()
+                    )
+                })?;
+            Ok(KeyPair::from_private(bytes))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let keys = KeyPair::generate().context("cannot make a WireGuard key")?;
+            write_key(&path, &keys).await?;
+            info!(path = %path.display(), "made this host's WireGuard key");
+            Ok(keys)
+        }
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    }
+}
+
+/// Writes the private key readable by root alone, replacing the file whole.
+async fn write_key(path: &Path, keys: &KeyPair) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("new");
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .await
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    tokio::io::AsyncWriteExt::write_all(&mut f, B64.encode(keys.private_bytes()).as_bytes())
+        .await?;
+    f.sync_all().await?;
+    tokio::fs::rename(&tmp, path)
+        .await
+        .with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+pub fn encode_key(key: &[u8; 32]) -> String {
+    B64.encode(key)
+}
+
+fn decode_key(text: &str) -> Option<[u8; 32]> {
+    B64.decode(text).ok()?.try_into().ok()
+}
+
+impl<S: Store> Agent<S> {
+    /// This host's mesh address while the mesh runs.
+    pub(super) fn mesh_address(&self) -> Option<Ipv4Addr> {
+        self.mesh.lock().unwrap().as_ref().map(|m| m.address)
+    }
+
+    /// Starts the mesh when this host holds a block of an encrypted network, and
+    /// keeps its peers in line with the store. Returns the mesh address when up.
+    pub(super) async fn ensure_mesh(&self) -> Option<Ipv4Addr> {
+        if let Some(a) = self.mesh_address() {
+            self.sync_mesh_peers();
+            return Some(a);
+        }
+        let needed = {
+            let c = self.cluster.read().unwrap();
+            c.networks
+                .values()
+                .filter(|n| n.encrypted)
+                .any(|n| c.blocks_of(&n.name).any(|b| b.node == self.node.name))
+        };
+        if !needed {
+            return None;
+        }
+        // Attach and reconcile may both get here first; one starts it.
+        let _starting = self.mesh_starting.lock().await;
+        if let Some(a) = self.mesh_address() {
+            return Some(a);
+        }
+        match self.start_mesh().await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "encrypted mesh not started; encrypted networks wait"
+                );
+                None
+            }
+        }
+    }
+
+    async fn start_mesh(&self) -> Result<Ipv4Addr> {
+        let record = self.publish_mesh_record().await?;
+        let keys = self.keys.lock().unwrap().clone();
+        let mesh = self
+            .host
+            .start_mesh(
+                keys,
+                &self.underlay,
+                record.address,
+                model::mesh_subnet().prefix_len(),
+                self.cfg.mesh_port,
+            )
+            .await?;
+        info!(address = %record.address, public_key = record.public_key, listen = %record.endpoint, "encrypted mesh up");
+        *self.mesh.lock().unwrap() = Some(mesh);
+        self.sync_mesh_peers();
+        Ok(record.address)
+    }
+
+    /// Puts this host's mesh record (address, public key, endpoint) in the store,
+    /// taking a free mesh address the first time.
+    async fn publish_mesh_record(&self) -> Result<MeshRecord> {
+        let public_key = encode_key(&self.keys.lock().unwrap().public());
+        let endpoint = SocketAddrV4::new(self.node.underlay, self.cfg.mesh_port);
+        for _ in 0..8 {
+            let (mine, taken) = {
+                let c = self.cluster.read().unwrap();
+                let taken: BTreeSet<Ipv4Addr> = c.mesh.values().map(|m| m.address).collect();
+                (c.mesh_of(&self.node.name).cloned(), taken)
+            };
+            let record = match &mine {
+                Some(m) => MeshRecord {
+                    public_key: public_key.clone(),
+                    endpoint,
+                    ..m.clone()
+                },
+                None => MeshRecord {
+                    node: self.node.name.clone(),
+                    address: model::mesh_subnet()
+                        .hosts()
+                        .find(|a| !taken.contains(a))
+                        .ok_or_else(|| anyhow!("the mesh's addresses are all taken"))?,
+                    public_key: public_key.clone(),
+                    endpoint,
+                },
+            };
+            if mine.as_ref() == Some(&record) {
+                return Ok(record);
+            }
+            let key = model::mesh_key(record.address);
+            let bytes = model::encode(&record);
+            let mut txn = Txn::default().put(key.clone(), bytes.clone());
+            if mine.is_none() {
+                txn = txn.when(Compare::Absent(key.clone()));
+            }
+            if self
+                .store
+                .txn(txn)
+                .await
+                .map_err(|e| anyhow!("{e}; the mesh record cannot be published"))?
+            {
+                self.cluster.write().unwrap().apply(&[Change {
+                    key,
+                    value: Some(bytes),
+                }]);
+                return Ok(record);
+            }
+            let loaded = self.store.load().await?;
+            *self.cluster.write().unwrap() = model::Cluster::from_loaded(&loaded);
+        }
+        bail!("could not take a mesh address after 8 tries (hosts racing); retrying later")
+    }
+
+    /// Every other host's mesh record becomes a peer (a changed key or endpoint is
+    /// taken over; an unchanged peer keeps its session).
+    pub(super) fn sync_mesh_peers(&self) {
+        let peers: Vec<MeshPeer> = {
+            let c = self.cluster.read().unwrap();
+            c.mesh
+                .values()
+                .filter(|m| m.node != self.node.name)
+                .filter_map(|m| {
+                    Some(MeshPeer {
+                        public_key: decode_key(&m.public_key)?,
+                        endpoint: m.endpoint,
+                        address: m.address,
+                    })
+                })
+                .collect()
+        };
+        if let Some(mesh) = self.mesh.lock().unwrap().as_ref() {
+            mesh.set_peers(&peers);
+        }
+    }
+
+    /// Replaces this host's key: saved first, then used, then published; peers take
+    /// the new public key from the store and handshake again.
+    pub async fn rotate_key(&self) -> Result<serde_json::Value> {
+        let keys = KeyPair::generate().context("cannot make a WireGuard key")?;
+        write_key(&key_path(&self.cfg.state_dir), &keys).await?;
+        *self.keys.lock().unwrap() = keys.clone();
+        if let Some(mesh) = self.mesh.lock().unwrap().as_ref() {
+            mesh.set_keys(keys.clone());
+        }
+        let public_key = encode_key(&keys.public());
+        let published = self
+            .cluster
+            .read()
+            .unwrap()
+            .mesh_of(&self.node.name)
+            .is_some();
+        if published {
+            self.publish_mesh_record().await?;
+        }
+        info!(public_key, "WireGuard key rotated");
+        Ok(serde_json::json!({ "public_key": public_key }))
+    }
+}

@@ -1,0 +1,407 @@
+//! The encrypted mesh: one TUN device (`nawg0`) per host carrying the mesh address,
+//! and a userspace WireGuard datapath around boringtun's `noise` state machines.
+//! Encrypted networks' VXLAN runs over the mesh addresses, so every frame of theirs
+//! between hosts leaves inside WireGuard.
+//!
+//! Three dedicated threads, no per-packet hand-off between them: one reads packets
+//! from the TUN device, encrypts them and sends the batch with one sendmmsg; one
+//! receives datagrams with recvmmsg, decrypts them and writes them to the TUN device;
+//! one drives the protocol's timers (handshakes, keepalives, rekeying). A packet is
+//! delivered only when it decrypts under a peer's session and its source is that
+//! peer's mesh address.
+
+mod io;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use tracing::debug;
+
+use crate::error::{Error, Result};
+use crate::netns::Netns;
+
+/// The mesh's TUN device on every host.
+pub const MESH_INTERFACE: &str = "nawg0";
+/// WireGuard over IPv4: outer IP 20 + UDP 8 + data header 16 + authentication tag 16.
+pub const WIREGUARD_OVERHEAD: u32 = 60;
+
+/// A host's key pair; the private half never leaves this process but to its file.
+#[derive(Clone)]
+pub struct KeyPair {
+    secret: StaticSecret,
+}
+
+impl KeyPair {
+    /// A new random key pair (from the kernel's random source).
+    pub fn generate() -> std::io::Result<KeyPair> {
+        let mut bytes = [0u8; 32];
+        let mut f = File::open("/dev/urandom")?;
+        std::io::Read::read_exact(&mut f, &mut bytes)?;
+        Ok(KeyPair::from_private(bytes))
+    }
+
+    pub fn from_private(bytes: [u8; 32]) -> KeyPair {
+        KeyPair {
+            secret: StaticSecret::from(bytes),
+        }
+    }
+
+    pub fn private_bytes(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        PublicKey::from(&self.secret).to_bytes()
+    }
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the private half.
+        write!(f, "KeyPair(public {:02x?}..)", &self.public()[..4])
+    }
+}
+
+/// Another host of the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshPeer {
+    pub public_key: [u8; 32],
+    /// Where its WireGuard socket listens (its underlay address and port).
+    pub endpoint: SocketAddrV4,
+    /// Its address on the mesh: the only source accepted from it.
+    pub address: Ipv4Addr,
+}
+
+/// What `peers` shows of one mesh peer.
+#[derive(Clone, Debug)]
+pub struct PeerStats {
+    pub public_key: [u8; 32],
+    pub address: Ipv4Addr,
+    /// Where its packets come from now (roaming followed).
+    pub endpoint: SocketAddrV4,
+    pub last_handshake: Option<Duration>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+struct PeerState {
+    public_key: [u8; 32],
+    address: Ipv4Addr,
+    index: u32,
+    endpoint: Mutex<SocketAddrV4>,
+    tunn: Mutex<Tunn>,
+}
+
+#[derive(Default)]
+struct Peers {
+    by_address: HashMap<Ipv4Addr, Arc<PeerState>>,
+    by_index: HashMap<u32, Arc<PeerState>>,
+    by_key: HashMap<[u8; 32], Arc<PeerState>>,
+    next_index: u32,
+}
+
+struct Shared {
+    tun: File,
+    udp: UdpSocket,
+    keys: RwLock<KeyPair>,
+    peers: RwLock<Peers>,
+    stop: AtomicBool,
+}
+
+/// The running mesh datapath; stops (and its TUN device goes) when dropped.
+pub struct Mesh {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    pub address: Ipv4Addr,
+    pub listen: SocketAddrV4,
+}
+
+impl Mesh {
+    /// Creates the TUN device in `ns`, binds the WireGuard socket to `listen`, and
+    /// starts the datapath threads (addressing the device is `Host::start_mesh`'s).
+    pub(crate) async fn start(
+        ns: &Netns,
+        keys: KeyPair,
+        address: Ipv4Addr,
+        listen: SocketAddrV4,
+    ) -> Result<Mesh> {
+        let (tun, udp) = ns
+            .run(move || {
+                let tun = io::open_tun(MESH_INTERFACE).map_err(|e| Error::Mesh {
+                    message: format!(
+                        "cannot create TUN device {MESH_INTERFACE}: {e} (is /dev/net/tun there?)"
+                    ),
+                })?;
+                let udp = UdpSocket::bind(listen).map_err(|e| Error::Mesh {
+                    message: format!(
+                        "cannot listen for WireGuard on {listen}: {e}; set [mesh] listen_port"
+                    ),
+                })?;
+                udp.set_nonblocking(true).map_err(|e| Error::Mesh {
+                    message: e.to_string(),
+                })?;
+                Ok((tun, udp))
+            })
+            .await?;
+        let shared = Arc::new(Shared {
+            tun,
+            udp,
+            keys: RwLock::new(keys),
+            peers: RwLock::new(Peers::default()),
+            stop: AtomicBool::new(false),
+        });
+        let spawn = |name: &str, f: fn(&Shared)| {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(&s))
+                .expect("spawn a mesh thread")
+        };
+        let threads = vec![
+            spawn("mesh-out", outbound),
+            spawn("mesh-in", inbound),
+            spawn("mesh-timers", timers),
+        ];
+        Ok(Mesh {
+            shared,
+            threads,
+            address,
+            listen,
+        })
+    }
+
+    /// Makes the peer set `peers`: a peer whose key is unchanged keeps its sessions.
+    pub fn set_peers(&self, peers: &[MeshPeer]) {
+        let keys = self.shared.keys.read().unwrap().clone();
+        let mut table = self.shared.peers.write().unwrap();
+        let mut next = Peers {
+            next_index: table.next_index,
+            ..Default::default()
+        };
+        for p in peers {
+            let state = match table.by_key.get(&p.public_key) {
+                Some(existing) if existing.address == p.address => {
+                    *existing.endpoint.lock().unwrap() = p.endpoint;
+                    existing.clone()
+                }
+                _ => {
+                    next.next_index = (next.next_index + 1) & 0x00ff_ffff;
+                    let index = next.next_index;
+                    Arc::new(PeerState {
+                        public_key: p.public_key,
+                        address: p.address,
+                        index,
+                        endpoint: Mutex::new(p.endpoint),
+                        tunn: Mutex::new(new_tunn(&keys, p.public_key, index)),
+                    })
+                }
+            };
+            next.by_address.insert(state.address, state.clone());
+            next.by_index.insert(state.index, state.clone());
+            next.by_key.insert(state.public_key, state);
+        }
+        *table = next;
+    }
+
+    /// Replaces this host's key: every session starts over with a new handshake.
+    pub fn set_keys(&self, keys: KeyPair) {
+        let public = PublicKey::from(&keys.secret);
+        *self.shared.keys.write().unwrap() = keys.clone();
+        let table = self.shared.peers.read().unwrap();
+        for p in table.by_key.values() {
+            p.tunn
+                .lock()
+                .unwrap()
+                .set_static_private(keys.secret.clone(), public, None);
+        }
+    }
+
+    pub fn stats(&self) -> Vec<PeerStats> {
+        let table = self.shared.peers.read().unwrap();
+        table
+            .by_key
+            .values()
+            .map(|p| {
+                let (last_handshake, tx, rx, ..) = p.tunn.lock().unwrap().stats();
+                PeerStats {
+                    public_key: p.public_key,
+                    address: p.address,
+                    endpoint: *p.endpoint.lock().unwrap(),
+                    last_handshake,
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn new_tunn(keys: &KeyPair, peer: [u8; 32], index: u32) -> Tunn {
+    // Keepalive every 10 s: a restarted peer finds out quickly that our session is
+    // gone, and a NAT on the way keeps its mapping.
+    Tunn::new(
+        keys.secret.clone(),
+        PublicKey::from(peer),
+        None,
+        Some(10),
+        index,
+        None,
+    )
+}
+
+/// Poll timeout of the I/O threads: how quickly they notice `stop`.
+const POLL_MS: i32 = 200;
+
+/// TUN → encrypt → UDP, in batches.
+fn outbound(s: &Shared) {
+    let mut pkt = [0u8; io::BUF];
+    let mut batch = io::SendBatch::new();
+    while !s.stop.load(Ordering::Relaxed) {
+        if !io::wait_readable(s.tun.as_raw_fd(), POLL_MS) {
+            continue;
+        }
+        let peers = s.peers.read().unwrap();
+        while !batch.is_full() {
+            let Some(n) = io::read_packet(&s.tun, &mut pkt) else {
+                break;
+            };
+            let packet = &pkt[..n];
+            // IPv4 only: the destination is bytes 16..20.
+            if n < 20 || packet[0] >> 4 != 4 {
+                continue;
+            }
+            let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            let Some(peer) = peers.by_address.get(&dst) else {
+                continue;
+            };
+            let to = *peer.endpoint.lock().unwrap();
+            let mut tunn = peer.tunn.lock().unwrap();
+            if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(packet, batch.next_buf()) {
+                let len = out.len();
+                batch.push(len, to);
+            }
+        }
+        drop(peers);
+        batch.flush(&s.udp);
+    }
+}
+
+/// UDP → decrypt → TUN.
+fn inbound(s: &Shared) {
+    let mut batch = io::RecvBatch::new();
+    let mut out = [0u8; io::BUF];
+    let mut replies = io::SendBatch::new();
+    while !s.stop.load(Ordering::Relaxed) {
+        if !io::wait_readable(s.udp.as_raw_fd(), POLL_MS) {
+            continue;
+        }
+        let n = batch.recv(&s.udp);
+        let peers = s.peers.read().unwrap();
+        for i in 0..n {
+            let (datagram, from) = batch.get(i);
+            let Some(peer) = find_peer(s, &peers, datagram) else {
+                debug!(%from, "datagram from no known peer; dropped");
+                continue;
+            };
+            let mut tunn = peer.tunn.lock().unwrap();
+            match tunn.decapsulate(Some((*from.ip()).into()), datagram, &mut out) {
+                TunnResult::WriteToNetwork(reply) => {
+                    let len = reply.len();
+                    replies.next_buf()[..len].copy_from_slice(reply);
+                    replies.push(len, from);
+                    // Packets queued while the handshake ran go now.
+                    loop {
+                        if replies.is_full() {
+                            replies.flush(&s.udp);
+                        }
+                        match tunn.decapsulate(None, &[], replies.next_buf()) {
+                            TunnResult::WriteToNetwork(p) => {
+                                let len = p.len();
+                                replies.push(len, from);
+                            }
+                            _ => break,
+                        }
+                    }
+                    *peer.endpoint.lock().unwrap() = from;
+                }
+                TunnResult::WriteToTunnelV4(packet, source) => {
+                    // Cryptokey routing: a peer speaks only for its own address.
+                    if source == peer.address {
+                        io::write_packet(&s.tun, packet);
+                        *peer.endpoint.lock().unwrap() = from;
+                    }
+                }
+                TunnResult::Done => {
+                    *peer.endpoint.lock().unwrap() = from;
+                }
+                TunnResult::WriteToTunnelV6(..) => {}
+                TunnResult::Err(e) => debug!(%from, error = ?e, "datagram refused"),
+            }
+            if replies.is_full() {
+                replies.flush(&s.udp);
+            }
+        }
+        drop(peers);
+        replies.flush(&s.udp);
+    }
+}
+
+/// The peer a datagram belongs to: by our index in it, or for a handshake
+/// initiation by the static key it carries.
+fn find_peer(s: &Shared, peers: &Peers, datagram: &[u8]) -> Option<Arc<PeerState>> {
+    match Tunn::parse_incoming_packet(datagram).ok()? {
+        Packet::HandshakeInit(p) => {
+            let keys = s.keys.read().unwrap();
+            let public = PublicKey::from(&keys.secret);
+            let half = parse_handshake_anon(&keys.secret, &public, &p).ok()?;
+            peers.by_key.get(&half.peer_static_public).cloned()
+        }
+        Packet::HandshakeResponse(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+        Packet::PacketCookieReply(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+        Packet::PacketData(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+    }
+}
+
+/// Handshakes, keepalives and rekeying, four times a second.
+fn timers(s: &Shared) {
+    let mut batch = io::SendBatch::new();
+    while !s.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let peers = s.peers.read().unwrap();
+        for p in peers.by_key.values() {
+            let to = *p.endpoint.lock().unwrap();
+            let mut tunn = p.tunn.lock().unwrap();
+            match tunn.update_timers(batch.next_buf()) {
+                TunnResult::WriteToNetwork(out) => {
+                    let len = out.len();
+                    batch.push(len, to);
+                }
+                TunnResult::Err(e) => debug!(peer = %p.address, error = ?e, "timer"),
+                _ => {}
+            }
+            if batch.is_full() {
+                batch.flush(&s.udp);
+            }
+        }
+        drop(peers);
+        batch.flush(&s.udp);
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Encrypted networks' throughput in one run on the test bed (two hosts): netagent's
+# encrypted network against WireGuard tunnels between the same hosts made with
+# Debian's wireguard-go and with boringtun's own CLI (best of --threads 1/2/4), plain
+# VXLAN and the raw underlay. iperf3 -P1, interleaved, medians of 3. Run by hand as
+# root. Usage: wireguard.sh [SECONDS]
+# Last line: encrypted_gbps=.. wireguard_go_gbps=.. boringtun_gbps=.. vxlan_gbps=..
+#            underlay_gbps=.. vs_wireguard_go=.. vs_boringtun=..
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+scripts/deps.sh
+for p in wireguard-go wireguard-tools; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+done
+tools=target/bench-tools
+[ -x "$tools/bin/boringtun-cli" ] || cargo install --quiet --locked boringtun-cli --root "$tools" >&2
+cargo build --release --workspace --bins >&2
+exec target/release/netagent-testbed bench-wireguard "${1:-5}" "$tools/bin/boringtun-cli"

@@ -1,0 +1,355 @@
+//! Encrypted networks end to end: etcd and agents on the test bed, an encrypted and a
+//! plain network side by side, checked on the underlay with tcpdump, against a
+//! plaintext VXLAN injection, and across an agent restart and a key rotation.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use netagent_tests::cluster::{wait_for, Cluster};
+use netagent_tests::{in_netns, require_root, sh, sh_ok, tcp_transfer};
+
+const MIB10: usize = 10 << 20;
+
+/// The VNI `netagent network inspect` reports for a network.
+fn vni(c: &Cluster, network: &str) -> u32 {
+    let out = c.cli_ok(1, &["network", "inspect", network, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["vni"].as_u64().unwrap() as u32
+}
+
+/// Starts tcpdump on the underlay bridge, every packet written at once (-U).
+fn capture(c: &mut Cluster, file: &str) -> u32 {
+    let u = c.bed.underlay_ns.clone();
+    let pid = c.bed.spawn(
+        &u,
+        "tcpdump",
+        &["-i", "br0", "-nn", "-U", "-w", file, "udp"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    pid
+}
+
+/// Lines of `tcpdump -r file -v filter` (VXLAN on 4789 is decoded with its VNI).
+fn read_capture(file: &str, filter: &str) -> Vec<String> {
+    let out = sh(&format!("tcpdump -r {file} -nn -v '{filter}' 2>/dev/null"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn encrypted_and_plain_networks_side_by_side() {
+    if !require_root("encrypted_and_plain_networks_side_by_side") {
+        return;
+    }
+    let mut c = Cluster::running(3, 3);
+    c.create_network("plain", "100.64.0.0/16");
+    c.cli_ok(
+        1,
+        &[
+            "network",
+            "create",
+            "secure",
+            "--subnet",
+            "100.66.0.0/16",
+            "--encrypted",
+        ],
+    );
+    let (plain_vni, secure_vni) = (vni(&c, "plain"), vni(&c, "secure"));
+    let p1 = c.bed.container("p1");
+    let p3 = c.bed.container("p3");
+    let s1 = c.bed.container("s1");
+    let s3 = c.bed.container("s3");
+    c.attach(1, &p1, "plain", &[]);
+    let ip_p3 = c.attach(3, &p3, "plain", &[]);
+    c.attach(1, &s1, "secure", &[]);
+    let ip_s3 = c.attach(3, &s3, "secure", &[]);
+    let took = wait_for(Duration::from_secs(10), "ping over the mesh", || {
+        c.bed.ping(&s1, ip_s3)
+    });
+    eprintln!("first ping over the encrypted network after attach: {took:?}");
+    assert!(c.bed.ping(&p1, ip_p3));
+
+    // The MTU is the underlay's less WireGuard (60) and VXLAN (50): a full-size
+    // packet with DF set crosses.
+    let mtu = c.bed.exec_ok(&s1, "cat /sys/class/net/eth0/mtu");
+    assert_eq!(mtu.trim(), "1390");
+    assert!(c
+        .bed
+        .exec(&s1, &format!("ping -c 1 -W 2 -M do -s 1362 {ip_s3}"))
+        .status
+        .success());
+
+    // Encrypted: only WireGuard on the underlay, never this network's VXLAN.
+    let file = c.dir.join("secure.pcap").display().to_string();
+    let pid = capture(&mut c, &file);
+    assert_eq!(tcp_transfer(&s3, ip_s3, &s1, MIB10), MIB10);
+    c.bed.kill(pid);
+    let wireguard = read_capture(&file, "udp port 51820").len();
+    assert!(wireguard > 1000, "{wireguard} WireGuard packets");
+    let leaked: Vec<String> = read_capture(&file, "udp port 4789 or udp port 4790")
+        .into_iter()
+        .filter(|l| {
+            l.contains("udp port 4790")
+                || l.contains(&format!("vni {secure_vni}"))
+                || l.contains(".4790")
+        })
+        .collect();
+    assert!(leaked.is_empty(), "plaintext on the underlay: {leaked:?}");
+
+    // Plain: VXLAN with its VNI on the underlay.
+    let file = c.dir.join("plain.pcap").display().to_string();
+    let pid = capture(&mut c, &file);
+    assert_eq!(tcp_transfer(&p3, ip_p3, &p1, MIB10), MIB10);
+    c.bed.kill(pid);
+    let vxlan = read_capture(&file, "udp port 4789")
+        .iter()
+        .filter(|l| l.contains(&format!("vni {plain_vni}")))
+        .count();
+    // The kernel's VXLAN keeps TCP segments whole (GSO) up to the underlay's driver,
+    // so 10 MiB cross as a few hundred large packets on the veth.
+    assert!(vxlan > 100, "{vxlan} VXLAN packets of the plain network");
+
+    // peers: the mesh side of host 3, with a handshake and the bytes that crossed.
+    let out = c.cli_ok(1, &["peers", "--json"]);
+    let peers: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let h3 = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "host3")
+        .expect("host3 among the peers");
+    let mesh = &h3["mesh"];
+    assert!(mesh["handshake_secs"].as_u64().is_some(), "{h3}");
+    // Host 1's namespace sent the 10 MiB; host 3's acknowledgements came back.
+    assert!(mesh["tx_bytes"].as_u64().unwrap() > MIB10 as u64, "{h3}");
+    assert!(mesh["rx_bytes"].as_u64().unwrap() > 64 << 10, "{h3}");
+    assert_eq!(mesh["endpoint"], "192.0.2.13:51820", "{h3}");
+    let table = c.cli_ok(1, &["peers"]);
+    assert!(
+        table.contains("HANDSHAKE") && table.contains("s ago"),
+        "{table}"
+    );
+
+    // The private key: a 0600 file in the state directory, nowhere else.
+    let key_file = c.dir.join("h1-state/wireguard.key");
+    let meta = std::fs::metadata(&key_file).expect("the key file");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    let private = private.trim();
+    assert_eq!(private.len(), 44);
+    for shown in [
+        c.cli_ok(1, &["status", "--json"]),
+        c.cli_ok(1, &["peers", "--json"]),
+        c.cli_ok(3, &["peers", "--json"]),
+        c.log(1),
+        c.log(3),
+    ] {
+        assert!(!shown.contains(private), "the private key was shown");
+    }
+}
+
+/// A VXLAN packet as an attacker on the underlay would forge it: to `dst` inside
+/// network `vni`, from `src`, for the device with MAC `mac`, a UDP datagram to 5555.
+fn forged_vxlan(vni: u32, mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x08, 0, 0, 0];
+    p.extend_from_slice(&(vni << 8).to_be_bytes());
+    p.extend_from_slice(&mac);
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&4444u16.to_be_bytes());
+    p.extend_from_slice(&5555u16.to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The MAC of host `netns`'s VXLAN device for `vni`.
+fn vxlan_mac(netns: &str, vni: u32) -> [u8; 6] {
+    let out = sh_ok(&format!("ip -n {netns} -o link show dev nax{vni}"));
+    let mac = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("link/ether");
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+/// Whether a datagram to port 5555 arrives inside `netns` within `wait`.
+fn listen_once(
+    netns: &str,
+    ip: Ipv4Addr,
+    wait: Duration,
+) -> std::thread::JoinHandle<Option<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = in_netns(netns, move || {
+        let s = UdpSocket::bind((ip, 5555)).unwrap();
+        s.set_read_timeout(Some(wait)).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 256];
+        s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    });
+    rx.recv().unwrap();
+    h
+}
+
+#[test]
+fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
+    if !require_root("plaintext_vxlan_for_an_encrypted_network_is_dropped") {
+        return;
+    }
+    let mut c = Cluster::running(2, 3);
+    c.create_network("plain", "100.64.0.0/16");
+    c.cli_ok(
+        1,
+        &[
+            "network",
+            "create",
+            "secure",
+            "--subnet",
+            "100.66.0.0/16",
+            "--encrypted",
+        ],
+    );
+    let (plain_vni, secure_vni) = (vni(&c, "plain"), vni(&c, "secure"));
+    let (p1, p2, s1, s2) = (
+        c.bed.container("p1"),
+        c.bed.container("p2"),
+        c.bed.container("s1"),
+        c.bed.container("s2"),
+    );
+    let ip_p1 = c.attach(1, &p1, "plain", &[]);
+    let ip_p2 = c.attach(2, &p2, "plain", &[]);
+    let ip_s1 = c.attach(1, &s1, "secure", &[]);
+    let ip_s2 = c.attach(2, &s2, "secure", &[]);
+    wait_for(Duration::from_secs(10), "the mesh", || {
+        c.bed.ping(&s1, ip_s2)
+    });
+    let host2 = c.bed.hosts[1].clone();
+    let u = c.bed.underlay_ns.clone();
+    let send = move |packet: Vec<u8>, port: u16| {
+        let to = SocketAddr::from((host2.underlay, port));
+        in_netns(&u, move || {
+            let s = UdpSocket::bind("192.0.2.2:0").unwrap();
+            for _ in 0..3 {
+                s.send_to(&packet, to).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    };
+    let h2 = &c.bed.hosts[1].netns;
+
+    // Control: the same forgery for the plain network is delivered (plain VXLAN has
+    // no authentication; that is what encryption is for).
+    let got = listen_once(&p2, ip_p2, Duration::from_secs(2));
+    send(
+        forged_vxlan(plain_vni, vxlan_mac(h2, plain_vni), ip_p1, ip_p2, b"forged"),
+        4789,
+    );
+    assert_eq!(got.join().unwrap().as_deref(), Some(&b"forged"[..]));
+
+    // Encrypted network: to VXLAN's port and to the mesh's VXLAN port, nothing arrives.
+    for port in [4789, 4790] {
+        let got = listen_once(&s2, ip_s2, Duration::from_secs(1));
+        send(
+            forged_vxlan(
+                secure_vni,
+                vxlan_mac(h2, secure_vni),
+                ip_s1,
+                ip_s2,
+                b"forged",
+            ),
+            port,
+        );
+        assert_eq!(
+            got.join().unwrap(),
+            None,
+            "a forged packet to port {port} was delivered"
+        );
+    }
+    // And the network still works.
+    assert!(c.bed.ping(&s1, ip_s2));
+}
+
+#[test]
+fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
+    if !require_root("encrypted_traffic_resumes_after_agent_restart_and_key_rotation") {
+        return;
+    }
+    let mut c = Cluster::running(2, 3);
+    c.cli_ok(
+        1,
+        &[
+            "network",
+            "create",
+            "secure",
+            "--subnet",
+            "100.66.0.0/16",
+            "--encrypted",
+        ],
+    );
+    let s1 = c.bed.container("s1");
+    let s2 = c.bed.container("s2");
+    c.attach(1, &s1, "secure", &[]);
+    let ip_s2 = c.attach(2, &s2, "secure", &[]);
+    wait_for(Duration::from_secs(10), "the mesh", || {
+        c.bed.ping(&s1, ip_s2)
+    });
+    let once = |c: &Cluster| {
+        c.bed
+            .exec(&s1, &format!("ping -n -q -c 1 -W 1 {ip_s2}"))
+            .status
+            .success()
+    };
+
+    // Host 2's agent restarts: its datapath comes back and handshakes by itself.
+    c.stop_agent(2);
+    let start = Instant::now();
+    c.start_agent(2);
+    wait_for(Duration::from_secs(20), "traffic after the restart", || {
+        once(&c)
+    });
+    eprintln!("agent restart -> traffic again: {:?}", start.elapsed());
+
+    // Host 1 rotates its key: peers take the new one from the store.
+    let before = c.cli_ok(1, &["status", "--json"]);
+    let start = Instant::now();
+    let out = c.cli_ok(1, &["rotate-key"]);
+    assert!(out.starts_with("new public key: "), "{out}");
+    let after = c.cli_ok(1, &["status", "--json"]);
+    let key = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["public_key"].clone();
+    assert_ne!(key(&before), key(&after));
+    wait_for(
+        Duration::from_secs(15),
+        "traffic after the key rotation",
+        || once(&c),
+    );
+    eprintln!("key rotation -> traffic again: {:?}", start.elapsed());
+    // Host 2 knows host 1 by its new key.
+    let peers = c.cli_ok(2, &["peers", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    assert_eq!(v[0]["mesh"]["public_key"], key(&after), "{peers}");
+}

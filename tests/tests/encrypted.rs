@@ -352,4 +352,25 @@ fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
     let peers = c.cli_ok(2, &["peers", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
     assert_eq!(v[0]["mesh"]["public_key"], key(&after), "{peers}");
+
+    // Host 2 comes back with another underlay address: host 1 follows it.
+    c.stop_agent(2);
+    let moved = Ipv4Addr::new(192, 0, 2, 52);
+    let h2 = c.bed.hosts[1].netns.clone();
+    sh_ok(&format!(
+        "ip netns exec {h2} sysctl -qw net.ipv4.conf.eth0.promote_secondaries=1 && \
+         ip -n {h2} addr add {moved}/24 dev eth0 && ip -n {h2} addr del {}/24 dev eth0 && \
+         ip -n {h2} route replace default via 192.0.2.254",
+        c.bed.hosts[1].underlay
+    ));
+    c.bed.hosts[1].underlay = moved;
+    let start = Instant::now();
+    c.start_agent(2);
+    wait_for(Duration::from_secs(20), "traffic after the move", || {
+        once(&c)
+    });
+    eprintln!("underlay moved -> traffic again: {:?}", start.elapsed());
+    let peers = c.cli_ok(1, &["peers", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    assert_eq!(v[0]["mesh"]["endpoint"], "192.0.2.52:51820", "{peers}");
 }

@@ -71,60 +71,169 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-/// Datagrams to send, gathered and then sent with one sendmmsg.
+/// `setsockopt(SOL_UDP, UDP_SEGMENT)`: one send carries many equal datagrams.
+const UDP_SEGMENT: libc::c_int = 103;
+/// `setsockopt(SOL_UDP, UDP_GRO)`: the kernel hands over coalesced datagrams.
+const UDP_GRO: libc::c_int = 104;
+/// Segments per UDP GSO send (the kernel's limit is 64) and bytes per super-datagram.
+const MAX_SEGMENTS: usize = 64;
+const MAX_SUPER: usize = 65_000;
+/// Super-datagrams per recvmmsg.
+const RX_BATCH: usize = 8;
+const RX_BUF: usize = 65_536;
+
+/// Socket buffers of the WireGuard socket: room for bursts while a thread is busy
+/// writing to the TUN device, instead of drops that TCP inside pays for.
+const SOCKET_BUFFER: libc::c_int = 8 << 20;
+
+/// Large send and receive buffers (forced past the sysctl limits; we run as root).
+pub fn grow_buffers(socket: &UdpSocket) {
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&SOCKET_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+    }
+}
+
+/// Lets the kernel keep datagrams from one sender together (UDP GRO): one receive
+/// returns up to 64 of them, as they were sent with UDP GSO.
+pub fn enable_gro(socket: &UdpSocket) {
+    let on: libc::c_int = 1;
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+}
+
+/// Consecutive datagrams to one destination with one size (the last may be
+/// shorter): sent as one super-datagram that the kernel splits as late as it can
+/// (UDP GSO), so routing, netfilter and the underlay see it once.
+struct Run {
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+    to: SocketAddrV4,
+}
+
+/// Datagrams to send, gathered into runs and then sent with one sendmmsg.
 pub struct SendBatch {
-    bufs: Vec<[u8; BUF]>,
-    lens: Vec<usize>,
-    to: Vec<libc::sockaddr_in>,
+    scratch: [u8; BUF],
+    runs: Vec<Run>,
+    active: usize,
+    /// Datagrams gathered since the last flush.
+    total: usize,
 }
 
 impl SendBatch {
     pub fn new() -> Self {
         SendBatch {
-            bufs: vec![[0u8; BUF]; BATCH],
-            lens: Vec::with_capacity(BATCH),
-            to: Vec::with_capacity(BATCH),
+            scratch: [0u8; BUF],
+            runs: Vec::new(),
+            active: 0,
+            total: 0,
         }
     }
 
+    /// Enough for one flush: a batch of runs, or two full GSO sends' worth.
     pub fn is_full(&self) -> bool {
-        self.lens.len() == BATCH
+        self.active == BATCH || self.total >= 2 * MAX_SEGMENTS
     }
 
     /// The buffer the next datagram is written into.
     pub fn next_buf(&mut self) -> &mut [u8; BUF] {
-        let i = self.lens.len();
-        &mut self.bufs[i]
+        &mut self.scratch
     }
 
     /// Keeps the first `len` bytes of `next_buf` for `to`.
     pub fn push(&mut self, len: usize, to: SocketAddrV4) {
-        self.lens.push(len);
-        self.to.push(sockaddr(to));
+        self.total += 1;
+        if self.active > 0 {
+            let r = &mut self.runs[self.active - 1];
+            if r.to == to
+                && !r.closed
+                && len <= r.segment
+                && r.count < MAX_SEGMENTS
+                && r.buf.len() + len <= MAX_SUPER
+            {
+                r.buf.extend_from_slice(&self.scratch[..len]);
+                r.count += 1;
+                // Only the last segment may be shorter.
+                r.closed = len < r.segment;
+                return;
+            }
+        }
+        if self.active == self.runs.len() {
+            self.runs.push(Run {
+                buf: Vec::with_capacity(MAX_SUPER),
+                segment: 0,
+                count: 0,
+                closed: false,
+                to,
+            });
+        }
+        let r = &mut self.runs[self.active];
+        r.buf.clear();
+        r.buf.extend_from_slice(&self.scratch[..len]);
+        r.segment = len;
+        r.count = 1;
+        r.closed = false;
+        r.to = to;
+        self.active += 1;
     }
 
     /// Sends what was gathered (a full socket buffer drops, as a NIC queue would).
     pub fn flush(&mut self, socket: &UdpSocket) {
-        let n = self.lens.len();
+        let n = self.active;
         if n == 0 {
             return;
         }
-        let mut iov: Vec<libc::iovec> = (0..n)
-            .map(|i| libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: self.lens[i],
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+        let mut control = vec![0u8; space * n];
+        let mut to: Vec<libc::sockaddr_in> =
+            self.runs[..n].iter().map(|r| sockaddr(r.to)).collect();
+        let mut iov: Vec<libc::iovec> = self.runs[..n]
+            .iter_mut()
+            .map(|r| libc::iovec {
+                iov_base: r.buf.as_mut_ptr().cast(),
+                iov_len: r.buf.len(),
             })
             .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..n)
-            .map(|i| {
-                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = (&mut self.to[i] as *mut libc::sockaddr_in).cast();
-                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                h.msg_hdr.msg_iov = &mut iov[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h
-            })
-            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = (&mut to[i] as *mut libc::sockaddr_in).cast();
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_hdr.msg_iov = &mut iov[i];
+            h.msg_hdr.msg_iovlen = 1;
+            if self.runs[i].count > 1 {
+                let c = &mut control[i * space..(i + 1) * space];
+                h.msg_hdr.msg_control = c.as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = space;
+                unsafe {
+                    let cmsg = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*cmsg).cmsg_level = libc::SOL_UDP;
+                    (*cmsg).cmsg_type = UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+                    std::ptr::write_unaligned(
+                        libc::CMSG_DATA(cmsg).cast::<u16>(),
+                        self.runs[i].segment as u16,
+                    );
+                }
+            }
+            msgs.push(h);
+        }
         let mut sent = 0;
         while sent < n {
             let r = unsafe {
@@ -141,12 +250,14 @@ impl SendBatch {
                     wait_writable(socket.as_raw_fd());
                     continue;
                 }
-                break;
+                // This message cannot go (e.g. no route); the others still may.
+                sent += 1;
+                continue;
             }
             sent += r as usize;
         }
-        self.lens.clear();
-        self.to.clear();
+        self.active = 0;
+        self.total = 0;
     }
 }
 
@@ -159,39 +270,45 @@ fn wait_writable(fd: RawFd) {
     unsafe { libc::poll(&mut p, 1, 100) };
 }
 
-/// Buffers for recvmmsg.
+/// Buffers for recvmmsg of coalesced (GRO) datagrams.
 pub struct RecvBatch {
-    bufs: Vec<[u8; BUF]>,
+    bufs: Vec<Vec<u8>>,
     from: Vec<libc::sockaddr_in>,
+    control: Vec<[u8; 64]>,
     lens: Vec<usize>,
+    segments: Vec<usize>,
 }
 
 impl RecvBatch {
     pub fn new() -> Self {
         RecvBatch {
-            bufs: vec![[0u8; BUF]; BATCH],
-            from: vec![unsafe { std::mem::zeroed() }; BATCH],
-            lens: vec![0; BATCH],
+            bufs: vec![vec![0u8; RX_BUF]; RX_BATCH],
+            from: vec![unsafe { std::mem::zeroed() }; RX_BATCH],
+            control: vec![[0u8; 64]; RX_BATCH],
+            lens: vec![0; RX_BATCH],
+            segments: vec![0; RX_BATCH],
         }
     }
 
-    /// Receives what is waiting (up to BATCH); returns how many.
+    /// Receives what is waiting; returns how many (possibly coalesced) messages.
     pub fn recv(&mut self, socket: &UdpSocket) -> usize {
         let mut iov: Vec<libc::iovec> = self
             .bufs
             .iter_mut()
             .map(|b| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
-                iov_len: BUF,
+                iov_len: RX_BUF,
             })
             .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
+        let mut msgs: Vec<libc::mmsghdr> = (0..RX_BATCH)
             .map(|i| {
                 let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 h.msg_hdr.msg_name = (&mut self.from[i] as *mut libc::sockaddr_in).cast();
                 h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
                 h.msg_hdr.msg_iov = &mut iov[i];
                 h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = 64;
                 h
             })
             .collect();
@@ -199,7 +316,7 @@ impl RecvBatch {
             libc::recvmmsg(
                 socket.as_raw_fd(),
                 msgs.as_mut_ptr(),
-                BATCH as u32,
+                RX_BATCH as u32,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -208,18 +325,36 @@ impl RecvBatch {
             return 0;
         }
         for (i, m) in msgs.iter().take(r as usize).enumerate() {
-            self.lens[i] = m.msg_len as usize;
+            let len = m.msg_len as usize;
+            self.lens[i] = len;
+            self.segments[i] = gro_segment(&m.msg_hdr).unwrap_or(len).max(1);
         }
         r as usize
     }
 
-    /// The `i`th datagram received and where it came from.
-    pub fn get(&self, i: usize) -> (&[u8], SocketAddrV4) {
+    /// The datagrams of the `i`th message (split at the GRO segment size) and their
+    /// sender.
+    pub fn get(&self, i: usize) -> (std::slice::Chunks<'_, u8>, SocketAddrV4) {
         let f = &self.from[i];
         let from = SocketAddrV4::new(
             Ipv4Addr::from(u32::from_be(f.sin_addr.s_addr)),
             u16::from_be(f.sin_port),
         );
-        (&self.bufs[i][..self.lens[i]], from)
+        (self.bufs[i][..self.lens[i]].chunks(self.segments[i]), from)
     }
+}
+
+/// The segment size the kernel reports for a coalesced receive.
+fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(h);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                return usize::try_from(v).ok();
+            }
+            cmsg = libc::CMSG_NXTHDR(h, cmsg);
+        }
+    }
+    None
 }

@@ -4,8 +4,9 @@
 //! between hosts leaves inside WireGuard.
 //!
 //! Three dedicated threads, no per-packet hand-off between them: one reads packets
-//! from the TUN device, encrypts them and sends the batch with one sendmmsg; one
-//! receives datagrams with recvmmsg, decrypts them and writes them to the TUN device;
+//! from the TUN device, encrypts them and sends the batch with one sendmmsg, equal
+//! datagrams to one peer joined into one UDP GSO send; one receives with recvmmsg
+//! and UDP GRO (up to 64 datagrams per message), decrypts and writes to the TUN device;
 //! one drives the protocol's timers (handshakes, keepalives, rekeying). A packet is
 //! delivered only when it decrypts under a peer's session and its source is that
 //! peer's mesh address.
@@ -149,6 +150,8 @@ impl Mesh {
                 udp.set_nonblocking(true).map_err(|e| Error::Mesh {
                     message: e.to_string(),
                 })?;
+                io::enable_gro(&udp);
+                io::grow_buffers(&udp);
                 Ok((tun, udp))
             })
             .await?;
@@ -315,8 +318,11 @@ fn inbound(s: &Shared) {
         }
         let n = batch.recv(&s.udp);
         let peers = s.peers.read().unwrap();
-        for i in 0..n {
-            let (datagram, from) = batch.get(i);
+        let datagrams = (0..n).flat_map(|i| {
+            let (chunks, from) = batch.get(i);
+            chunks.map(move |d| (d, from))
+        });
+        for (datagram, from) in datagrams {
             let Some(peer) = find_peer(s, &peers, datagram) else {
                 debug!(%from, "datagram from no known peer; dropped");
                 continue;

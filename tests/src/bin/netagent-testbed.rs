@@ -504,6 +504,12 @@ fn iperf_gbps(
     let _ = bed.kill(pid);
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    if std::env::var("BENCH_VERBOSE").is_ok() {
+        eprintln!(
+            "  {target}: retransmits {}",
+            json["end"]["sum_sent"]["retransmits"]
+        );
+    }
     json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
@@ -536,8 +542,10 @@ fn userspace_tunnel(
         let dev = format!("{prefix}{}", i + 1);
         let mut args: Vec<&str> = extra.to_vec();
         args.push(&dev);
-        pids.push(bed.spawn(&me.netns, program, &args));
+        // A killed daemon leaves its UAPI socket behind; wg would talk to that.
         let sock = format!("/var/run/wireguard/{dev}.sock");
+        let _ = std::fs::remove_file(&sock);
+        pids.push(bed.spawn(&me.netns, program, &args));
         let start = Instant::now();
         while !std::path::Path::new(&sock).exists() {
             assert!(

@@ -18,7 +18,11 @@ use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
+
+// Spins briefly before sleeping: the in and out threads meet on a peer's session
+// for a microsecond at a time, too short to be worth a futex wait.
+use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -193,7 +197,7 @@ impl Mesh {
         for p in peers {
             let state = match table.by_key.get(&p.public_key) {
                 Some(existing) if existing.address == p.address => {
-                    *existing.endpoint.lock().unwrap() = p.endpoint;
+                    *existing.endpoint.lock() = p.endpoint;
                     existing.clone()
                 }
                 _ => {
@@ -223,7 +227,6 @@ impl Mesh {
         for p in table.by_key.values() {
             p.tunn
                 .lock()
-                .unwrap()
                 .set_static_private(keys.secret.clone(), public, None);
         }
     }
@@ -234,11 +237,11 @@ impl Mesh {
             .by_key
             .values()
             .map(|p| {
-                let (last_handshake, tx, rx, ..) = p.tunn.lock().unwrap().stats();
+                let (last_handshake, tx, rx, ..) = p.tunn.lock().stats();
                 PeerStats {
                     public_key: p.public_key,
                     address: p.address,
-                    endpoint: *p.endpoint.lock().unwrap(),
+                    endpoint: *p.endpoint.lock(),
                     last_handshake,
                     tx_bytes: tx as u64,
                     rx_bytes: rx as u64,
@@ -295,8 +298,8 @@ fn outbound(s: &Shared) {
             let Some(peer) = peers.by_address.get(&dst) else {
                 continue;
             };
-            let to = *peer.endpoint.lock().unwrap();
-            let mut tunn = peer.tunn.lock().unwrap();
+            let to = *peer.endpoint.lock();
+            let mut tunn = peer.tunn.lock();
             if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(packet, batch.next_buf()) {
                 let len = out.len();
                 batch.push(len, to);
@@ -327,7 +330,7 @@ fn inbound(s: &Shared) {
                 debug!(%from, "datagram from no known peer; dropped");
                 continue;
             };
-            let mut tunn = peer.tunn.lock().unwrap();
+            let mut tunn = peer.tunn.lock();
             match tunn.decapsulate(Some((*from.ip()).into()), datagram, &mut out) {
                 TunnResult::WriteToNetwork(reply) => {
                     let len = reply.len();
@@ -346,17 +349,17 @@ fn inbound(s: &Shared) {
                             _ => break,
                         }
                     }
-                    *peer.endpoint.lock().unwrap() = from;
+                    *peer.endpoint.lock() = from;
                 }
                 TunnResult::WriteToTunnelV4(packet, source) => {
                     // Cryptokey routing: a peer speaks only for its own address.
                     if source == peer.address {
                         io::write_packet(&s.tun, packet);
-                        *peer.endpoint.lock().unwrap() = from;
+                        *peer.endpoint.lock() = from;
                     }
                 }
                 TunnResult::Done => {
-                    *peer.endpoint.lock().unwrap() = from;
+                    *peer.endpoint.lock() = from;
                 }
                 TunnResult::WriteToTunnelV6(..) => {}
                 TunnResult::Err(e) => debug!(%from, error = ?e, "datagram refused"),
@@ -393,8 +396,8 @@ fn timers(s: &Shared) {
         std::thread::sleep(Duration::from_millis(250));
         let peers = s.peers.read().unwrap();
         for p in peers.by_key.values() {
-            let to = *p.endpoint.lock().unwrap();
-            let mut tunn = p.tunn.lock().unwrap();
+            let to = *p.endpoint.lock();
+            let mut tunn = p.tunn.lock();
             match tunn.update_timers(batch.next_buf()) {
                 TunnResult::WriteToNetwork(out) => {
                     let len = out.len();

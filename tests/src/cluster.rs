@@ -235,6 +235,14 @@ impl Cluster {
         self.cli_ok(1, &["network", "create", name, "--subnet", subnet]);
     }
 
+    /// Creates an encrypted network (through host 1's agent).
+    pub fn create_encrypted_network(&self, name: &str, subnet: &str) {
+        self.cli_ok(
+            1,
+            &["network", "create", name, "--subnet", subnet, "--encrypted"],
+        );
+    }
+
     /// Attaches a container namespace on `host`; returns its address.
     pub fn attach(&self, host: usize, netns: &str, network: &str, extra: &[&str]) -> Ipv4Addr {
         let path = format!("/run/netns/{netns}");

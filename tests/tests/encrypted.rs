@@ -45,17 +45,7 @@ fn encrypted_and_plain_networks_side_by_side() {
     }
     let mut c = Cluster::running(3, 3);
     c.create_network("plain", "100.64.0.0/16");
-    c.cli_ok(
-        1,
-        &[
-            "network",
-            "create",
-            "secure",
-            "--subnet",
-            "100.66.0.0/16",
-            "--encrypted",
-        ],
-    );
+    c.create_encrypted_network("secure", "100.66.0.0/16");
     let (plain_vni, secure_vni) = (vni(&c, "plain"), vni(&c, "secure"));
     let p1 = c.bed.container("p1");
     let p3 = c.bed.container("p3");
@@ -227,17 +217,7 @@ fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
     }
     let mut c = Cluster::running(2, 3);
     c.create_network("plain", "100.64.0.0/16");
-    c.cli_ok(
-        1,
-        &[
-            "network",
-            "create",
-            "secure",
-            "--subnet",
-            "100.66.0.0/16",
-            "--encrypted",
-        ],
-    );
+    c.create_encrypted_network("secure", "100.66.0.0/16");
     let (plain_vni, secure_vni) = (vni(&c, "plain"), vni(&c, "secure"));
     let (p1, p2, s1, s2) = (
         c.bed.container("p1"),
@@ -305,17 +285,7 @@ fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
         return;
     }
     let mut c = Cluster::running(2, 3);
-    c.cli_ok(
-        1,
-        &[
-            "network",
-            "create",
-            "secure",
-            "--subnet",
-            "100.66.0.0/16",
-            "--encrypted",
-        ],
-    );
+    c.create_encrypted_network("secure", "100.66.0.0/16");
     let s1 = c.bed.container("s1");
     let s2 = c.bed.container("s2");
     c.attach(1, &s1, "secure", &[]);

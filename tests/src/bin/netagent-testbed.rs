@@ -581,17 +581,7 @@ fn userspace_tunnel(
 fn bench_wireguard(seconds: u32, boringtun: String) {
     let mut c = Cluster::running(2, 5);
     c.create_network("plain", "100.64.0.0/16");
-    c.cli_ok(
-        1,
-        &[
-            "network",
-            "create",
-            "secure",
-            "--subnet",
-            "100.66.0.0/16",
-            "--encrypted",
-        ],
-    );
+    c.create_encrypted_network("secure", "100.66.0.0/16");
     let (p1, p2, s1, s2) = (
         c.bed.container("p1"),
         c.bed.container("p2"),

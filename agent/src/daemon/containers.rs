@@ -221,11 +221,13 @@ impl<S: Store> Agent<S> {
                 .retain(|id, _| running.iter().any(|c| &c.id == id));
         }
         for c in running {
-            let Ok(Some(wanted)) = labels::wanted(&c.labels) else {
-                if let Err(problem) = labels::wanted(&c.labels) {
+            let wanted = match labels::wanted(&c.labels) {
+                Ok(Some(w)) => w,
+                Ok(None) => continue,
+                Err(problem) => {
                     link.problem(&c.id, &c.name, problem);
+                    continue;
                 }
-                continue;
             };
             let attached = {
                 let state = self.local.lock().await;
@@ -322,16 +324,8 @@ impl<S: Store> Agent<S> {
                 .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
                 .collect()
         };
-        let gone = liveness::gone(watched).await;
-        if gone.is_empty() {
-            return;
-        }
-        let mut state = self.local.lock().await;
-        for key in gone {
-            info!(key, container = id, "container died; removing its endpoint");
-            self.drop_local(&mut state, &key).await;
-            self.forget_in_store(&key).await;
-        }
+        self.remove_endpoints(liveness::gone(watched).await, "container died")
+            .await;
     }
 
     /// Takes a container's endpoints out of service answers (unhealthy) or back.

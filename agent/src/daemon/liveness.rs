@@ -59,16 +59,21 @@ impl<S: Store> Agent<S> {
                     .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
                     .collect()
             };
-            let gone = gone(watched).await;
-            if gone.is_empty() {
-                continue;
-            }
-            let mut state = self.local.lock().await;
-            for key in gone {
-                info!(key, "namespace gone; removing its endpoint");
-                self.drop_local(&mut state, &key).await;
-                self.forget_in_store(&key).await;
-            }
+            self.remove_endpoints(gone(watched).await, "namespace gone")
+                .await;
+        }
+    }
+
+    /// Removes endpoints of this host everywhere: kernel, DNS, local view, store.
+    pub(super) async fn remove_endpoints(&self, keys: Vec<String>, why: &str) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut state = self.local.lock().await;
+        for key in keys {
+            info!(key, why, "removing an endpoint");
+            self.drop_local(&mut state, &key).await;
+            self.forget_in_store(&key).await;
         }
     }
 

@@ -1,7 +1,7 @@
 //! What `status`, `peers`, `services` and `endpoints` show, read from the cluster
 //! view, plus the round-trip probe behind `peers`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,18 +58,20 @@ impl<S: Store> Agent<S> {
         for n in c.nodes.values().filter(|n| n.name != self.node.name) {
             peer(&mut peers, &n.name, n.underlay).underlay = n.underlay;
         }
-        let stats = self
+        // By public key, as the store's records name them.
+        let stats: HashMap<String, netagent_overlay::PeerStats> = self
             .mesh
             .lock()
             .unwrap()
             .as_ref()
             .map(|m| m.stats())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (super::mesh::encode_key(&s.public_key), s))
+            .collect();
         for p in peers.values_mut() {
             p.mesh = c.mesh_of(&p.name).and_then(|record| {
-                let s = stats
-                    .iter()
-                    .find(|s| super::mesh::encode_key(&s.public_key) == record.public_key)?;
+                let s = stats.get(&record.public_key)?;
                 Some(MeshPeerInfo {
                     address: s.address,
                     endpoint: s.endpoint.to_string(),

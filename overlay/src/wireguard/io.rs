@@ -134,6 +134,11 @@ pub struct SendBatch {
     active: usize,
     /// Datagrams gathered since the last flush.
     total: usize,
+    // sendmmsg's arguments, refilled on each flush without allocating.
+    control: Vec<u8>,
+    to: Vec<libc::sockaddr_in>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
 }
 
 impl SendBatch {
@@ -143,6 +148,10 @@ impl SendBatch {
             runs: Vec::new(),
             active: 0,
             total: 0,
+            control: Vec::new(),
+            to: Vec::new(),
+            iov: Vec::new(),
+            msgs: Vec::new(),
         }
     }
 
@@ -200,17 +209,20 @@ impl SendBatch {
             return;
         }
         let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-        let mut control = vec![0u8; space * n];
-        let mut to: Vec<libc::sockaddr_in> =
-            self.runs[..n].iter().map(|r| sockaddr(r.to)).collect();
-        let mut iov: Vec<libc::iovec> = self.runs[..n]
-            .iter_mut()
-            .map(|r| libc::iovec {
-                iov_base: r.buf.as_mut_ptr().cast(),
-                iov_len: r.buf.len(),
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(n);
+        let control = &mut self.control;
+        control.clear();
+        control.resize(space * n, 0);
+        let to = &mut self.to;
+        to.clear();
+        to.extend(self.runs[..n].iter().map(|r| sockaddr(r.to)));
+        let iov = &mut self.iov;
+        iov.clear();
+        iov.extend(self.runs[..n].iter_mut().map(|r| libc::iovec {
+            iov_base: r.buf.as_mut_ptr().cast(),
+            iov_len: r.buf.len(),
+        }));
+        let msgs = &mut self.msgs;
+        msgs.clear();
         for i in 0..n {
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = (&mut to[i] as *mut libc::sockaddr_in).cast();
@@ -277,41 +289,48 @@ pub struct RecvBatch {
     control: Vec<[u8; 64]>,
     lens: Vec<usize>,
     segments: Vec<usize>,
+    // recvmmsg's arguments, built once: they point into the heap buffers above,
+    // which never move.
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
 }
 
 impl RecvBatch {
     pub fn new() -> Self {
-        RecvBatch {
+        let mut b = RecvBatch {
             bufs: vec![vec![0u8; RX_BUF]; RX_BATCH],
             from: vec![unsafe { std::mem::zeroed() }; RX_BATCH],
             control: vec![[0u8; 64]; RX_BATCH],
             lens: vec![0; RX_BATCH],
             segments: vec![0; RX_BATCH],
+            iov: Vec::with_capacity(RX_BATCH),
+            msgs: Vec::with_capacity(RX_BATCH),
+        };
+        for buf in &mut b.bufs {
+            b.iov.push(libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: RX_BUF,
+            });
         }
+        for i in 0..RX_BATCH {
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = (&mut b.from[i] as *mut libc::sockaddr_in).cast();
+            h.msg_hdr.msg_iov = &mut b.iov[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = b.control[i].as_mut_ptr().cast();
+            b.msgs.push(h);
+        }
+        b
     }
 
     /// Receives what is waiting; returns how many (possibly coalesced) messages.
     pub fn recv(&mut self, socket: &UdpSocket) -> usize {
-        let mut iov: Vec<libc::iovec> = self
-            .bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: RX_BUF,
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..RX_BATCH)
-            .map(|i| {
-                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = (&mut self.from[i] as *mut libc::sockaddr_in).cast();
-                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                h.msg_hdr.msg_iov = &mut iov[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
-                h.msg_hdr.msg_controllen = 64;
-                h
-            })
-            .collect();
+        // The kernel shrinks these to what it wrote; give the full room again.
+        for h in &mut self.msgs {
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_hdr.msg_controllen = 64;
+        }
+        let msgs = &mut self.msgs;
         let r = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),

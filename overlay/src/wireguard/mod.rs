@@ -119,6 +119,8 @@ struct Shared {
     udp: UdpSocket,
     keys: RwLock<KeyPair>,
     peers: RwLock<Peers>,
+    /// The peer set last given to `set_peers`: the same again changes nothing.
+    configured: Mutex<Vec<MeshPeer>>,
     stop: AtomicBool,
 }
 
@@ -164,6 +166,7 @@ impl Mesh {
             udp,
             keys: RwLock::new(keys),
             peers: RwLock::new(Peers::default()),
+            configured: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
         let spawn = |name: &str, f: fn(&Shared)| {
@@ -188,6 +191,14 @@ impl Mesh {
 
     /// Makes the peer set `peers`: a peer whose key is unchanged keeps its sessions.
     pub fn set_peers(&self, peers: &[MeshPeer]) {
+        // Called on every store change; the datapath's lock is taken only for a change.
+        {
+            let mut configured = self.shared.configured.lock();
+            if configured.as_slice() == peers {
+                return;
+            }
+            *configured = peers.to_vec();
+        }
         let keys = self.shared.keys.read().unwrap().clone();
         let mut table = self.shared.peers.write().unwrap();
         let mut next = Peers {
@@ -349,21 +360,22 @@ fn inbound(s: &Shared) {
                             _ => break,
                         }
                     }
-                    *peer.endpoint.lock() = from;
                 }
                 TunnResult::WriteToTunnelV4(packet, source) => {
                     // Cryptokey routing: a peer speaks only for its own address.
-                    if source == peer.address {
-                        io::write_packet(&s.tun, packet);
-                        *peer.endpoint.lock() = from;
+                    if source != peer.address {
+                        continue;
                     }
+                    io::write_packet(&s.tun, packet);
                 }
-                TunnResult::Done => {
-                    *peer.endpoint.lock() = from;
+                TunnResult::Done | TunnResult::WriteToTunnelV6(..) => {}
+                TunnResult::Err(e) => {
+                    debug!(%from, error = ?e, "datagram refused");
+                    continue;
                 }
-                TunnResult::WriteToTunnelV6(..) => {}
-                TunnResult::Err(e) => debug!(%from, error = ?e, "datagram refused"),
             }
+            // Authenticated: the peer is where this came from (roaming).
+            *peer.endpoint.lock() = from;
             if replies.is_full() {
                 replies.flush(&s.udp);
             }

@@ -289,6 +289,10 @@ impl Host {
                         mac,
                         mtu,
                         vxlan_port(spec),
+                        // Over the mesh, WireGuard authenticates every byte; without
+                        // a UDP checksum the kernel hands the mesh whole TCP bursts
+                        // inside VXLAN (its TAP offers tunnel GSO without checksum).
+                        !spec.encrypted,
                     )
                     .await?;
                 if let Some(l) = self.nl.link(&vx_name).await? {
@@ -432,8 +436,10 @@ impl Host {
         Error::collect(errors)
     }
 
-    /// Starts the encrypted mesh here: the TUN device with `address/prefix`, its MTU
-    /// the underlay's less WireGuard's overhead, and the datapath threads.
+    /// Starts the encrypted mesh here: the device with `address/prefix`, its MTU the
+    /// underlay's less WireGuard's overhead, no ARP (every peer is reached through the
+    /// datapath, which reads frames addressed to the device itself), and the datapath
+    /// threads.
     pub async fn start_mesh(
         &self,
         keys: KeyPair,
@@ -456,6 +462,7 @@ impl Host {
             message: e.to_string(),
         })?;
         self.nl.set_mtu(link.index, MESH_INTERFACE, mtu).await?;
+        self.nl.set_noarp(link.index, MESH_INTERFACE).await?;
         self.nl.add_address(link.index, MESH_INTERFACE, net).await?;
         self.nl.set_up(link.index, MESH_INTERFACE).await?;
         Ok(mesh)

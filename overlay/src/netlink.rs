@@ -126,7 +126,8 @@ impl Netlink {
     }
 
     /// A VXLAN device with no learning and no flooding (every remote MAC is
-    /// programmed), in interface group `vni`.
+    /// programmed), in interface group `vni`; `udp_checksum` false sends zero UDP
+    /// checksums.
     #[allow(clippy::too_many_arguments)]
     pub async fn create_vxlan(
         &self,
@@ -137,11 +138,13 @@ impl Netlink {
         mac: Mac,
         mtu: u32,
         port: u16,
+        udp_checksum: bool,
     ) -> Result<()> {
         let msg = LinkVxlan::new(name, vni)
             .dev(underlay_index)
             .local(local)
             .port(port)
+            .udp_csum(udp_checksum)
             .learning(false)
             .address(mac.0.to_vec())
             .mtu(mtu)
@@ -186,6 +189,12 @@ impl Netlink {
             Err(e) if code(&e) == Some(EEXIST) => Ok(false),
             Err(e) => Err(self.err("create veth", format!("{name} (peer {peer_name})"), e)),
         }
+    }
+
+    /// Turns ARP off: the device's neighbours are reached without resolution.
+    pub async fn set_noarp(&self, index: u32, name: &str) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).arp(false).build();
+        self.set_link(msg, "set arp off", name).await
     }
 
     pub async fn set_up(&self, index: u32, name: &str) -> Result<()> {

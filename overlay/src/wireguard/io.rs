@@ -1,4 +1,4 @@
-//! The syscalls of the userspace datapath: the TUN device, and batched UDP with
+//! The syscalls of the userspace datapath: the mesh device (TAP with offloads), and batched UDP with
 //! recvmmsg/sendmmsg (one call moves up to [`BATCH`] datagrams). Blocking; used only
 //! from the mesh's own threads.
 
@@ -7,14 +7,36 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
+use super::offload;
+
 /// Datagrams per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 32;
 /// Room for one datagram or packet (the mesh MTU is far below).
 pub const BUF: usize = 2048;
+/// Room for one frame from the mesh device: a virtio-net header, Ethernet and a
+/// burst of up to 64 KiB.
+pub const FRAME_BUF: usize = 70 * 1024;
 
-/// Creates (or opens) the TUN device `name` in the calling thread's namespace:
-/// layer 3, no packet-info header, non-blocking.
-pub fn open_tun(name: &str) -> io::Result<File> {
+/// `TUNSETOFFLOAD` bits: checksums left to us, TCP bursts, TCP bursts inside a UDP
+/// tunnel (Linux 6.17+).
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_UDP_TUNNEL_GSO: libc::c_uint = 0x80;
+
+/// The mesh device, as the kernel agreed to run it.
+pub struct Device {
+    pub file: File,
+    /// Its Ethernet address: frames we write are addressed to it.
+    pub mac: [u8; 6],
+    /// Whether bursts inside VXLAN pass in both directions (else the kernel cuts
+    /// them before they reach us, and we write packets one by one).
+    pub tunnel_bursts: bool,
+}
+
+/// Creates (or opens) the TAP device `name` in the calling thread's namespace with a
+/// virtio-net header on every frame and as many offloads as the kernel offers;
+/// non-blocking.
+pub fn open_tap(name: &str) -> io::Result<Device> {
     let fd = unsafe {
         libc::open(
             c"/dev/net/tun".as_ptr(),
@@ -32,11 +54,38 @@ pub fn open_tun(name: &str) -> io::Result<File> {
     for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &ifr) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(file)
+    let size = offload::VNET_HDR_LEN as libc::c_int;
+    if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The tunnel fields are little-endian whatever the host.
+    let on: libc::c_int = 1;
+    unsafe { libc::ioctl(fd, libc::TUNSETVNETLE, &on) };
+    let mut tunnel_bursts = true;
+    let full = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_UDP_TUNNEL_GSO;
+    if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, full as libc::c_ulong) } < 0 {
+        tunnel_bursts = false;
+        let plain = TUN_F_CSUM | TUN_F_TSO4;
+        unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, plain as libc::c_ulong) };
+    }
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(hw) {
+        *m = b as u8;
+    }
+    Ok(Device {
+        file,
+        mac,
+        tunnel_bursts,
+    })
 }
 
 /// Waits until `fd` is readable or `timeout_ms` passes; true when readable.
@@ -49,15 +98,15 @@ pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
 }
 
-/// One packet from the TUN device into `buf`; None when none is waiting.
-pub fn read_packet(tun: &File, buf: &mut [u8]) -> Option<usize> {
-    let n = unsafe { libc::read(tun.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+/// One frame from the device into `buf`; None when none is waiting.
+pub fn read_frame(dev: &File, buf: &mut [u8]) -> Option<usize> {
+    let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     (n > 0).then_some(n as usize)
 }
 
-/// One packet to the TUN device (the kernel takes it as received on the interface).
-pub fn write_packet(tun: &File, packet: &[u8]) {
-    unsafe { libc::write(tun.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+/// One frame to the device (the kernel takes it as received on the interface).
+pub fn write_frame(dev: &File, frame: &[u8]) {
+    unsafe { libc::write(dev.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
 }
 
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {

@@ -1,17 +1,23 @@
-//! The encrypted mesh: one TUN device (`nawg0`) per host carrying the mesh address,
+//! The encrypted mesh: one device (`nawg0`) per host carrying the mesh address,
 //! and a userspace WireGuard datapath around boringtun's `noise` state machines.
 //! Encrypted networks' VXLAN runs over the mesh addresses, so every frame of theirs
 //! between hosts leaves inside WireGuard.
 //!
-//! Three dedicated threads, no per-packet hand-off between them: one reads packets
-//! from the TUN device, encrypts them and sends the batch with one sendmmsg, equal
-//! datagrams to one peer joined into one UDP GSO send; one receives with recvmmsg
-//! and UDP GRO (up to 64 datagrams per message), decrypts and writes to the TUN device;
+//! The device is a TAP with virtio-net headers and offloads: the kernel hands over a
+//! TCP burst of up to 64 KiB (inside VXLAN) in one read and takes one back in one
+//! write (see `offload`), so the kernel's per-packet work happens per burst.
+//!
+//! Three dedicated threads, no per-packet hand-off between them: one reads bursts
+//! from the device, cuts and encrypts them and sends the batch with one sendmmsg,
+//! equal datagrams to one peer joined into one UDP GSO send; one receives with
+//! recvmmsg and UDP GRO (up to 64 datagrams per message), decrypts, joins packets of
+//! one TCP stream into bursts again and writes them to the device;
 //! one drives the protocol's timers (handshakes, keepalives, rekeying). A packet is
 //! delivered only when it decrypts under a peer's session and its source is that
 //! peer's mesh address.
 
 mod io;
+mod offload;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,12 +35,12 @@ use std::time::Duration;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::error::{Error, Result};
 use crate::netns::Netns;
 
-/// The mesh's TUN device on every host.
+/// The mesh device on every host (a TAP without ARP).
 pub const MESH_INTERFACE: &str = "nawg0";
 /// WireGuard over IPv4: outer IP 20 + UDP 8 + data header 16 + authentication tag 16.
 pub const WIREGUARD_OVERHEAD: u32 = 60;
@@ -115,7 +121,7 @@ struct Peers {
 }
 
 struct Shared {
-    tun: File,
+    dev: io::Device,
     udp: UdpSocket,
     keys: RwLock<KeyPair>,
     peers: RwLock<Peers>,
@@ -124,7 +130,7 @@ struct Shared {
     stop: AtomicBool,
 }
 
-/// The running mesh datapath; stops (and its TUN device goes) when dropped.
+/// The running mesh datapath; stops (and its device goes) when dropped.
 pub struct Mesh {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
@@ -133,7 +139,7 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Creates the TUN device in `ns`, binds the WireGuard socket to `listen`, and
+    /// Creates the mesh device in `ns`, binds the WireGuard socket to `listen`, and
     /// starts the datapath threads (addressing the device is `Host::start_mesh`'s).
     pub(crate) async fn start(
         ns: &Netns,
@@ -141,13 +147,18 @@ impl Mesh {
         address: Ipv4Addr,
         listen: SocketAddrV4,
     ) -> Result<Mesh> {
-        let (tun, udp) = ns
+        let (dev, udp) = ns
             .run(move || {
-                let tun = io::open_tun(MESH_INTERFACE).map_err(|e| Error::Mesh {
+                let dev = io::open_tap(MESH_INTERFACE).map_err(|e| Error::Mesh {
                     message: format!(
-                        "cannot create TUN device {MESH_INTERFACE}: {e} (is /dev/net/tun there?)"
+                        "cannot create TAP device {MESH_INTERFACE}: {e} (is /dev/net/tun there?)"
                     ),
                 })?;
+                // IPv4 only: no IPv6 neighbour discovery for the datapath to drop.
+                let _ = std::fs::write(
+                    format!("/proc/sys/net/ipv6/conf/{MESH_INTERFACE}/disable_ipv6"),
+                    "1",
+                );
                 let udp = UdpSocket::bind(listen).map_err(|e| Error::Mesh {
                     message: format!(
                         "cannot listen for WireGuard on {listen}: {e}; set [mesh] listen_port"
@@ -158,11 +169,15 @@ impl Mesh {
                 })?;
                 io::enable_gro(&udp);
                 io::grow_buffers(&udp);
-                Ok((tun, udp))
+                Ok((dev, udp))
             })
             .await?;
+        info!(
+            tunnel_bursts = dev.tunnel_bursts,
+            "mesh device {MESH_INTERFACE} up (bursts inside VXLAN need Linux 6.17+)"
+        );
         let shared = Arc::new(Shared {
-            tun,
+            dev,
             udp,
             keys: RwLock::new(keys),
             peers: RwLock::new(Peers::default()),
@@ -284,36 +299,51 @@ fn new_tunn(keys: &KeyPair, peer: [u8; 32], index: u32) -> Tunn {
     )
 }
 
+/// The Ethernet source of frames written to the mesh device (any unicast address
+/// but the device's own).
+const SENDER_MAC: [u8; 6] = [0x02, 0x6e, 0x61, 0x77, 0x67, 0x00];
+
 /// Poll timeout of the I/O threads: how quickly they notice `stop`.
 const POLL_MS: i32 = 200;
 
-/// TUN → encrypt → UDP, in batches.
+/// Device → encrypt → UDP, in batches: a burst from the device is cut into packets
+/// that each become one WireGuard datagram, sent together with UDP GSO.
 fn outbound(s: &Shared) {
-    let mut pkt = [0u8; io::BUF];
+    let mut frame = vec![0u8; io::FRAME_BUF];
+    let mut segment = [0u8; io::BUF];
     let mut batch = io::SendBatch::new();
     while !s.stop.load(Ordering::Relaxed) {
-        if !io::wait_readable(s.tun.as_raw_fd(), POLL_MS) {
+        if !io::wait_readable(s.dev.file.as_raw_fd(), POLL_MS) {
             continue;
         }
         let peers = s.peers.read().unwrap();
         while !batch.is_full() {
-            let Some(n) = io::read_packet(&s.tun, &mut pkt) else {
+            let Some(n) = io::read_frame(&s.dev.file, &mut frame) else {
                 break;
             };
-            let packet = &pkt[..n];
             // IPv4 only: the destination is bytes 16..20.
-            if n < 20 || packet[0] >> 4 != 4 {
+            if n < offload::FRAME_HEADROOM + 20
+                || frame[offload::VNET_HDR_LEN + 12..offload::FRAME_HEADROOM] != [0x08, 0x00]
+            {
                 continue;
             }
-            let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            let (hdr, ip) = frame[..n].split_at_mut(offload::FRAME_HEADROOM);
+            let hdr = offload::VnetHeader::parse(hdr[..offload::VNET_HDR_LEN].try_into().unwrap());
+            let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
             let Some(peer) = peers.by_address.get(&dst) else {
                 continue;
             };
             let to = *peer.endpoint.lock();
             let mut tunn = peer.tunn.lock();
-            if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(packet, batch.next_buf()) {
-                let len = out.len();
-                batch.push(len, to);
+            let split = offload::split(&hdr, ip, &mut segment, |packet| {
+                if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(packet, batch.next_buf())
+                {
+                    let len = out.len();
+                    batch.push(len, to);
+                }
+            });
+            if let Err(e) = split {
+                debug!(error = %e, ?hdr, "frame from {MESH_INTERFACE} dropped");
             }
         }
         drop(peers);
@@ -321,10 +351,16 @@ fn outbound(s: &Shared) {
     }
 }
 
-/// UDP → decrypt → TUN.
+/// UDP → decrypt → device; consecutive packets of one TCP stream go as one burst.
 fn inbound(s: &Shared) {
     let mut batch = io::RecvBatch::new();
-    let mut out = [0u8; io::BUF];
+    let mut out = [0u8; offload::FRAME_HEADROOM + io::BUF];
+    let mut eth = [0u8; offload::ETH_LEN];
+    eth[..6].copy_from_slice(&s.dev.mac);
+    eth[6..12].copy_from_slice(&SENDER_MAC);
+    eth[12..].copy_from_slice(&[0x08, 0x00]);
+    let mut bursts = offload::Coalescer::new(eth, s.dev.tunnel_bursts);
+    let mut write = |frame: &[u8]| io::write_frame(&s.dev.file, frame);
     let mut replies = io::SendBatch::new();
     while !s.stop.load(Ordering::Relaxed) {
         if !io::wait_readable(s.udp.as_raw_fd(), POLL_MS) {
@@ -342,7 +378,8 @@ fn inbound(s: &Shared) {
                 continue;
             };
             let mut tunn = peer.tunn.lock();
-            match tunn.decapsulate(Some((*from.ip()).into()), datagram, &mut out) {
+            let room = &mut out[offload::FRAME_HEADROOM..];
+            match tunn.decapsulate(Some((*from.ip()).into()), datagram, room) {
                 TunnResult::WriteToNetwork(reply) => {
                     let len = reply.len();
                     replies.next_buf()[..len].copy_from_slice(reply);
@@ -366,7 +403,8 @@ fn inbound(s: &Shared) {
                     if source != peer.address {
                         continue;
                     }
-                    io::write_packet(&s.tun, packet);
+                    let len = offload::FRAME_HEADROOM + packet.len();
+                    bursts.push(&mut out[..len], &mut write);
                 }
                 TunnResult::Done | TunnResult::WriteToTunnelV6(..) => {}
                 TunnResult::Err(e) => {
@@ -381,6 +419,7 @@ fn inbound(s: &Shared) {
             }
         }
         drop(peers);
+        bursts.flush(&mut write);
         replies.flush(&s.udp);
     }
 }

@@ -3,7 +3,8 @@
 # encrypted network against WireGuard tunnels between the same hosts made with
 # Debian's wireguard-go and with boringtun's own CLI (best of --threads 1/2/4), plain
 # VXLAN and the raw underlay. iperf3 -P1, interleaved, medians of 3. Run by hand as
-# root. Usage: wireguard.sh [SECONDS]
+# root. Usage: wireguard.sh [SECONDS]; BENCH_VERBOSE=1 prints each run's TCP retransmits,
+# BENCH_QUICK=1 runs only netagent's encrypted and plain networks (while tuning).
 # Last line: encrypted_gbps=.. wireguard_go_gbps=.. boringtun_gbps=.. vxlan_gbps=..
 #            underlay_gbps=.. vs_wireguard_go=.. vs_boringtun=..
 set -euo pipefail

@@ -34,6 +34,11 @@ if [ ! -e /etc/netagent/netagent.toml ]; then
 # ttl_secs = 5
 # upstream = ["192.0.2.53"]  # default: the nameservers of /etc/resolv.conf
 
+# Encrypted networks' WireGuard mesh.
+# [mesh]
+# listen_port = 51820
+# tunnel_offload = true  # whole TCP bursts through the mesh device (Linux 6.17+)
+
 # Docker containers with the label netagent.network=NAME join that network.
 # [docker]
 # enabled = true

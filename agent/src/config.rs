@@ -34,6 +34,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct MeshFile {
     listen_port: Option<u16>,
+    tunnel_offload: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -75,6 +76,9 @@ pub struct Config {
     pub docker_socket: Option<PathBuf>,
     /// UDP port of the encrypted mesh (WireGuard) on the underlay address.
     pub mesh_port: u16,
+    /// Whole TCP bursts inside VXLAN through the mesh device where the kernel offers
+    /// it (Linux 6.17+); false: packet by packet, as on older kernels.
+    pub mesh_tunnel_offload: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -208,6 +212,7 @@ impl Config {
                 Some(p) => p,
                 None => 51820,
             },
+            mesh_tunnel_offload: f.mesh.tunnel_offload.unwrap_or(true),
         })
     }
 
@@ -253,14 +258,22 @@ ttl_secs = 7
 upstream = ["192.0.2.53", "192.0.2.54:5353"]
 [docker]
 socket = "/run/docker-h1.sock"
+[mesh]
+listen_port = 51821
+tunnel_offload = false
 "#,
         )
         .unwrap();
         assert_eq!(c.docker_socket, Some("/run/docker-h1.sock".into()));
+        assert_eq!((c.mesh_port, c.mesh_tunnel_offload), (51821, false));
         let off = Config::parse("node = \"h\"\n[docker]\nenabled = false\n").unwrap();
         assert_eq!(off.docker_socket, None);
         let default = Config::parse("node = \"h\"\n").unwrap();
         assert_eq!(default.docker_socket, Some(DEFAULT_DOCKER_SOCKET.into()));
+        assert_eq!(
+            (default.mesh_port, default.mesh_tunnel_offload),
+            (51820, true)
+        );
         assert_eq!(c.node, "host1");
         assert_eq!(c.dns_ttl, 7);
         assert_eq!(c.dns_upstream[1], "192.0.2.54:5353".parse().unwrap());

@@ -15,7 +15,7 @@ use crate::netlink::{Link, Netlink, Route};
 use crate::netns::{Netns, NetnsRef};
 use crate::plan::{desired_objects, plan, Object};
 use crate::spec::{HostState, NetworkSpec, NetworkState, Peer};
-use crate::wireguard::{KeyPair, Mesh, MESH_INTERFACE, WIREGUARD_OVERHEAD};
+use crate::wireguard::{KeyPair, Mesh, MeshOptions, MESH_INTERFACE, WIREGUARD_OVERHEAD};
 
 /// VXLAN over IPv4 adds 50 bytes (outer IP 20, UDP 8, VXLAN 8, inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -446,11 +446,11 @@ impl Host {
         underlay: &Underlay,
         address: Ipv4Addr,
         prefix: u8,
-        listen_port: u16,
+        options: MeshOptions,
     ) -> Result<Mesh> {
         let mtu = underlay.mtu.saturating_sub(WIREGUARD_OVERHEAD);
-        let listen = std::net::SocketAddrV4::new(underlay.address, listen_port);
-        let mesh = Mesh::start(&self.ns, keys, address, listen).await?;
+        let listen = std::net::SocketAddrV4::new(underlay.address, options.listen_port);
+        let mesh = Mesh::start(&self.ns, keys, address, listen, options.tunnel_offload).await?;
         let link = self
             .nl
             .link(MESH_INTERFACE)

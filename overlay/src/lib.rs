@@ -28,4 +28,6 @@ pub use netns::{Netns, NetnsRef};
 pub use plan::{desired_objects, plan, Object, Plan};
 pub use probe::overlay_rtt;
 pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer, MAX_VNI};
-pub use wireguard::{KeyPair, Mesh, MeshPeer, PeerStats, MESH_INTERFACE, WIREGUARD_OVERHEAD};
+pub use wireguard::{
+    KeyPair, Mesh, MeshOptions, MeshPeer, PeerStats, MESH_INTERFACE, WIREGUARD_OVERHEAD,
+};

@@ -24,6 +24,8 @@ pub struct Cluster {
     local_store: bool,
     /// Per host: the Docker engine its agent follows (None: integration off).
     pub docker_sockets: Vec<Option<PathBuf>>,
+    /// Per host: lines for its agent's [mesh] table.
+    pub mesh_config: Vec<String>,
 }
 
 impl Cluster {
@@ -46,6 +48,7 @@ impl Cluster {
             dns_extra: String::new(),
             local_store: false,
             docker_sockets: vec![None; hosts],
+            mesh_config: vec![String::new(); hosts],
         };
         c.start_etcd();
         c
@@ -66,6 +69,7 @@ impl Cluster {
             dns_extra: String::new(),
             local_store: true,
             docker_sockets: vec![None],
+            mesh_config: vec![String::new()],
         }
     }
 
@@ -153,10 +157,11 @@ impl Cluster {
             None => "enabled = false".into(),
         };
         let text = format!(
-            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n{store}[docker]\n{docker}\n[dns]\n{}",
+            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n{store}[docker]\n{docker}\n[mesh]\n{}\n[dns]\n{}",
             h.underlay,
             self.dir.join(format!("h{host}-state")).display(),
             self.socket(host).display(),
+            self.mesh_config[host - 1],
             self.dns_extra,
         );
         std::fs::write(self.config_path(host), text).unwrap();

@@ -56,7 +56,13 @@ fn encrypted_and_plain_networks_side_by_side() {
     if !require_root("encrypted_and_plain_networks_side_by_side") {
         return;
     }
-    let mut c = Cluster::running(3, 3);
+    let mut c = Cluster::new(3, 3);
+    // Host 2 runs its mesh packet by packet, as a kernel before 6.17 does: hosts with
+    // and without bursts work together (bursts never leave a host).
+    c.mesh_config[1] = "tunnel_offload = false".into();
+    for host in 1..=3 {
+        c.start_agent(host);
+    }
     c.create_network("plain", "100.64.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
     let (plain_vni, secure_vni) = (vni(&c, "plain"), vni(&c, "secure"));
@@ -66,7 +72,7 @@ fn encrypted_and_plain_networks_side_by_side() {
     let s3 = c.bed.container("s3");
     c.attach(1, &p1, "plain", &[]);
     let ip_p3 = c.attach(3, &p3, "plain", &[]);
-    c.attach(1, &s1, "secure", &[]);
+    let ip_s1 = c.attach(1, &s1, "secure", &[]);
     let ip_s3 = c.attach(3, &s3, "secure", &[]);
     let took = wait_for(Duration::from_secs(10), "ping over the mesh", || {
         c.bed.ping(&s1, ip_s3)
@@ -109,6 +115,30 @@ fn encrypted_and_plain_networks_side_by_side() {
     } else {
         eprintln!("kernel before 6.17: no bursts inside VXLAN (largest payload {largest})");
     }
+    // Host 2 without bursts, both ways with host 1 (which cuts and joins them):
+    // every byte arrives, and host 2's container sees only MTU-sized segments.
+    let s2 = c.bed.container("s2");
+    let ip_s2 = c.attach(2, &s2, "secure", &[]);
+    let unjoined = c.dir.join("unjoined.pcap").display().to_string();
+    let pid_unjoined = capture_in(&mut c, &s2, "eth0", "tcp", &unjoined);
+    assert_eq!(tcp_transfer(&s2, ip_s2, &s1, MIB10), MIB10);
+    c.bed.kill(pid_unjoined);
+    assert_eq!(tcp_transfer(&s1, ip_s1, &s2, MIB10), MIB10);
+    let largest = read_capture(&unjoined, "tcp")
+        .iter()
+        .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        (1000..=1390).contains(&largest),
+        "largest TCP payload with tunnel_offload = false: {largest}"
+    );
+    assert!(
+        c.log(2)
+            .contains("packet by packet ([mesh] tunnel_offload = false)"),
+        "host 2's log says how its mesh runs"
+    );
+
     // Bytes, not packets: the mesh sends with UDP GSO, so the capture on the veth
     // sees datagrams joined up to 64 at a time.
     let wireguard: usize = read_capture(&file, "udp port 51820")

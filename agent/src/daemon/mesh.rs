@@ -135,7 +135,10 @@ impl<S: Store> Agent<S> {
                 &self.underlay,
                 record.address,
                 model::mesh_subnet().prefix_len(),
-                self.cfg.mesh_port,
+                netagent_overlay::MeshOptions {
+                    listen_port: self.cfg.mesh_port,
+                    tunnel_offload: self.cfg.mesh_tunnel_offload,
+                },
             )
             .await?;
         info!(address = %record.address, public_key = record.public_key, listen = %record.endpoint, "encrypted mesh up");

@@ -35,8 +35,8 @@ pub struct Device {
 
 /// Creates (or opens) the TAP device `name` in the calling thread's namespace with a
 /// virtio-net header on every frame and as many offloads as the kernel offers;
-/// non-blocking.
-pub fn open_tap(name: &str) -> io::Result<Device> {
+/// non-blocking. `tunnel_offload` false leaves bursts inside VXLAN to the kernel to cut.
+pub fn open_tap(name: &str, tunnel_offload: bool) -> io::Result<Device> {
     let fd = unsafe {
         libc::open(
             c"/dev/net/tun".as_ptr(),
@@ -66,11 +66,11 @@ pub fn open_tap(name: &str) -> io::Result<Device> {
     // The tunnel fields are little-endian whatever the host.
     let on: libc::c_int = 1;
     unsafe { libc::ioctl(fd, libc::TUNSETVNETLE, &on) };
-    let mut tunnel_bursts = true;
-    let full = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_UDP_TUNNEL_GSO;
-    if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, full as libc::c_ulong) } < 0 {
-        tunnel_bursts = false;
-        let plain = TUN_F_CSUM | TUN_F_TSO4;
+    let plain = TUN_F_CSUM | TUN_F_TSO4;
+    let full = plain | TUN_F_UDP_TUNNEL_GSO;
+    let tunnel_bursts = tunnel_offload
+        && unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, full as libc::c_ulong) } == 0;
+    if !tunnel_bursts {
         unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, plain as libc::c_ulong) };
     }
     if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) } < 0 {

@@ -82,6 +82,16 @@ impl std::fmt::Debug for KeyPair {
     }
 }
 
+/// How the mesh runs on this host.
+#[derive(Clone, Copy, Debug)]
+pub struct MeshOptions {
+    /// The WireGuard socket's port on the underlay address.
+    pub listen_port: u16,
+    /// Asks the kernel for TCP bursts inside VXLAN (Linux 6.17+); without, or where
+    /// the kernel refuses, the datapath runs packet by packet.
+    pub tunnel_offload: bool,
+}
+
 /// Another host of the mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshPeer {
@@ -146,14 +156,16 @@ impl Mesh {
         keys: KeyPair,
         address: Ipv4Addr,
         listen: SocketAddrV4,
+        tunnel_offload: bool,
     ) -> Result<Mesh> {
         let (dev, udp) = ns
             .run(move || {
-                let dev = io::open_tap(MESH_INTERFACE).map_err(|e| Error::Mesh {
-                    message: format!(
+                let dev =
+                    io::open_tap(MESH_INTERFACE, tunnel_offload).map_err(|e| Error::Mesh {
+                        message: format!(
                         "cannot create TAP device {MESH_INTERFACE}: {e} (is /dev/net/tun there?)"
                     ),
-                })?;
+                    })?;
                 // IPv4 only: no IPv6 neighbour discovery for the datapath to drop.
                 let _ = std::fs::write(
                     format!("/proc/sys/net/ipv6/conf/{MESH_INTERFACE}/disable_ipv6"),
@@ -172,10 +184,13 @@ impl Mesh {
                 Ok((dev, udp))
             })
             .await?;
-        info!(
-            tunnel_bursts = dev.tunnel_bursts,
-            "mesh device {MESH_INTERFACE} up (bursts inside VXLAN need Linux 6.17+)"
-        );
+        if dev.tunnel_bursts {
+            info!("mesh device {MESH_INTERFACE}: TCP bursts inside VXLAN pass whole");
+        } else if tunnel_offload {
+            info!("mesh device {MESH_INTERFACE}: this kernel cuts TCP bursts inside VXLAN before the device (Linux 6.17+ passes them whole); packet by packet");
+        } else {
+            info!("mesh device {MESH_INTERFACE}: packet by packet ([mesh] tunnel_offload = false)");
+        }
         let shared = Arc::new(Shared {
             dev,
             udp,

@@ -597,6 +597,37 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_tcp_burst_is_cut_like_the_kernel_cuts_it() {
+        // TCP to a mesh address directly (no VXLAN): the device offers TSO for it too.
+        let burst = vxlan_tcp(1000, &data(2500), ACK | PSH | FIN)[INNER_IP..].to_vec();
+        let hdr = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            gso_size: 1000,
+            csum_start: (ETH_LEN + 20) as u16,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let mut ip = burst.clone();
+        split(&hdr, &mut ip, &mut [0u8; 2048], |s| out.push(s.to_vec())).unwrap();
+        let sizes: Vec<usize> = out.iter().map(|s| s.len() - 20 - 32).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        for (i, seg) in out.iter().enumerate() {
+            assert!(ipv4_checksum_ok(seg) && tcp_checksum_ok(seg, 0, 20));
+            assert_eq!(usize::from(u16_at(seg, 2)), seg.len());
+            assert_eq!(u32_at(seg, 24), 1000 + 1000 * i as u32);
+            let last = i == 2;
+            assert_eq!(
+                seg[33] & (PSH | FIN) != 0,
+                last,
+                "PSH and FIN on the last only"
+            );
+            assert_eq!(seg[52..], burst[52 + 1000 * i..][..seg.len() - 52]);
+        }
+    }
+
+    #[test]
     fn a_single_packet_gets_the_checksum_the_kernel_left_undone() {
         let mut p = vxlan_tcp(1, &data(33), ACK);
         let pseudo = fold(pseudo_header(

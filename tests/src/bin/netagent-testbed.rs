@@ -161,6 +161,40 @@ fn demo() {
         "dig +short @127.0.0.11 echo_api; echo \"(no answer: NXDOMAIN)\"",
     );
 
+    step("an encrypted network: between hosts only WireGuard (userspace, ours) carries it");
+    run(
+        &c,
+        1,
+        &[
+            "network",
+            "create",
+            "secure-net",
+            "--subnet",
+            "100.66.0.0/16",
+            "--encrypted",
+        ],
+    );
+    let vault = c.bed.container("vault");
+    attach(&c, 3, &vault, "secure-net", &["--service", "vault"]);
+    attach(&c, 1, &client, "secure-net", &[]);
+    let dir = c.dir.join("vault");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 4 MiB, so the transfer shows in the byte counters.
+    std::fs::write(dir.join("index.html"), vec![b'x'; 4 << 20]).unwrap();
+    c.bed.spawn(
+        &vault,
+        "busybox",
+        &["httpd", "-f", "-p", "80", "-h", dir.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    show(
+        &c.bed,
+        &client,
+        "client",
+        "busybox wget -q -O - http://vault/ | wc -c",
+    );
+    run(&c, 1, &["peers"]);
+
     step("cleaning up");
     let _ = std::fs::remove_dir_all(&etc);
     drop(c);

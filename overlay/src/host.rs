@@ -15,7 +15,9 @@ use crate::netlink::{Link, Netlink, Route};
 use crate::netns::{Netns, NetnsRef};
 use crate::plan::{desired_objects, plan, Object};
 use crate::spec::{HostState, NetworkSpec, NetworkState, Peer};
-use crate::wireguard::{KeyPair, Mesh, MeshOptions, MESH_INTERFACE, WIREGUARD_OVERHEAD};
+use crate::wireguard::{
+    KeyPair, Mesh, MeshOptions, MAX_MESH_MTU, MESH_INTERFACE, WIREGUARD_OVERHEAD,
+};
 
 /// VXLAN over IPv4 adds 50 bytes (outer IP 20, UDP 8, VXLAN 8, inner Ethernet 14).
 pub const VXLAN_OVERHEAD: u32 = 50;
@@ -448,7 +450,10 @@ impl Host {
         prefix: u8,
         options: MeshOptions,
     ) -> Result<Mesh> {
-        let mtu = underlay.mtu.saturating_sub(WIREGUARD_OVERHEAD);
+        let mtu = underlay
+            .mtu
+            .saturating_sub(WIREGUARD_OVERHEAD)
+            .min(MAX_MESH_MTU);
         let listen = std::net::SocketAddrV4::new(underlay.address, options.listen_port);
         let mesh = Mesh::start(&self.ns, keys, address, listen, options.tunnel_offload).await?;
         let link = self

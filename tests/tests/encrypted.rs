@@ -341,6 +341,20 @@ fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
     }
     // And the network still works.
     assert!(c.bed.ping(&s1, ip_s2));
+
+    // WireGuard data messages larger than any packet of ours, for every receiver
+    // index a peer session could have here (they are in clear on the wire): dropped
+    // unopened, and the mesh keeps running (boringtun panics on them, which once
+    // stopped this host's receiving thread for good).
+    for peer in 1u32..=4 {
+        for slot in 0u32..8 {
+            let mut d = vec![0u8; 16 + 12_000];
+            d[0] = 4;
+            d[4..8].copy_from_slice(&(peer << 8 | slot).to_le_bytes());
+            send(d, 51820);
+        }
+    }
+    assert!(c.bed.ping(&s1, ip_s2), "the mesh after oversized datagrams");
 }
 
 #[test]
@@ -412,4 +426,41 @@ fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
     let peers = c.cli_ok(1, &["peers", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
     assert_eq!(v[0]["mesh"]["endpoint"], "192.0.2.52:51820", "{peers}");
+}
+
+#[test]
+fn encrypted_network_over_a_jumbo_frame_underlay() {
+    if !require_root("encrypted_network_over_a_jumbo_frame_underlay") {
+        return;
+    }
+    let mut c = Cluster::new(2, 3);
+    // An underlay with 9000-byte frames (as many cloud networks have), set before the
+    // agents start: they take the MTU from it.
+    let u = c.bed.underlay_ns.clone();
+    for h in c.bed.hosts.clone() {
+        sh_ok(&format!(
+            "ip -n {u} link set {} mtu 9000 && ip -n {} link set eth0 mtu 9000",
+            h.name, h.netns
+        ));
+    }
+    for host in 1..=2 {
+        c.start_agent(host);
+    }
+    c.create_encrypted_network("secure", "100.66.0.0/16");
+    let s1 = c.bed.container("s1");
+    let s2 = c.bed.container("s2");
+    c.attach(1, &s1, "secure", &[]);
+    let ip_s2 = c.attach(2, &s2, "secure", &[]);
+    wait_for(Duration::from_secs(10), "ping over the mesh", || {
+        c.bed.ping(&s1, ip_s2)
+    });
+    // 9000 less WireGuard (60) and VXLAN (50); a full-size DF packet crosses.
+    let mtu = c.bed.exec_ok(&s1, "cat /sys/class/net/eth0/mtu");
+    assert_eq!(mtu.trim(), "8890");
+    assert!(c
+        .bed
+        .exec(&s1, &format!("ping -c 1 -W 2 -M do -s 8862 {ip_s2}"))
+        .status
+        .success());
+    assert_eq!(tcp_transfer(&s2, ip_s2, &s1, MIB10), MIB10);
 }

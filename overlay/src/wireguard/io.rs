@@ -11,8 +11,9 @@ use super::offload;
 
 /// Datagrams per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 32;
-/// Room for one datagram or packet (the mesh MTU is far below).
-pub const BUF: usize = 2048;
+/// Room for one datagram or packet: a 9000-byte (jumbo) mesh packet with WireGuard's
+/// 32 bytes, and some to spare.
+pub const BUF: usize = 9216;
 /// Room for one frame from the mesh device: a virtio-net header, Ethernet and a
 /// burst of up to 64 KiB.
 pub const FRAME_BUF: usize = 70 * 1024;

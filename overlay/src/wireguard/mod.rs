@@ -44,6 +44,11 @@ use crate::netns::Netns;
 pub const MESH_INTERFACE: &str = "nawg0";
 /// WireGuard over IPv4: outer IP 20 + UDP 8 + data header 16 + authentication tag 16.
 pub const WIREGUARD_OVERHEAD: u32 = 60;
+/// WireGuard's bytes around a packet inside the UDP payload (header and tag).
+const DATA_OVERHEAD: usize = 32;
+/// The largest mesh MTU the datapath's buffers carry (jumbo frames; an underlay with
+/// larger frames still gets 9000).
+pub const MAX_MESH_MTU: u32 = 9000;
 
 /// A host's key pair; the private half never leaves this process but to its file.
 #[derive(Clone)]
@@ -351,6 +356,10 @@ fn outbound(s: &Shared) {
             let to = *peer.endpoint.lock();
             let mut tunn = peer.tunn.lock();
             let split = offload::split(&hdr, ip, &mut segment, |packet| {
+                // boringtun panics on a buffer too small; the MTU keeps packets below.
+                if packet.len() + DATA_OVERHEAD > io::BUF {
+                    return;
+                }
                 if let TunnResult::WriteToNetwork(out) = tunn.encapsulate(packet, batch.next_buf())
                 {
                     let len = out.len();
@@ -388,6 +397,12 @@ fn inbound(s: &Shared) {
             chunks.map(move |d| (d, from))
         });
         for (datagram, from) in datagrams {
+            // Larger than any packet of ours: dropped before boringtun, which panics
+            // when a datagram would not fit the buffer, authenticated or not.
+            if datagram.len() > io::BUF {
+                debug!(%from, len = datagram.len(), "oversized datagram dropped");
+                continue;
+            }
             let Some(peer) = find_peer(s, &peers, datagram) else {
                 debug!(%from, "datagram from no known peer; dropped");
                 continue;

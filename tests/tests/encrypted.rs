@@ -33,6 +33,15 @@ fn capture_in(c: &mut Cluster, ns: &str, iface: &str, filter: &str, file: &str) 
     pid
 }
 
+/// The largest TCP payload in a capture (tcpdump prints each segment's as "length N").
+fn largest_tcp_payload(file: &str) -> usize {
+    read_capture(file, "tcp")
+        .iter()
+        .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 /// Whether this kernel takes TCP bursts inside VXLAN from the mesh device (6.17+).
 fn kernel_takes_tunnel_bursts() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -101,11 +110,7 @@ fn encrypted_and_plain_networks_side_by_side() {
     // The receiving container gets TCP in bursts larger than its MTU: the mesh joined
     // the decrypted packets and the kernel carried each burst through VXLAN, the
     // bridge and the veth whole.
-    let largest = read_capture(&bursts, "tcp")
-        .iter()
-        .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
-        .max()
-        .unwrap_or(0);
+    let largest = largest_tcp_payload(&bursts);
     eprintln!("largest TCP payload in the receiving container: {largest} bytes");
     if kernel_takes_tunnel_bursts() {
         assert!(
@@ -124,11 +129,7 @@ fn encrypted_and_plain_networks_side_by_side() {
     assert_eq!(tcp_transfer(&s2, ip_s2, &s1, MIB10), MIB10);
     c.bed.kill(pid_unjoined);
     assert_eq!(tcp_transfer(&s1, ip_s1, &s2, MIB10), MIB10);
-    let largest = read_capture(&unjoined, "tcp")
-        .iter()
-        .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
-        .max()
-        .unwrap_or(0);
+    let largest = largest_tcp_payload(&unjoined);
     assert!(
         (1000..=1390).contains(&largest),
         "largest TCP payload with tunnel_offload = false: {largest}"

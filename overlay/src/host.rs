@@ -16,7 +16,7 @@ use crate::netns::{Netns, NetnsRef};
 use crate::plan::{desired_objects, plan, Object};
 use crate::spec::{HostState, NetworkSpec, NetworkState, Peer};
 use crate::wireguard::{
-    KeyPair, Mesh, MeshOptions, MAX_MESH_MTU, MESH_INTERFACE, WIREGUARD_OVERHEAD,
+    KeyPair, Mesh, MeshOptions, OnFailure, MAX_MESH_MTU, MESH_INTERFACE, WIREGUARD_OVERHEAD,
 };
 
 /// VXLAN over IPv4 adds 50 bytes (outer IP 20, UDP 8, VXLAN 8, inner Ethernet 14).
@@ -449,13 +449,22 @@ impl Host {
         address: Ipv4Addr,
         prefix: u8,
         options: MeshOptions,
+        on_failure: OnFailure,
     ) -> Result<Mesh> {
         let mtu = underlay
             .mtu
             .saturating_sub(WIREGUARD_OVERHEAD)
             .min(MAX_MESH_MTU);
         let listen = std::net::SocketAddrV4::new(underlay.address, options.listen_port);
-        let mesh = Mesh::start(&self.ns, keys, address, listen, options.tunnel_offload).await?;
+        let mesh = Mesh::start(
+            &self.ns,
+            keys,
+            address,
+            listen,
+            options.tunnel_offload,
+            on_failure,
+        )
+        .await?;
         let link = self
             .nl
             .link(MESH_INTERFACE)

@@ -29,5 +29,5 @@ pub use plan::{desired_objects, plan, Object, Plan};
 pub use probe::overlay_rtt;
 pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer, MAX_VNI};
 pub use wireguard::{
-    KeyPair, Mesh, MeshOptions, MeshPeer, PeerStats, MESH_INTERFACE, WIREGUARD_OVERHEAD,
+    KeyPair, Mesh, MeshOptions, MeshPeer, OnFailure, PeerStats, MESH_INTERFACE, WIREGUARD_OVERHEAD,
 };

@@ -427,6 +427,23 @@ fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
     let peers = c.cli_ok(1, &["peers", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&peers).unwrap();
     assert_eq!(v[0]["mesh"]["endpoint"], "192.0.2.52:51820", "{peers}");
+
+    // Someone deletes host 1's mesh device (its VXLAN devices go with it): the agent
+    // notices, starts the mesh again, and the reconciler puts the network back.
+    let h1 = c.bed.hosts[0].netns.clone();
+    let start = Instant::now();
+    sh_ok(&format!("ip -n {h1} link del nawg0"));
+    wait_for(
+        Duration::from_secs(10),
+        "traffic after nawg0 was deleted",
+        || once(&c),
+    );
+    eprintln!("nawg0 deleted -> traffic again: {:?}", start.elapsed());
+    assert!(
+        c.log(1)
+            .contains("encrypted mesh datapath stopped; starting it again"),
+        "host 1's log says what happened"
+    );
 }
 
 #[test]

@@ -94,6 +94,7 @@ impl<S: Store> Agent<S> {
     /// Starts the mesh when this host holds a block of an encrypted network, and
     /// keeps its peers in line with the store. Returns the mesh address when up.
     pub(super) async fn ensure_mesh(&self) -> Option<Ipv4Addr> {
+        self.drop_failed_mesh().await;
         if let Some(a) = self.mesh_address() {
             self.sync_mesh_peers();
             return Some(a);
@@ -125,6 +126,27 @@ impl<S: Store> Agent<S> {
         }
     }
 
+    /// A datapath that stopped by itself (its device deleted under it, a thread's
+    /// panic) is taken down here, so that `ensure_mesh` starts a new one.
+    async fn drop_failed_mesh(&self) {
+        let failure = self.mesh.lock().unwrap().as_ref().and_then(|m| m.failure());
+        let Some(why) = failure else {
+            return;
+        };
+        let _starting = self.mesh_starting.lock().await;
+        let Some(old) = self.mesh.lock().unwrap().take() else {
+            return;
+        };
+        warn!(
+            reason = why,
+            "encrypted mesh datapath stopped; starting it again"
+        );
+        // Dropping joins the datapath threads: not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        self.mesh_restarted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn start_mesh(&self) -> Result<Ipv4Addr> {
         let record = self.publish_mesh_record().await?;
         let keys = self.keys.lock().unwrap().clone();
@@ -138,6 +160,10 @@ impl<S: Store> Agent<S> {
                 netagent_overlay::MeshOptions {
                     listen_port: self.cfg.mesh_port,
                     tunnel_offload: self.cfg.mesh_tunnel_offload,
+                },
+                {
+                    let reconcile = self.reconcile.clone();
+                    std::sync::Arc::new(move || reconcile.notify_one())
                 },
             )
             .await?;

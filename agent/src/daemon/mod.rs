@@ -74,7 +74,9 @@ pub struct Agent<S: Store> {
     deleted_here: StdMutex<Vec<String>>,
     /// Store deletions that failed while the store was away; retried.
     pending_deletes: StdMutex<BTreeSet<String>>,
-    reconcile: Notify,
+    /// Shared with the mesh's datapath threads, which wake the reconciler when the
+    /// datapath stops by itself.
+    reconcile: Arc<Notify>,
     rtt: StdMutex<HashMap<String, f64>>,
     /// None: Docker integration is off.
     docker: Option<containers::DockerLink>,
@@ -83,6 +85,9 @@ pub struct Agent<S: Store> {
     /// The encrypted mesh, once this host holds a block of an encrypted network.
     mesh: StdMutex<Option<netagent_overlay::Mesh>>,
     mesh_starting: Mutex<()>,
+    /// The mesh was started again: the next reconcile applies in full (its device's
+    /// VXLAN devices went with the old one).
+    mesh_restarted: std::sync::atomic::AtomicBool,
 }
 
 impl<S: Store> Agent<S> {
@@ -130,12 +135,13 @@ impl<S: Store> Agent<S> {
             dns_records: StdMutex::new(Default::default()),
             deleted_here: StdMutex::new(Vec::new()),
             pending_deletes: StdMutex::new(BTreeSet::new()),
-            reconcile: Notify::new(),
+            reconcile: Arc::new(Notify::new()),
             rtt: StdMutex::new(HashMap::new()),
             docker: cfg_docker.map(containers::DockerLink::new),
             keys: StdMutex::new(keys),
             mesh: StdMutex::new(None),
             mesh_starting: Mutex::new(()),
+            mesh_restarted: std::sync::atomic::AtomicBool::new(false),
         });
         let ttl = match &agent.cfg.store {
             crate::config::StoreConfig::Etcd { lease_ttl, .. } => *lease_ttl,
@@ -307,6 +313,10 @@ impl<S: Store> Agent<S> {
     /// applies even when nothing seems to have changed (repairs drift).
     async fn reconcile_once(&self, full: bool) {
         self.ensure_mesh().await;
+        let full = full
+            || self
+                .mesh_restarted
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
         let mut state = self.local.lock().await;
         let deleted: Vec<String> = std::mem::take(&mut *self.deleted_here.lock().unwrap());
         let networks: BTreeSet<String> = self

@@ -99,10 +99,18 @@ pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
 }
 
-/// One frame from the device into `buf`; None when none is waiting.
-pub fn read_frame(dev: &File, buf: &mut [u8]) -> Option<usize> {
+/// One frame from the device into `buf`; None when none is waiting. An error means
+/// the device is gone (deleted under us).
+pub fn read_frame(dev: &File, buf: &mut [u8]) -> io::Result<Option<usize>> {
     let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    (n > 0).then_some(n as usize)
+    if n >= 0 {
+        return Ok((n > 0).then_some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+        _ => Err(e),
+    }
 }
 
 /// One frame to the device (the kernel takes it as received on the interface).

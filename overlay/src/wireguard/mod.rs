@@ -35,7 +35,8 @@ use std::time::Duration;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use tracing::{debug, info};
+use std::panic::AssertUnwindSafe;
+use tracing::{debug, error, info};
 
 use crate::error::{Error, Result};
 use crate::netns::Netns;
@@ -143,7 +144,12 @@ struct Shared {
     /// The peer set last given to `set_peers`: the same again changes nothing.
     configured: Mutex<Vec<MeshPeer>>,
     stop: AtomicBool,
+    /// Why the datapath stopped by itself (its device deleted, a thread's panic).
+    failure: Mutex<Option<String>>,
 }
+
+/// Called (from a datapath thread) when the datapath stops by itself.
+pub type OnFailure = Arc<dyn Fn() + Send + Sync>;
 
 /// The running mesh datapath; stops (and its device goes) when dropped.
 pub struct Mesh {
@@ -162,6 +168,7 @@ impl Mesh {
         address: Ipv4Addr,
         listen: SocketAddrV4,
         tunnel_offload: bool,
+        on_failure: OnFailure,
     ) -> Result<Mesh> {
         let (dev, udp) = ns
             .run(move || {
@@ -203,12 +210,27 @@ impl Mesh {
             peers: RwLock::new(Peers::default()),
             configured: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            failure: Mutex::new(None),
         });
-        let spawn = |name: &str, f: fn(&Shared)| {
+        let spawn = |name: &'static str, f: fn(&Shared) -> std::result::Result<(), String>| {
             let s = shared.clone();
+            let on_failure = on_failure.clone();
             std::thread::Builder::new()
                 .name(name.into())
-                .spawn(move || f(&s))
+                .spawn(move || {
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| f(&s)));
+                    if s.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let why = match outcome {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => e,
+                        Err(_) => format!("thread {name} panicked"),
+                    };
+                    error!("encrypted mesh datapath stopped: {why}");
+                    *s.failure.lock() = Some(why);
+                    on_failure();
+                })
                 .expect("spawn a mesh thread")
         };
         let threads = vec![
@@ -277,6 +299,12 @@ impl Mesh {
         }
     }
 
+    /// Why the datapath stopped by itself, if it did (the mesh must then be started
+    /// again).
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().clone()
+    }
+
     pub fn stats(&self) -> Vec<PeerStats> {
         let table = self.shared.peers.read().unwrap();
         table
@@ -328,7 +356,7 @@ const POLL_MS: i32 = 200;
 
 /// Device → encrypt → UDP, in batches: a burst from the device is cut into packets
 /// that each become one WireGuard datagram, sent together with UDP GSO.
-fn outbound(s: &Shared) {
+fn outbound(s: &Shared) -> std::result::Result<(), String> {
     let mut frame = vec![0u8; io::FRAME_BUF];
     let mut segment = [0u8; io::BUF];
     let mut batch = io::SendBatch::new();
@@ -338,8 +366,10 @@ fn outbound(s: &Shared) {
         }
         let peers = s.peers.read().unwrap();
         while !batch.is_full() {
-            let Some(n) = io::read_frame(&s.dev.file, &mut frame) else {
-                break;
+            let n = match io::read_frame(&s.dev.file, &mut frame) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => return Err(format!("{MESH_INTERFACE} is gone ({e})")),
             };
             // IPv4 only: the destination is bytes 16..20.
             if n < offload::FRAME_HEADROOM + 20
@@ -373,10 +403,11 @@ fn outbound(s: &Shared) {
         drop(peers);
         batch.flush(&s.udp);
     }
+    Ok(())
 }
 
 /// UDP → decrypt → device; consecutive packets of one TCP stream go as one burst.
-fn inbound(s: &Shared) {
+fn inbound(s: &Shared) -> std::result::Result<(), String> {
     let mut batch = io::RecvBatch::new();
     let mut out = [0u8; offload::FRAME_HEADROOM + io::BUF];
     let mut eth = [0u8; offload::ETH_LEN];
@@ -452,6 +483,7 @@ fn inbound(s: &Shared) {
         bursts.flush(&mut write);
         replies.flush(&s.udp);
     }
+    Ok(())
 }
 
 /// The peer a datagram belongs to: by our index in it, or for a handshake
@@ -471,7 +503,7 @@ fn find_peer(s: &Shared, peers: &Peers, datagram: &[u8]) -> Option<Arc<PeerState
 }
 
 /// Handshakes, keepalives and rekeying, four times a second.
-fn timers(s: &Shared) {
+fn timers(s: &Shared) -> std::result::Result<(), String> {
     let mut batch = io::SendBatch::new();
     while !s.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
@@ -494,4 +526,5 @@ fn timers(s: &Shared) {
         drop(peers);
         batch.flush(&s.udp);
     }
+    Ok(())
 }

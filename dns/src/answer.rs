@@ -82,10 +82,16 @@ pub fn answer(
     }
     let mut addresses: Vec<Ipv4Addr> = Vec::new();
     let mut known = false;
+    // Only a query that gets the addresses turns the rotation: the C library asks A
+    // and AAAA for every lookup, and if both turned it, a service with two replicas
+    // would give every lookup the same first address.
+    let wants_addresses = q.qtype == wire::TYPE_A || q.qtype == wire::TYPE_ANY;
     for network in networks {
         if let Some(set) = snapshot.lookup(network, &q.name) {
             known = true;
-            set.rotated(&mut addresses);
+            if wants_addresses {
+                set.rotated(&mut addresses);
+            }
         }
     }
     if !known {

@@ -130,6 +130,8 @@ fn real_clients_resolve_services_names_and_outside_names() {
             .endpoint(ep("app-net", [100, 64, 2, 11], "echo_api.2", "echo_api"))
             .endpoint(ep("app-net", [100, 64, 3, 12], "echo_api.3", "echo_api"))
             .endpoint(ep("other-net", [100, 65, 3, 10], "secret", "secret"))
+            .endpoint(ep("app-net", [100, 64, 5, 10], "pair.1", "pair"))
+            .endpoint(ep("app-net", [100, 64, 5, 11], "pair.2", "pair"))
             .endpoints(
                 (0..100u8).map(|i| ep("app-net", [100, 64, 4, i + 10], &format!("web.{i}"), "web")),
             )
@@ -188,6 +190,17 @@ fn real_clients_resolve_services_names_and_outside_names() {
     // The C library's resolver and busybox.
     let getent = bed.exec_ok(&c, "getent ahostsv4 echo_api | cut -d\" \" -f1 | sort -u");
     assert_eq!(lines(&getent), replicas, "getent ahostsv4");
+    // Two replicas and the C library, which asks A and AAAA for every lookup: the
+    // first address still alternates from one lookup to the next.
+    let firsts: std::collections::BTreeSet<String> = (0..4)
+        .map(|_| bed.exec_ok(&c, "getent ahosts pair | head -n 1 | cut -d\" \" -f1"))
+        .map(|s| s.trim().to_owned())
+        .collect();
+    assert_eq!(
+        firsts.into_iter().collect::<Vec<_>>(),
+        vec!["100.64.5.10", "100.64.5.11"],
+        "first address of getent ahosts pair over 4 lookups"
+    );
     let getent = bed.exec_ok(&c, "getent hosts db");
     assert!(
         getent.starts_with("100.64.1.11"),

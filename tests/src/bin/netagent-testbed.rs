@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::Cluster;
+use netagent_tests::docker::{DockerHost, IMAGE};
 use netagent_tests::{Mesh, Testbed};
 
 fn main() {
@@ -194,6 +195,46 @@ fn demo() {
         "busybox wget -q -O - http://vault/ | wc -c",
     );
     run(&c, 1, &["peers"]);
+
+    step("Docker, the seed's Compose case: a dockerd on host 1 and on host 2; containers run with --network none and a label, the agents (restarted to follow their engine) do the rest");
+    let engines: Vec<DockerHost> = (1..=2)
+        .map(|h| {
+            let dir = std::env::temp_dir().join(format!("{}-docker{h}", c.bed.id));
+            DockerHost::start(&c.bed.hosts[h - 1].netns, &dir)
+        })
+        .collect();
+    for (i, e) in engines.iter().enumerate() {
+        c.stop_agent(i + 1);
+        c.docker_sockets[i] = Some(e.socket.clone());
+        c.start_agent(i + 1);
+    }
+    let web = ["netagent.network=app-net", "com.docker.compose.service=web"];
+    for name in ["web1", "web2"] {
+        println!("$ docker run -d --network none --label {} --label {} --name {name} {IMAGE} sh -c 'hostname > /www/index.html; httpd -f -p 80 -h /www'        # on host2", web[0], web[1]);
+        engines[1].run_web(name, &web, &[]);
+    }
+    println!("$ docker run -d --network none --label netagent.network=app-net --name shell {IMAGE} sleep 1d        # on host1");
+    engines[0].run(
+        "shell",
+        &["netagent.network=app-net"],
+        &[],
+        &["sleep", "86400"],
+    );
+    netagent_tests::cluster::wait_for(Duration::from_secs(10), "web to resolve", || {
+        engines[0].nslookup("shell", "web").len() == 2
+    });
+    let docker_exec = |cmd: &[&str]| {
+        println!("$ docker exec shell {}        # on host1", cmd.join(" "));
+        println!("{}", engines[0].exec_ok("shell", cmd));
+    };
+    docker_exec(&["cat", "/etc/resolv.conf"]);
+    docker_exec(&["nslookup", "-type=a", "web"]);
+    for _ in 0..2 {
+        docker_exec(&["wget", "-q", "-O", "-", "http://web/"]);
+    }
+    docker_exec(&["nslookup", "-type=a", "db"]);
+    run(&c, 1, &["services"]);
+    drop(engines);
 
     step("cleaning up");
     let _ = std::fs::remove_dir_all(&etc);

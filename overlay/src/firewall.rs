@@ -21,8 +21,10 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
+use crate::host::{ENCRYPTED_VXLAN_PORT, VXLAN_PORT};
 use crate::netns::Netns;
 use crate::spec::NetworkSpec;
+use crate::wireguard::MESH_INTERFACE;
 
 /// Name of our table (family `ip`).
 pub const TABLE: &str = "netagent";
@@ -88,17 +90,18 @@ fn render_body(networks: &[NetworkSpec]) -> String {
     // Conntrack is only needed for egress (NAT) and replies from outside. Skipping it
     // for traffic that stays in the overlay, and for the outer VXLAN packets, removes
     // two connection-table lookups per packet on each host.
-    s.push_str(
-        "\tchain raw_prerouting {\n\
+    let vxlan = format!("{{ {VXLAN_PORT}, {ENCRYPTED_VXLAN_PORT} }}");
+    s.push_str(&format!(
+        "\tchain raw_prerouting {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
          \t\tiifgroup @overlay_groups ip daddr @subnets notrack\n\
-         \t\tudp dport { 4789, 4790 } notrack\n\
-         \t}\n\
-         \tchain raw_output {\n\
+         \t\tudp dport {vxlan} notrack\n\
+         \t}}\n\
+         \tchain raw_output {{\n\
          \t\ttype filter hook output priority raw; policy accept;\n\
-         \t\tudp dport { 4789, 4790 } notrack\n\
-         \t}\n",
-    );
+         \t\tudp dport {vxlan} notrack\n\
+         \t}}\n",
+    ));
     let mark = format!("meta mark set meta mark | {FORWARD_MARK:#x}");
     s.push_str(&format!(
         "\tchain forward {{\n\
@@ -110,17 +113,18 @@ fn render_body(networks: &[NetworkSpec]) -> String {
          \t\tiifgroup @overlay_groups {mark} accept\n\
          \t}}\n"
     ));
-    s.push_str(
-        "\tchain input {\n\
+    // Encrypted networks' VXLAN is taken only from the mesh device.
+    s.push_str(&format!(
+        "\tchain input {{\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
          \t\tiifgroup . ip daddr @foreign_gateways drop\n\
-         \t\tudp dport 4790 iifname != \"nawg0\" drop\n\
-         \t}\n\
-         \tchain postrouting {\n\
+         \t\tudp dport {ENCRYPTED_VXLAN_PORT} iifname != \"{MESH_INTERFACE}\" drop\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tip saddr @subnets oifgroup != @overlay_groups masquerade\n\
-         \t}\n",
-    );
+         \t}}\n",
+    ));
     s
 }
 

@@ -30,11 +30,7 @@ pub(super) async fn load_or_create_key(state_dir: &Path) -> Result<KeyPair> {
     let path = key_path(state_dir);
     match tokio::fs::read_to_string(&path).await {
         Ok(text) => {
-            let bytes: [u8; 32] = B64
-                .decode(text.trim())
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| {
+            let bytes = decode_key(text.trim()).ok_or_else(|| {
                     anyhow!(
                         "{} is not a WireGuard private key (base64 of 32 bytes); remove it to have a new one made",
                         path.display()
@@ -92,12 +88,12 @@ impl<S: Store> Agent<S> {
     }
 
     /// Starts the mesh when this host holds a block of an encrypted network, and
-    /// keeps its peers in line with the store. Returns the mesh address when up.
-    pub(super) async fn ensure_mesh(&self) -> Option<Ipv4Addr> {
+    /// keeps its peers in line with the store (`mesh_address` tells whether it runs).
+    pub(super) async fn ensure_mesh(&self) {
         self.drop_failed_mesh().await;
-        if let Some(a) = self.mesh_address() {
+        if self.mesh_address().is_some() {
             self.sync_mesh_peers();
-            return Some(a);
+            return;
         }
         let needed = {
             let c = self.cluster.read().unwrap();
@@ -107,22 +103,18 @@ impl<S: Store> Agent<S> {
                 .any(|n| c.blocks_of(&n.name).any(|b| b.node == self.node.name))
         };
         if !needed {
-            return None;
+            return;
         }
         // Attach and reconcile may both get here first; one starts it.
         let _starting = self.mesh_starting.lock().await;
-        if let Some(a) = self.mesh_address() {
-            return Some(a);
+        if self.mesh_address().is_some() {
+            return;
         }
-        match self.start_mesh().await {
-            Ok(a) => Some(a),
-            Err(e) => {
-                warn!(
-                    error = format!("{e:#}"),
-                    "encrypted mesh not started; encrypted networks wait"
-                );
-                None
-            }
+        if let Err(e) = self.start_mesh().await {
+            warn!(
+                error = format!("{e:#}"),
+                "encrypted mesh not started; encrypted networks wait"
+            );
         }
     }
 
@@ -147,7 +139,7 @@ impl<S: Store> Agent<S> {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn start_mesh(&self) -> Result<Ipv4Addr> {
+    async fn start_mesh(&self) -> Result<()> {
         let record = self.publish_mesh_record().await?;
         let keys = self.keys.lock().unwrap().clone();
         let mesh = self
@@ -170,7 +162,7 @@ impl<S: Store> Agent<S> {
         info!(address = %record.address, public_key = record.public_key, listen = %record.endpoint, "encrypted mesh up");
         *self.mesh.lock().unwrap() = Some(mesh);
         self.sync_mesh_peers();
-        Ok(record.address)
+        Ok(())
     }
 
     /// Puts this host's mesh record (address, public key, endpoint) in the store,

@@ -141,37 +141,33 @@ const RX_BATCH: usize = 8;
 const RX_BUF: usize = 65_536;
 
 /// Socket buffers of the WireGuard socket: room for bursts while a thread is busy
-/// writing to the TUN device, instead of drops that TCP inside pays for.
+/// writing to the mesh device, instead of drops that TCP inside pays for.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
+
+/// An integer socket option; best effort (the datapath works without, only slower).
+fn set_option(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+}
 
 /// Large send and receive buffers (forced past the sysctl limits; we run as root).
 pub fn grow_buffers(socket: &UdpSocket) {
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&SOCKET_BUFFER as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
+    for name in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        set_option(socket, libc::SOL_SOCKET, name, SOCKET_BUFFER);
     }
 }
 
 /// Lets the kernel keep datagrams from one sender together (UDP GRO): one receive
 /// returns up to 64 of them, as they were sent with UDP GSO.
 pub fn enable_gro(socket: &UdpSocket) {
-    let on: libc::c_int = 1;
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
+    set_option(socket, libc::SOL_UDP, UDP_GRO, 1);
 }
 
 /// Consecutive datagrams to one destination with one size (the last may be

@@ -55,6 +55,8 @@ pub const MAX_MESH_MTU: u32 = 9000;
 #[derive(Clone)]
 pub struct KeyPair {
     secret: StaticSecret,
+    /// Derived once: every handshake initiation and `status` needs it.
+    public: PublicKey,
 }
 
 impl KeyPair {
@@ -67,9 +69,9 @@ impl KeyPair {
     }
 
     pub fn from_private(bytes: [u8; 32]) -> KeyPair {
-        KeyPair {
-            secret: StaticSecret::from(bytes),
-        }
+        let secret = StaticSecret::from(bytes);
+        let public = PublicKey::from(&secret);
+        KeyPair { secret, public }
     }
 
     pub fn private_bytes(&self) -> [u8; 32] {
@@ -77,7 +79,7 @@ impl KeyPair {
     }
 
     pub fn public(&self) -> [u8; 32] {
-        PublicKey::from(&self.secret).to_bytes()
+        self.public.to_bytes()
     }
 }
 
@@ -156,7 +158,6 @@ pub struct Mesh {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     pub address: Ipv4Addr,
-    pub listen: SocketAddrV4,
 }
 
 impl Mesh {
@@ -242,7 +243,6 @@ impl Mesh {
             shared,
             threads,
             address,
-            listen,
         })
     }
 
@@ -289,13 +289,12 @@ impl Mesh {
 
     /// Replaces this host's key: every session starts over with a new handshake.
     pub fn set_keys(&self, keys: KeyPair) {
-        let public = PublicKey::from(&keys.secret);
         *self.shared.keys.write().unwrap() = keys.clone();
         let table = self.shared.peers.read().unwrap();
         for p in table.by_key.values() {
             p.tunn
                 .lock()
-                .set_static_private(keys.secret.clone(), public, None);
+                .set_static_private(keys.secret.clone(), keys.public, None);
         }
     }
 
@@ -492,8 +491,7 @@ fn find_peer(s: &Shared, peers: &Peers, datagram: &[u8]) -> Option<Arc<PeerState
     match Tunn::parse_incoming_packet(datagram).ok()? {
         Packet::HandshakeInit(p) => {
             let keys = s.keys.read().unwrap();
-            let public = PublicKey::from(&keys.secret);
-            let half = parse_handshake_anon(&keys.secret, &public, &p).ok()?;
+            let half = parse_handshake_anon(&keys.secret, &keys.public, &p).ok()?;
             peers.by_key.get(&half.peer_static_public).cloned()
         }
         Packet::HandshakeResponse(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),

@@ -299,9 +299,8 @@ const SAME: [(usize, usize); 9] = [
 /// the device; anything else passes through one by one, in order.
 pub struct Coalescer {
     /// `[virtio-net header][Ethernet][burst]`.
+    /// (Its Ethernet header, written once, is the one every frame carries.)
     buf: Vec<u8>,
-    /// The Ethernet header every frame to the device carries.
-    eth: [u8; ETH_LEN],
     /// Whether the kernel takes GSO over a UDP tunnel (otherwise: packets only).
     enabled: bool,
     /// Bytes of the burst (from its outer IPv4 header); 0 when none is open.
@@ -321,7 +320,6 @@ impl Coalescer {
         buf[VNET_HDR_LEN..FRAME_HEADROOM].copy_from_slice(&eth);
         Coalescer {
             buf,
-            eth,
             enabled,
             len: 0,
             headers: 0,
@@ -341,7 +339,8 @@ impl Coalescer {
         let Some((headers, payload)) = burstable(ip).filter(|_| self.enabled) else {
             self.flush(write);
             VnetHeader::default().write(frame);
-            frame[VNET_HDR_LEN..FRAME_HEADROOM].copy_from_slice(&self.eth);
+            frame[VNET_HDR_LEN..FRAME_HEADROOM]
+                .copy_from_slice(&self.buf[VNET_HDR_LEN..FRAME_HEADROOM]);
             write(frame);
             return;
         };

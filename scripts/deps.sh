@@ -5,9 +5,9 @@ set -euo pipefail
 # protobuf-compiler and libprotobuf-dev (the well-known .proto files, only a
 # Recommends of the compiler): etcd-client generates its gRPC code at build time.
 # docker.io (dockerd, containerd, runc) and iptables: the Docker tests start their
-# own engines; util-linux has nsenter.
+# own engines; util-linux has nsenter; openssl makes the test etcd's certificates.
 packages=(iproute2 nftables iptables iputils-ping busybox-static iperf3 dnsutils procps tcpdump
-  util-linux protobuf-compiler libprotobuf-dev etcd-server etcd-client docker.io)
+  util-linux protobuf-compiler libprotobuf-dev etcd-server etcd-client docker.io openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -27,7 +27,12 @@ if [ ! -e /etc/netagent/netagent.toml ]; then
 # The cluster store. Without [store] etcd, the agent keeps a local store in
 # state_dir: a single host, no other setup.
 # [store]
-# etcd = ["http://192.0.2.2:2379"]
+# etcd = ["https://192.0.2.2:2379"]   # every endpoint https:// (or all http://: plaintext, warned)
+# ca_file = "/etc/netagent/etcd-ca.pem"              # CA of etcd's server certificate (PEM)
+# cert_file = "/etc/netagent/etcd-client.pem"        # this host's client certificate (PEM)
+# key_file = "/etc/netagent/etcd-client-key.pem"     # its private key, chmod 600
+# username = "netagent"                              # etcd's own auth, if enabled
+# password_file = "/etc/netagent/etcd-password"      # the password on one line, chmod 600
 # lease_ttl_secs = 5        # a dead host leaves every answer after this long
 
 # [dns]

@@ -83,6 +83,10 @@ pub struct Status {
     pub mesh_address: Option<Ipv4Addr>,
     /// This host's WireGuard public key (the private key is never shown).
     pub public_key: String,
+    /// Store records and networks left out of this host's view and datapath, each
+    /// with why (the rest is applied).
+    #[serde(default)]
+    pub left_out: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

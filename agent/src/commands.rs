@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use netagent_overlay::{Host, NetnsRef};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::api::{EndpointInfo, MeshPeerInfo, NetworkInfo, PeerInfo, Request, ServiceInfo, Status};
+use crate::api::{
+    EndpointInfo, MeshPeerInfo, NetworkInfo, PeerInfo, Reply, Request, ServiceInfo, Status,
+};
 use crate::config::{Config, StoreConfig, DEFAULT_PATH};
 use crate::daemon::{bind_api, serve_api, Agent};
 use crate::model;
-use crate::store::{EtcdStore, LocalStore, Store, Txn};
+use crate::store::{EtcdStore, LocalStore, Store, StoreTransport, Txn};
 use crate::table::{or_dash, Table};
 
 fn load_config(path: &Path) -> Result<Config> {
@@ -28,16 +30,35 @@ pub async fn run_agent(config: &Path) -> Result<()> {
             serve(cfg, store, listener).await
         }
         StoreConfig::Etcd {
-            endpoints, prefix, ..
-        } => serve(cfg, EtcdStore::new(endpoints, prefix), listener).await,
+            endpoints,
+            prefix,
+            credentials,
+            ..
+        } => {
+            match credentials.transport() {
+                StoreTransport::Plaintext => warn!(
+                    endpoints = %endpoints.join(","),
+                    "etcd over plaintext http: anyone who reaches it can read and change the cluster; use https:// with [store] ca_file, cert_file and key_file"
+                ),
+                StoreTransport::Tls if credentials.user.is_none() => warn!(
+                    endpoints = %endpoints.join(","),
+                    "etcd over TLS without a client certificate or user: this host shows etcd no credentials; set [store] cert_file and key_file"
+                ),
+                _ => {}
+            }
+            let store = EtcdStore::new(endpoints, prefix, &credentials).await?;
+            serve(cfg, store, listener).await
+        }
     }
 }
 
 async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListener) -> Result<()> {
     let socket = cfg.api_socket.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let health = store.health();
     let agent = tokio::select! {
         a = Agent::start(cfg, store) => a?,
+        _ = answer_while_starting(&listener, health) => unreachable!("answers until dropped"),
         _ = tokio::signal::ctrl_c() => return Ok(()),
         _ = term.recv() => return Ok(()),
     };
@@ -51,6 +72,41 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
     let _ = std::fs::remove_file(&socket);
     info!("stopping; the datapath keeps forwarding");
     Ok(())
+}
+
+/// Until the agent has read the store, every API call is told what it waits for
+/// (the store and why it cannot be reached) instead of waiting with it.
+async fn answer_while_starting(
+    listener: &tokio::net::UnixListener,
+    health: tokio::sync::watch::Receiver<crate::store::StoreHealth>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: try again without spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let health = health.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(_)) = lines.next_line().await {
+                let h = health.borrow().clone();
+                let reply = Reply::Error(format!(
+                    "the agent is waiting for its cluster store ({} {}) before it serves: {}",
+                    h.kind,
+                    h.location,
+                    h.error.as_deref().unwrap_or("connecting")
+                ));
+                let mut line = serde_json::to_vec(&reply).unwrap_or_default();
+                line.push(b'\n');
+                if write.write_all(&line).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 pub async fn reset(config: &Path) -> Result<()> {
@@ -76,10 +132,13 @@ pub async fn reset(config: &Path) -> Result<()> {
             }
         }
         StoreConfig::Etcd {
-            endpoints, prefix, ..
+            endpoints,
+            prefix,
+            credentials,
+            ..
         } => {
             // This host's endpoints and blocks leave the cluster with it.
-            let store = EtcdStore::new(endpoints.clone(), prefix.clone());
+            let store = EtcdStore::new(endpoints.clone(), prefix.clone(), credentials).await?;
             let forget = async {
                 let loaded = store.load().await?;
                 let c = model::Cluster::from_loaded(&loaded);
@@ -126,16 +185,20 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
     Ok(match request {
         Request::Status => {
             let s: Status = serde_json::from_value(reply)?;
-            let store = if s.store.connected {
-                format!("{} {} (connected)", s.store.kind, s.store.location)
+            let reach = if s.store.connected {
+                "connected".to_owned()
             } else {
-                format!(
-                    "{} {} (unreachable: {})",
-                    s.store.kind,
-                    s.store.location,
-                    s.store.error.unwrap_or_default()
-                )
+                format!("unreachable: {}", s.store.error.unwrap_or_default())
             };
+            let security = match s.store.transport {
+                Some(StoreTransport::Plaintext) => {
+                    "; INSECURE: plaintext http, whoever reaches etcd reads and changes the cluster"
+                }
+                Some(StoreTransport::Tls) => "; TLS, no client certificate",
+                Some(StoreTransport::MutualTls) => "; mutual TLS",
+                Some(StoreTransport::Local) | None => "",
+            };
+            let store = format!("{} {} ({reach}{security})", s.store.kind, s.store.location);
             let docker = match &s.docker {
                 None => "off".to_owned(),
                 Some(d) if d.connected => format!(
@@ -163,6 +226,9 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             ));
             for p in s.docker.iter().flat_map(|d| &d.problems) {
                 out.push_str(&format!("container {}: {}\n", p.container, p.problem));
+            }
+            for why in &s.left_out {
+                out.push_str(&format!("left out: {why}\n"));
             }
             out
         }

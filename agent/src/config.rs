@@ -3,10 +3,14 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
+
+mod store;
+
+pub use store::StoreConfig;
+use store::StoreFile;
 
 pub const DEFAULT_PATH: &str = "/etc/netagent/netagent.toml";
 pub const DEFAULT_SOCKET: &str = "/run/netagent/netagent.sock";
@@ -46,14 +50,6 @@ struct DockerFile {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct StoreFile {
-    etcd: Option<Vec<String>>,
-    lease_ttl_secs: Option<u64>,
-    prefix: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct DnsFile {
     ttl_secs: Option<u32>,
     upstream: Option<Vec<String>>,
@@ -79,16 +75,6 @@ pub struct Config {
     /// Whole TCP bursts inside VXLAN through the mesh device where the kernel offers
     /// it (Linux 6.17+); false: packet by packet, as on older kernels.
     pub mesh_tunnel_offload: bool,
-}
-
-#[derive(Clone, Debug)]
-pub enum StoreConfig {
-    Local,
-    Etcd {
-        endpoints: Vec<String>,
-        lease_ttl: Duration,
-        prefix: String,
-    },
 }
 
 impl Config {
@@ -118,49 +104,7 @@ impl Config {
             Some(n) => n,
             None => hostname()?,
         };
-        let store = match f.store.etcd {
-            None => {
-                if f.store.lease_ttl_secs.is_some() {
-                    bail!(
-                        "{}lease_ttl_secs needs [store] etcd = [\"http://HOST:2379\"]; the local store has no leases",
-                        at("lease_ttl_secs")
-                    );
-                }
-                StoreConfig::Local
-            }
-            Some(endpoints) => {
-                if endpoints.is_empty() {
-                    bail!(
-                        "{}etcd = [] names no endpoint; give one (etcd = [\"http://192.0.2.2:2379\"]) or remove the key for the local store",
-                        at("etcd")
-                    );
-                }
-                for e in &endpoints {
-                    if !(e.starts_with("http://") || e.starts_with("https://")) {
-                        bail!(
-                            "{}etcd endpoint {e:?} needs a scheme, e.g. \"http://{e}\"",
-                            at("etcd")
-                        );
-                    }
-                }
-                let ttl = f.store.lease_ttl_secs.unwrap_or(5);
-                if !(1..=60).contains(&ttl) {
-                    bail!(
-                        "{}lease_ttl_secs = {ttl} is out of range 1..=60 (default 5)",
-                        at("lease_ttl_secs")
-                    );
-                }
-                let mut prefix = f.store.prefix.unwrap_or_else(|| "/netagent/".into());
-                if !prefix.ends_with('/') {
-                    prefix.push('/');
-                }
-                StoreConfig::Etcd {
-                    endpoints,
-                    lease_ttl: Duration::from_secs(ttl),
-                    prefix,
-                }
-            }
-        };
+        let store = store::parse(f.store, &at)?;
         let dns_ttl = f.dns.ttl_secs.unwrap_or(netagent_dns::DEFAULT_TTL);
         if dns_ttl > 86_400 {
             bail!("{}ttl_secs = {dns_ttl} is more than a day", at("ttl_secs"));
@@ -240,6 +184,8 @@ fn hostname() -> Result<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

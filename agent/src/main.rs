@@ -11,6 +11,7 @@ mod docker;
 mod ipam;
 mod model;
 mod names;
+mod record_check;
 mod static_state;
 mod store;
 mod table;
@@ -18,7 +19,19 @@ mod table;
 use anyhow::Result;
 use clap::Parser;
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // The chain of causes on one line, never a backtrace (RUST_BACKTRACE may be
+        // set for the whole host): the message names the thing and the fix.
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

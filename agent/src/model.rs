@@ -20,6 +20,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::record_check::{CheckRecord, MAX_RECORD_BYTES};
 use crate::store::{Change, Loaded};
 
 pub const NODES: &str = "nodes/";
@@ -138,6 +139,8 @@ pub struct Cluster {
     pub mesh: BTreeMap<String, MeshRecord>,
     /// Value of `meta/networks` (None: no network was ever created).
     pub networks_guard: Option<Vec<u8>>,
+    /// Records left out because they fail their checks, by full key: why.
+    pub rejected: BTreeMap<String, String>,
 }
 
 impl Cluster {
@@ -156,18 +159,28 @@ impl Cluster {
     }
 
     fn set(&mut self, key: &str, value: Option<&[u8]>) {
-        if key == NETWORKS_GUARD {
+        self.rejected.remove(key);
+        let rejected = &mut self.rejected;
+        let outcome = if key == NETWORKS_GUARD {
             self.networks_guard = value.map(<[u8]>::to_vec);
+            Ok(())
         } else if let Some(k) = key.strip_prefix(NODES) {
-            put(&mut self.nodes, k, value);
+            put(&mut self.nodes, k, value)
         } else if let Some(k) = key.strip_prefix(NETWORKS) {
-            put(&mut self.networks, k, value);
+            put(&mut self.networks, k, value)
         } else if let Some(k) = key.strip_prefix(BLOCKS) {
-            put(&mut self.blocks, k, value);
+            put(&mut self.blocks, k, value)
         } else if let Some(k) = key.strip_prefix(ENDPOINTS) {
-            put(&mut self.endpoints, k, value);
+            put(&mut self.endpoints, k, value)
         } else if let Some(k) = key.strip_prefix(MESH) {
-            put(&mut self.mesh, k, value);
+            put(&mut self.mesh, k, value)
+        } else {
+            Ok(())
+        };
+        if let Err(why) = outcome {
+            warn!(key, why, "store record left out");
+            // Bounded: at most one entry per key the store holds.
+            rejected.insert(key.to_owned(), why);
         }
     }
 
@@ -193,23 +206,37 @@ impl Cluster {
     }
 }
 
-/// Decodes one record into its map; a value this agent cannot read is logged and
-/// skipped (a newer agent may have written it) rather than stopping the watch.
-fn put<T: for<'de> Deserialize<'de>>(
+/// Decodes and checks one record into its map. A value this agent cannot read (a
+/// newer agent may have written it) or that fails its checks is left out, and its
+/// key's earlier record with it, rather than stopping the watch; `Err` says why.
+fn put<T: for<'de> Deserialize<'de> + CheckRecord>(
     map: &mut BTreeMap<String, T>,
     key: &str,
     value: Option<&[u8]>,
-) {
-    match value {
-        None => {
-            map.remove(key);
+) -> Result<(), String> {
+    let Some(bytes) = value else {
+        map.remove(key);
+        return Ok(());
+    };
+    let record = if bytes.len() > MAX_RECORD_BYTES {
+        Err(format!(
+            "{} bytes, more than the {MAX_RECORD_BYTES} a record may have",
+            bytes.len()
+        ))
+    } else {
+        serde_json::from_slice::<T>(bytes)
+            .map_err(|e| format!("unreadable: {e}"))
+            .and_then(|r| r.check(key).map(|()| r))
+    };
+    match record {
+        Ok(record) => {
+            map.insert(key.to_owned(), record);
+            Ok(())
         }
-        Some(bytes) => match serde_json::from_slice(bytes) {
-            Ok(record) => {
-                map.insert(key.to_owned(), record);
-            }
-            Err(e) => warn!(key, error = %e, "unreadable record in the store; ignored"),
-        },
+        Err(why) => {
+            map.remove(key);
+            Err(why)
+        }
     }
 }
 

@@ -66,7 +66,10 @@ impl Host {
             warn!(veth = %host_name, "removing a half-made endpoint before attaching again");
             self.nl.delete_link(existing.index, &host_name).await?;
         }
-        let target = Netns::open(&ep.netns)?;
+        let target = match ep.identity {
+            Some(identity) => Netns::open_expecting(&ep.netns, identity)?,
+            None => Netns::open(&ep.netns)?,
+        };
         let Some(target_fd) = target.fd() else {
             return Err(Error::Invalid(
                 "an endpoint cannot be the host's own namespace".into(),

@@ -70,6 +70,16 @@ pub enum Error {
     #[error("{count} operations failed: {}", .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Many { count: usize, errors: Vec<Error> },
 
+    #[error("container file {path}: {why}; left untouched")]
+    ContainerFile { path: String, why: String },
+
+    #[error("namespace {ns} is no longer the one attached (identity {expected}, now {found}): the process exited and its pid was reused")]
+    NetnsChanged {
+        ns: String,
+        expected: u64,
+        found: u64,
+    },
+
     #[error("namespace worker thread failed: {0}")]
     Worker(String),
 }

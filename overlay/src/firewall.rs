@@ -16,14 +16,19 @@
 //! leaves to its users) accepts that mark (see [`open_docker_forward`]).
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::Ipv4Net;
 
 use crate::error::{Error, Result};
 use crate::host::{ENCRYPTED_VXLAN_PORT, VXLAN_PORT};
 use crate::netns::Netns;
-use crate::spec::NetworkSpec;
+use crate::spec::{HostState, NetworkSpec};
 use crate::wireguard::MESH_INTERFACE;
 
 /// Name of our table (family `ip`).
@@ -33,9 +38,41 @@ pub const TABLE: &str = "netagent";
 /// the ones kube-proxy (0x4000, 0x8000) and Weave (0x20000, 0x40000) use.
 pub const FORWARD_MARK: u32 = 0x0100_0000;
 
-/// The whole table for these networks, ending with its identifying comment.
-pub fn render(networks: &[NetworkSpec]) -> String {
-    let body = render_body(networks);
+/// What the table is made from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FirewallSpec {
+    pub networks: Vec<NetworkSpec>,
+    /// Underlay addresses of plain networks' peers: the only senders of VXLAN (4789).
+    pub vxlan_peers: BTreeSet<Ipv4Addr>,
+    /// Mesh addresses of encrypted networks' peers: the only senders of VXLAN on the
+    /// mesh (4790).
+    pub mesh_peers: BTreeSet<Ipv4Addr>,
+    /// Where overlay traffic is never forwarded: the cluster's hosts and its store.
+    pub protected: Vec<Ipv4Net>,
+}
+
+impl FirewallSpec {
+    pub fn of(state: &HostState) -> Self {
+        let mut spec = FirewallSpec {
+            protected: state.protected.clone(),
+            ..Default::default()
+        };
+        for net in &state.networks {
+            let peers = net.peers.iter().map(|p| p.underlay);
+            if net.network.encrypted {
+                spec.mesh_peers.extend(peers);
+            } else {
+                spec.vxlan_peers.extend(peers);
+            }
+            spec.networks.push(net.network.clone());
+        }
+        spec
+    }
+}
+
+/// The whole table for `spec`, ending with its identifying comment.
+pub fn render(spec: &FirewallSpec) -> String {
+    let body = render_body(spec);
     let mut h = DefaultHasher::new();
     body.hash(&mut h);
     format!(
@@ -49,7 +86,43 @@ pub fn marker(hash: u64) -> String {
     format!("netagent:{hash:016x}")
 }
 
-fn render_body(networks: &[NetworkSpec]) -> String {
+/// `subnets` less the `holes`, as interval-set elements (`a-b` or a single address).
+fn ranges_without(subnets: &[Ipv4Net], holes: &BTreeSet<Ipv4Addr>) -> Vec<String> {
+    let mut out = Vec::new();
+    for net in subnets {
+        let mut from = u32::from(net.network());
+        let last = u32::from(net.broadcast());
+        let inside = holes
+            .iter()
+            .map(|h| u32::from(*h))
+            .filter(|h| net.contains(&Ipv4Addr::from(*h)));
+        let mut push = |a: u32, b: u32| match a.cmp(&b) {
+            std::cmp::Ordering::Less => {
+                out.push(format!("{}-{}", Ipv4Addr::from(a), Ipv4Addr::from(b)))
+            }
+            std::cmp::Ordering::Equal => out.push(Ipv4Addr::from(a).to_string()),
+            std::cmp::Ordering::Greater => {}
+        };
+        let mut done = false;
+        for hole in inside {
+            if hole > from {
+                push(from, hole - 1);
+            }
+            if hole == last {
+                done = true;
+                break;
+            }
+            from = hole + 1;
+        }
+        if !done {
+            push(from, last);
+        }
+    }
+    out
+}
+
+fn render_body(spec: &FirewallSpec) -> String {
+    let networks = &spec.networks;
     // Interface group = VNI (never 0, the default group of every other interface).
     let groups: Vec<String> = networks.iter().map(|n| n.vni.to_string()).collect();
     let same_net: Vec<String> = networks
@@ -62,7 +135,20 @@ fn render_body(networks: &[NetworkSpec]) -> String {
             foreign_gw.push(format!("{} . {}", n.vni, other.gateway()));
         }
     }
-    let subnets: Vec<String> = networks.iter().map(|n| n.subnet.to_string()).collect();
+    let own_gw: Vec<String> = networks
+        .iter()
+        .map(|n| format!("{} . {}", n.vni, n.gateway()))
+        .collect();
+    let subnet_nets: Vec<Ipv4Net> = networks.iter().map(|n| n.subnet).collect();
+    let subnets: Vec<String> = subnet_nets.iter().map(|s| s.to_string()).collect();
+    let gateways: BTreeSet<Ipv4Addr> = networks.iter().map(|n| n.gateway()).collect();
+    let untracked = ranges_without(&subnet_nets, &gateways);
+    let addresses =
+        |set: &BTreeSet<Ipv4Addr>| -> Vec<String> { set.iter().map(|a| a.to_string()).collect() };
+    let protected: Vec<String> = Ipv4Net::aggregate(&spec.protected)
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
     let mut s = String::new();
     let set = |s: &mut String, name: &str, ty: &str, flags: &str, elems: &[String]| {
         s.push_str(&format!("\tset {name} {{\n\t\ttype {ty}\n{flags}"));
@@ -71,6 +157,7 @@ fn render_body(networks: &[NetworkSpec]) -> String {
         }
         s.push_str("\t}\n");
     };
+    let interval = "\t\tflags interval\n";
     set(&mut s, "overlay_groups", "devgroup", "", &groups);
     set(&mut s, "same_network", "devgroup . devgroup", "", &same_net);
     set(
@@ -80,21 +167,33 @@ fn render_body(networks: &[NetworkSpec]) -> String {
         "",
         &foreign_gw,
     );
+    set(&mut s, "own_gateways", "devgroup . ipv4_addr", "", &own_gw);
+    set(&mut s, "subnets", "ipv4_addr", interval, &subnets);
+    set(&mut s, "untracked", "ipv4_addr", interval, &untracked);
     set(
         &mut s,
-        "subnets",
+        "vxlan_peers",
         "ipv4_addr",
-        "\t\tflags interval\n",
-        &subnets,
+        "",
+        &addresses(&spec.vxlan_peers),
     );
-    // Conntrack is only needed for egress (NAT) and replies from outside. Skipping it
-    // for traffic that stays in the overlay, and for the outer VXLAN packets, removes
-    // two connection-table lookups per packet on each host.
+    set(
+        &mut s,
+        "mesh_peers",
+        "ipv4_addr",
+        "",
+        &addresses(&spec.mesh_peers),
+    );
+    set(&mut s, "protected", "ipv4_addr", interval, &protected);
+    // Conntrack is only needed for egress (NAT), replies from outside and traffic to
+    // this host. Skipping it for traffic that stays in the overlay (`untracked` is the
+    // subnets less this host's gateways, one lookup), and for the outer VXLAN packets,
+    // removes two connection-table lookups per packet on each host.
     let vxlan = format!("{{ {VXLAN_PORT}, {ENCRYPTED_VXLAN_PORT} }}");
     s.push_str(&format!(
         "\tchain raw_prerouting {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
-         \t\tiifgroup @overlay_groups ip daddr @subnets notrack\n\
+         \t\tiifgroup @overlay_groups ip daddr @untracked notrack\n\
          \t\tudp dport {vxlan} notrack\n\
          \t}}\n\
          \tchain raw_output {{\n\
@@ -102,6 +201,8 @@ fn render_body(networks: &[NetworkSpec]) -> String {
          \t\tudp dport {vxlan} notrack\n\
          \t}}\n",
     ));
+    // Traffic within a network is settled by the first rule; the checks on what
+    // leaves the overlay come after it, off that path.
     let mark = format!("meta mark set meta mark | {FORWARD_MARK:#x}");
     s.push_str(&format!(
         "\tchain forward {{\n\
@@ -110,15 +211,32 @@ fn render_body(networks: &[NetworkSpec]) -> String {
          \t\tiifgroup @overlay_groups oifgroup @overlay_groups drop\n\
          \t\toifgroup @overlay_groups ct state established,related {mark} accept\n\
          \t\toifgroup @overlay_groups drop\n\
-         \t\tiifgroup @overlay_groups {mark} accept\n\
+         \t\tiifgroup @overlay_groups jump overlay_egress\n\
+         \t}}\n\
+         \tchain overlay_egress {{\n\
+         \t\tip daddr @protected drop\n\
+         \t\toifname \"{MESH_INTERFACE}\" drop\n\
+         \t\t{mark} accept\n\
          \t}}\n"
     ));
-    // Encrypted networks' VXLAN is taken only from the mesh device.
+    // Published ports, once supported, are a DNAT to a container: their way in is an
+    // exemption (`ct status dnat`) before the `oifgroup @overlay_groups drop` above.
+    // The host takes from its networks only replies to its own connections, and
+    // pings of a network's own gateway (the first check users make; the peers' RTT
+    // probe); VXLAN only from known peers, the mesh's only through the mesh.
     s.push_str(&format!(
         "\tchain input {{\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
-         \t\tiifgroup . ip daddr @foreign_gateways drop\n\
+         \t\tiifgroup @overlay_groups jump overlay_to_host\n\
+         \t\tudp dport {VXLAN_PORT} ip saddr != @vxlan_peers drop\n\
          \t\tudp dport {ENCRYPTED_VXLAN_PORT} iifname != \"{MESH_INTERFACE}\" drop\n\
+         \t\tudp dport {ENCRYPTED_VXLAN_PORT} ip saddr != @mesh_peers drop\n\
+         \t}}\n\
+         \tchain overlay_to_host {{\n\
+         \t\tiifgroup . ip daddr @foreign_gateways drop\n\
+         \t\tct state established,related accept\n\
+         \t\tiifgroup . ip daddr @own_gateways icmp type echo-request accept\n\
+         \t\tdrop\n\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
@@ -128,32 +246,95 @@ fn render_body(networks: &[NetworkSpec]) -> String {
     s
 }
 
-/// Replaces our table in `ns` with the one for `networks`, unless it is already there.
-/// Returns whether anything changed.
-pub async fn sync(ns: &Netns, networks: &[NetworkSpec]) -> Result<bool> {
-    let ruleset = render(networks);
+/// The table as last applied here and as the kernel listed it right after: what a
+/// guard restores, and what tells our own changes from someone else's.
+#[derive(Default)]
+pub(crate) struct LastApplied(Mutex<Option<Applied>>);
+
+pub(crate) struct Applied {
+    pub ruleset: String,
+    pub listing: String,
+}
+
+impl LastApplied {
+    pub fn lock(&self) -> MutexGuard<'_, Option<Applied>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Replaces our table in `ns` with the one for `spec`, unless it is already there
+/// (put there by an earlier process, or by us and unchanged since). Returns whether
+/// anything changed.
+pub(crate) async fn sync(ns: &Netns, spec: &FirewallSpec, last: &Arc<LastApplied>) -> Result<bool> {
+    let ruleset = render(spec);
     let wanted = ruleset
         .lines()
         .find_map(|l| l.trim().strip_prefix("comment \""))
         .map(|c| c.trim_end_matches('"').to_string())
         .unwrap_or_default();
     let name = ns.to_string();
+    let last = last.clone();
     ns.run(move || {
-        let current = nft(&name, &["list", "table", "ip", TABLE], None).unwrap_or_default();
-        if current.contains(&wanted) {
+        let mut last = last.lock();
+        let current = list_table(&name).unwrap_or_default();
+        let altered = last
+            .as_ref()
+            .is_some_and(|l| l.ruleset == ruleset && l.listing != current);
+        if current.contains(&wanted) && !altered {
+            *last = Some(Applied {
+                ruleset,
+                listing: current,
+            });
             return Ok(false);
         }
-        nft(&name, &["-f", "-"], Some(&ruleset))?;
+        let listing = apply_ruleset(&name, &ruleset)?;
+        *last = Some(Applied { ruleset, listing });
         Ok(true)
     })
     .await
 }
 
-/// Removes our table from `ns` (nothing to do when absent).
-pub async fn remove(ns: &Netns) -> Result<()> {
+/// Our table as the kernel lists it, in [`canonical`] form (called inside the namespace).
+pub(crate) fn list_table(ns: &str) -> Result<String> {
+    nft(ns, &["list", "table", "ip", TABLE], None).map(|l| canonical(&l))
+}
+
+/// A listing with its whitespace collapsed and each set's elements sorted: a hash set
+/// lists its elements in bucket order, which the kernel's resizing may change while
+/// the table stays the same.
+fn canonical(listing: &str) -> String {
+    const OPEN: &str = "elements = { ";
+    let flat = listing.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = String::with_capacity(flat.len());
+    let mut rest = flat.as_str();
+    while let Some(i) = rest.find(OPEN) {
+        out.push_str(&rest[..i + OPEN.len()]);
+        rest = &rest[i + OPEN.len()..];
+        let end = rest.find(" }").unwrap_or(rest.len());
+        let mut items: Vec<&str> = rest[..end].split(", ").collect();
+        items.sort_unstable();
+        out.push_str(&items.join(", "));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Loads `ruleset` (one transaction) and returns how the kernel lists it after
+/// (called inside the namespace).
+pub(crate) fn apply_ruleset(ns: &str, ruleset: &str) -> Result<String> {
+    nft(ns, &["-f", "-"], Some(ruleset))?;
+    list_table(ns)
+}
+
+/// Removes our table from `ns` (nothing to do when absent); a guard stops restoring it.
+pub(crate) async fn remove(ns: &Netns, last: &Arc<LastApplied>) -> Result<()> {
     let name = ns.to_string();
+    let last = last.clone();
     ns.run(move || {
-        if nft(&name, &["list", "table", "ip", TABLE], None).is_ok() {
+        let mut last = last.lock();
+        *last = None;
+        if list_table(&name).is_ok() {
             nft(&name, &["delete", "table", "ip", TABLE], None)?;
         }
         Ok(())
@@ -278,6 +459,7 @@ fn run(ns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{NetworkState, Peer};
 
     fn net(name: &str, vni: u32, subnet: &str, block: &str) -> NetworkSpec {
         NetworkSpec {
@@ -290,12 +472,61 @@ mod tests {
         }
     }
 
+    fn of(networks: &[NetworkSpec]) -> FirewallSpec {
+        FirewallSpec {
+            networks: networks.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// The rules of one chain, without its base-chain header.
+    fn chain<'a>(ruleset: &'a str, name: &str) -> Vec<&'a str> {
+        ruleset
+            .lines()
+            .skip_while(|l| l.trim() != format!("chain {name} {{"))
+            .skip(1)
+            .take_while(|l| l.trim() != "}")
+            .map(str::trim)
+            .filter(|l| !l.starts_with("type "))
+            .collect()
+    }
+
+    /// The elements line of one set.
+    fn elements<'a>(ruleset: &'a str, name: &str) -> Option<&'a str> {
+        ruleset
+            .lines()
+            .skip_while(|l| l.trim() != format!("set {name} {{"))
+            .skip(1)
+            .take_while(|l| l.trim() != "}")
+            .find_map(|l| l.trim().strip_prefix("elements = "))
+    }
+
+    fn peer(name: &str, underlay: &str, block: &str) -> Peer {
+        Peer {
+            name: name.into(),
+            underlay: underlay.parse().unwrap(),
+            block: block.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn listings_compare_whatever_the_element_order() {
+        let a = "table ip netagent {\n\tset s {\n\t\telements = { 1 . 1, 2 . 2,\n\t\t\t3 . 3 }\n\t}\n}\n";
+        let b = "table ip netagent {\n\tset s {\n\t\telements = { 3 . 3, 1 . 1,\n\t\t\t2 . 2 }\n\t}\n}\n";
+        assert_eq!(canonical(a), canonical(b));
+        assert_eq!(
+            canonical(a),
+            "table ip netagent { set s { elements = { 1 . 1, 2 . 2, 3 . 3 } } }"
+        );
+        assert_ne!(canonical(a), canonical(&a.replace("2 . 2", "2 . 3")));
+    }
+
     #[test]
     fn only_same_network_pairs_are_allowed() {
-        let r = render(&[
+        let r = render(&of(&[
             net("a", 1, "100.64.0.0/16", "100.64.1.0/24"),
             net("b", 2, "100.65.0.0/16", "100.65.1.0/24"),
-        ]);
+        ]));
         assert!(r.contains("elements = { 1 . 1, 2 . 2 }"), "{r}");
         assert!(!r.contains("1 . 2"), "{r}");
         assert!(
@@ -307,8 +538,12 @@ mod tests {
 
     #[test]
     fn everything_forwarded_is_marked_for_docker() {
-        let r = render(&[net("a", 1, "100.64.0.0/16", "100.64.1.0/24")]);
-        let accepts: Vec<&str> = r.lines().filter(|l| l.ends_with(" accept")).collect();
+        let r = render(&of(&[net("a", 1, "100.64.0.0/16", "100.64.1.0/24")]));
+        let accepts: Vec<&str> = ["forward", "overlay_egress"]
+            .iter()
+            .flat_map(|c| chain(&r, c))
+            .filter(|l| l.ends_with(" accept"))
+            .collect();
         assert_eq!(accepts.len(), 3, "{r}");
         for l in accepts {
             assert!(l.contains("meta mark set meta mark | 0x1000000"), "{l}");
@@ -317,10 +552,141 @@ mod tests {
 
     #[test]
     fn rendering_is_stable_and_changes_with_networks() {
-        let a = [net("a", 1, "100.64.0.0/16", "100.64.1.0/24")];
-        let b = [net("a", 1, "100.66.0.0/16", "100.66.2.0/24")];
+        let a = of(&[net("a", 1, "100.64.0.0/16", "100.64.1.0/24")]);
+        let b = of(&[net("a", 1, "100.66.0.0/16", "100.66.2.0/24")]);
         assert_eq!(render(&a), render(&a));
         assert_ne!(render(&a), render(&b));
-        assert!(render(&[]).contains("set overlay_groups"));
+        let mut c = a.clone();
+        c.protected.push("192.0.2.2/32".parse().unwrap());
+        assert_ne!(render(&a), render(&c));
+        assert!(render(&FirewallSpec::default()).contains("set overlay_groups"));
+    }
+
+    #[test]
+    fn the_hosts_own_gateways_are_tracked() {
+        let r = render(&of(&[
+            net("a", 1, "100.64.0.0/16", "100.64.1.0/24"),
+            net("b", 2, "100.65.0.0/16", "100.65.1.0/24"),
+        ]));
+        assert_eq!(
+            elements(&r, "untracked"),
+            Some(
+                "{ 100.64.0.0-100.64.1.0, 100.64.1.2-100.64.255.255, \
+                 100.65.0.0-100.65.1.0, 100.65.1.2-100.65.255.255 }"
+            ),
+            "{r}"
+        );
+        assert_eq!(
+            chain(&r, "raw_prerouting")[0],
+            "iifgroup @overlay_groups ip daddr @untracked notrack"
+        );
+    }
+
+    #[test]
+    fn ranges_leave_out_holes_at_either_end() {
+        let nets: Vec<Ipv4Net> = vec!["100.64.0.0/30".parse().unwrap()];
+        let holes = |a: &[&str]| a.iter().map(|h| h.parse().unwrap()).collect();
+        assert_eq!(
+            ranges_without(&nets, &holes(&["100.64.0.0", "100.64.0.3"])),
+            ["100.64.0.1-100.64.0.2"]
+        );
+        assert_eq!(
+            ranges_without(&nets, &holes(&["100.64.0.1", "100.64.0.2"])),
+            ["100.64.0.0", "100.64.0.3"]
+        );
+        assert_eq!(
+            ranges_without(&nets, &holes(&["100.65.0.1"])),
+            ["100.64.0.0-100.64.0.3"]
+        );
+    }
+
+    #[test]
+    fn vxlan_is_taken_only_from_peers() {
+        let plain = NetworkState {
+            network: net("a", 1, "100.64.0.0/16", "100.64.1.0/24"),
+            peers: vec![
+                peer("h2", "192.0.2.12", "100.64.2.0/24"),
+                peer("h3", "192.0.2.13", "100.64.3.0/24"),
+            ],
+            endpoints: vec![],
+        };
+        let mut secure = NetworkState {
+            network: net("s", 2, "100.66.0.0/16", "100.66.1.0/24"),
+            peers: vec![peer("h2", "100.127.0.2", "100.66.2.0/24")],
+            endpoints: vec![],
+        };
+        secure.network.encrypted = true;
+        let state = HostState {
+            underlay_address: "192.0.2.11".parse().unwrap(),
+            underlay_interface: None,
+            networks: vec![plain, secure],
+            mesh_address: Some("100.127.0.1".parse().unwrap()),
+            protected: vec![],
+        };
+        let r = render(&FirewallSpec::of(&state));
+        assert_eq!(
+            elements(&r, "vxlan_peers"),
+            Some("{ 192.0.2.12, 192.0.2.13 }")
+        );
+        assert_eq!(elements(&r, "mesh_peers"), Some("{ 100.127.0.2 }"));
+        let input = chain(&r, "input");
+        assert_eq!(
+            input,
+            [
+                "iifgroup @overlay_groups jump overlay_to_host",
+                "udp dport 4789 ip saddr != @vxlan_peers drop",
+                "udp dport 4790 iifname != \"nawg0\" drop",
+                "udp dport 4790 ip saddr != @mesh_peers drop",
+            ],
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn the_overlay_reaches_the_host_only_with_replies_and_gateway_pings() {
+        let r = render(&of(&[net("a", 1, "100.64.0.0/16", "100.64.1.0/24")]));
+        assert_eq!(elements(&r, "own_gateways"), Some("{ 1 . 100.64.1.1 }"));
+        assert_eq!(
+            chain(&r, "overlay_to_host"),
+            [
+                "iifgroup . ip daddr @foreign_gateways drop",
+                "ct state established,related accept",
+                "iifgroup . ip daddr @own_gateways icmp type echo-request accept",
+                "drop",
+            ],
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn overlay_egress_never_reaches_cluster_hosts_store_or_mesh() {
+        let mut spec = of(&[net("a", 1, "100.64.0.0/16", "100.64.1.0/24")]);
+        spec.protected = [
+            "192.0.2.12/32",
+            "192.0.2.2/32",
+            "100.127.0.0/16",
+            "192.0.2.12/32",
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+        let r = render(&spec);
+        assert_eq!(
+            elements(&r, "protected"),
+            Some("{ 100.127.0.0/16, 192.0.2.2/32, 192.0.2.12/32 }"),
+            "{r}"
+        );
+        let forward = chain(&r, "forward");
+        // Traffic within a network is decided first: the new checks cost it nothing.
+        assert!(forward[0].starts_with("iifgroup . oifgroup @same_network"));
+        assert_eq!(
+            forward.last(),
+            Some(&"iifgroup @overlay_groups jump overlay_egress")
+        );
+        let egress = chain(&r, "overlay_egress");
+        assert_eq!(egress[0], "ip daddr @protected drop");
+        assert_eq!(egress[1], "oifname \"nawg0\" drop");
+        assert!(egress[2].ends_with(" accept"));
+        assert!(render(&FirewallSpec::default()).contains("set protected"));
     }
 }

@@ -4,12 +4,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use tracing::{debug, info};
 
 use crate::error::{Error, Result};
-use crate::firewall;
+use crate::firewall::{self, FirewallSpec, LastApplied};
+use crate::firewall_guard::{self, FirewallGuard};
 use crate::naming::{host_veth_address, vxlan_name, Mac};
 use crate::netlink::{Link, Netlink, Route};
 use crate::netns::{Netns, NetnsRef};
@@ -82,13 +84,19 @@ pub(crate) struct Observed {
 pub struct Host {
     pub(crate) ns: Netns,
     pub(crate) nl: Netlink,
+    /// The firewall table as last applied, for [`Host::guard_firewall`].
+    firewall: Arc<LastApplied>,
 }
 
 impl Host {
     pub async fn open(reference: &NetnsRef) -> Result<Self> {
         let ns = Netns::open(reference)?;
         let nl = Netlink::new(ns.netlink().await?, ns.to_string());
-        Ok(Self { ns, nl })
+        Ok(Self {
+            ns,
+            nl,
+            firewall: Arc::default(),
+        })
     }
 
     pub fn netns(&self) -> &Netns {
@@ -180,8 +188,8 @@ impl Host {
                     .push(format!("{name} mtu {} -> {mtu}", link.mtu));
             }
         }
-        let specs: Vec<NetworkSpec> = state.networks.iter().map(|n| n.network.clone()).collect();
-        report.firewall_changed = firewall::sync(&self.ns, &specs).await?;
+        report.firewall_changed =
+            firewall::sync(&self.ns, &FirewallSpec::of(state), &self.firewall).await?;
         if !report.is_empty() {
             info!(ns = %self.ns, created = report.created.len(), removed = report.removed.len(),
                   firewall = report.firewall_changed, "overlay applied");
@@ -404,6 +412,7 @@ impl Host {
             underlay_interface: None,
             networks: vec![net.clone()],
             mesh_address: spec.encrypted.then_some(underlay.address),
+            protected: Vec::new(),
         };
         let mut observed = self.observe().await?;
         let wanted: BTreeSet<Object> = desired_objects(&state).into_iter().filter(part).collect();
@@ -482,6 +491,13 @@ impl Host {
         Ok(mesh)
     }
 
+    /// Keeps the firewall table that `apply` put here in place: another program
+    /// that deletes or changes it (a firewall reload flushing the ruleset) has it
+    /// restored within 100 ms. Runs until the returned guard is dropped.
+    pub async fn guard_firewall(&self) -> Result<FirewallGuard> {
+        firewall_guard::start(&self.ns, self.firewall.clone()).await
+    }
+
     /// Lets overlay traffic through the FORWARD chain of a dockerd on this host (whose
     /// policy is DROP); nothing to do where no dockerd manages iptables.
     pub async fn open_docker_forward(&self) -> Result<firewall::DockerForward> {
@@ -499,7 +515,7 @@ impl Host {
                 errors.push(e);
             }
         }
-        if let Err(e) = firewall::remove(&self.ns).await {
+        if let Err(e) = firewall::remove(&self.ns, &self.firewall).await {
             errors.push(e);
         }
         if let Err(e) = firewall::close_docker_forward(&self.ns).await {

@@ -11,10 +11,12 @@
 mod attach;
 mod error;
 mod firewall;
+mod firewall_guard;
 mod host;
 mod naming;
 mod netlink;
 mod netns;
+mod pinned;
 mod plan;
 mod probe;
 mod spec;
@@ -22,9 +24,11 @@ mod wireguard;
 
 pub use error::{Error, Result};
 pub use firewall::{DockerForward, FORWARD_MARK, TABLE as FIREWALL_TABLE};
+pub use firewall_guard::FirewallGuard;
 pub use host::{ApplyReport, Host, Underlay, ENCRYPTED_VXLAN_PORT, VXLAN_OVERHEAD, VXLAN_PORT};
 pub use naming::{host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};
+pub use pinned::{rewrite_in_root, PinnedProcess, Rewrite, MAX_CONTAINER_FILE};
 pub use plan::{desired_objects, plan, Object, Plan};
 pub use probe::overlay_rtt;
 pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer, MAX_VNI};

@@ -141,6 +141,29 @@ impl Netns {
         })
     }
 
+    /// Opens the namespace and checks, on the opened file, that it is the one whose
+    /// identity was recorded: a `pid:N` whose process exited may name another now.
+    pub fn open_expecting(reference: &NetnsRef, identity: u64) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let ns = Self::open(reference)?;
+        let found = match &ns.file {
+            Some(f) => f.metadata().map(|m| m.ino()),
+            None => std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()),
+        }
+        .map_err(|source| Error::OpenNetns {
+            path: reference.file_path(),
+            source,
+        })?;
+        if found != identity {
+            return Err(Error::NetnsChanged {
+                ns: reference.to_string(),
+                expected: identity,
+                found,
+            });
+        }
+        Ok(ns)
+    }
+
     pub fn reference(&self) -> &NetnsRef {
         &self.reference
     }
@@ -171,6 +194,21 @@ impl Netns {
             .map_err(|e| Error::Worker(e.to_string()))?;
         rx.await
             .map_err(|_| Error::Worker(format!("worker for {} panicked", self.reference)))?
+    }
+
+    /// Starts a long-lived thread named `thread` inside this namespace, for sockets
+    /// read there for as long as their owner wants; `work` gets the outcome of entering.
+    pub(crate) fn spawn_inside<F>(&self, thread: &str, work: F) -> Result<()>
+    where
+        F: FnOnce(Result<()>) + Send + 'static,
+    {
+        let file = self.file.clone();
+        let name = self.reference.to_string();
+        std::thread::Builder::new()
+            .name(thread.into())
+            .spawn(move || work(enter(file.as_deref(), &name)))
+            .map(|_| ())
+            .map_err(|e| Error::Worker(e.to_string()))
     }
 
     /// A netlink handle whose socket lives in this namespace; its connection task is

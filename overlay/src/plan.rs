@@ -155,6 +155,7 @@ mod tests {
             underlay_address: "192.0.2.11".parse().unwrap(),
             underlay_interface: None,
             mesh_address: None,
+            protected: Vec::new(),
             networks: vec![NetworkState {
                 network: NetworkSpec {
                     name: "a".into(),
@@ -179,6 +180,7 @@ mod tests {
                         netns: NetnsRef::Pid(1),
                         address: ip.parse().unwrap(),
                         mac: None,
+                        identity: None,
                     })
                     .collect(),
             }],

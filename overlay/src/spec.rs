@@ -27,6 +27,11 @@ pub struct HostState {
     /// the VXLAN source of encrypted networks, whose peers are mesh addresses too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_address: Option<Ipv4Addr>,
+    /// Addresses overlay traffic is never forwarded to: the cluster's hosts (their
+    /// underlay and mesh addresses) and its store. This host's own addresses need
+    /// no entry: nothing from the overlay reaches them but replies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protected: Vec<Ipv4Net>,
 }
 
 /// One named network as seen from this host.
@@ -106,6 +111,10 @@ pub struct Endpoint {
     /// MAC of the namespace's interface; derived from the address when absent.
     #[serde(default)]
     pub mac: Option<Mac>,
+    /// The namespace's identity (nsfs inode) when it was attached: the namespace is
+    /// opened only if it still is that one (a `pid:N` may name another process now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u64>,
 }
 
 impl Endpoint {
@@ -176,6 +185,22 @@ impl HostState {
             (true, Some(mesh)) => mesh,
             _ => self.underlay_address,
         }
+    }
+
+    /// Leaves out the networks that cannot be applied beside the ones before them (a
+    /// clash in one network's records must not stop the others); returns the rest
+    /// and, per network left out, why.
+    pub fn without_invalid_networks(mut self) -> (HostState, Vec<(String, Error)>) {
+        let mut left_out = Vec::new();
+        let candidates = std::mem::take(&mut self.networks);
+        for net in candidates {
+            self.networks.push(net);
+            if let Err(e) = self.validate() {
+                let net = self.networks.pop().expect("just pushed");
+                left_out.push((net.network.name, e));
+            }
+        }
+        (self, left_out)
     }
 
     /// Refuses a state that cannot be applied whole: overlapping subnets, duplicate
@@ -287,6 +312,7 @@ mod tests {
             netns: NetnsRef::Pid(1),
             address: ip.parse().unwrap(),
             mac: None,
+            identity: None,
         }
     }
 
@@ -296,6 +322,7 @@ mod tests {
             underlay_interface: None,
             networks,
             mesh_address: None,
+            protected: Vec::new(),
         }
     }
 
@@ -369,6 +396,31 @@ mod tests {
             block: "100.64.1.0/25".parse().unwrap(),
         });
         assert!(err(state(vec![a])).contains("overlaps the block of this host"));
+    }
+
+    #[test]
+    fn one_clashing_network_leaves_the_others_applied() {
+        let mut a = net("a", 1, "100.64.0.0/16", "100.64.1.0/24");
+        // Two block owners claim one underlay address.
+        for (name, block) in [("h2", "100.64.2.0/24"), ("h3", "100.64.3.0/24")] {
+            a.peers.push(Peer {
+                name: name.into(),
+                underlay: "192.0.2.12".parse().unwrap(),
+                block: block.parse().unwrap(),
+            });
+        }
+        let b = net("b", 2, "100.65.0.0/16", "100.65.1.0/24");
+        let c = net("c", 3, "100.66.0.0/16", "100.66.1.0/24");
+        let (kept, left_out) = state(vec![b.clone(), a, c.clone()]).without_invalid_networks();
+        assert_eq!(kept.networks, vec![b, c]);
+        assert_eq!(left_out.len(), 1);
+        assert_eq!(left_out[0].0, "a");
+        assert!(
+            left_out[0].1.to_string().contains("used twice"),
+            "{}",
+            left_out[0].1
+        );
+        kept.validate().unwrap();
     }
 
     #[test]

@@ -1,16 +1,28 @@
 //! A cluster on the test bed: etcd in the underlay namespace (192.0.2.2:2379, on the
 //! bridge every host hangs off) and a real `netagent agent` per host, each with its
-//! own config, state directory and API socket under a temporary directory.
+//! own config, state directory and API socket under a temporary directory. etcd
+//! serves TLS and wants a client certificate (`--client-cert-auth`), as in a real
+//! cluster; [`Cluster::plaintext`] runs it over plain http instead.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use crate::pki::Pki;
 use crate::run::{netagent_bin, sh, sh_ok};
 use crate::testbed::Testbed;
 
 pub const ETCD_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+/// How the cluster's etcd is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EtcdTransport {
+    /// https, server certificate checked, client certificate required.
+    MutualTls,
+    /// http: the explicit plaintext choice.
+    Plaintext,
+}
 
 pub struct Cluster {
     pub bed: Testbed,
@@ -26,11 +38,25 @@ pub struct Cluster {
     pub docker_sockets: Vec<Option<PathBuf>>,
     /// Per host: lines for its agent's [mesh] table.
     pub mesh_config: Vec<String>,
+    /// etcd's CA and certificates (None: plaintext etcd or the local store).
+    pub pki: Option<Pki>,
+    /// Per host: the [store] keys after `etcd = [...]` and `lease_ttl_secs`, in place
+    /// of the cluster's own credentials (None: the cluster's).
+    pub store_keys: Vec<Option<String>>,
 }
 
 impl Cluster {
-    /// `hosts` hosts with etcd, agents not started yet.
+    /// `hosts` hosts with etcd over mutual TLS, agents not started yet.
     pub fn new(hosts: usize, lease_ttl: u64) -> Self {
+        Cluster::with_etcd(hosts, lease_ttl, EtcdTransport::MutualTls)
+    }
+
+    /// `hosts` hosts with etcd over plain http, agents not started yet.
+    pub fn plaintext(hosts: usize, lease_ttl: u64) -> Self {
+        Cluster::with_etcd(hosts, lease_ttl, EtcdTransport::Plaintext)
+    }
+
+    pub fn with_etcd(hosts: usize, lease_ttl: u64, transport: EtcdTransport) -> Self {
         let bed = Testbed::new(hosts);
         let dir = std::env::temp_dir().join(format!("{}-cluster", bed.id));
         let _ = std::fs::remove_dir_all(&dir);
@@ -49,7 +75,16 @@ impl Cluster {
             local_store: false,
             docker_sockets: vec![None; hosts],
             mesh_config: vec![String::new(); hosts],
+            pki: None,
+            store_keys: vec![None; hosts],
         };
+        if transport == EtcdTransport::MutualTls {
+            c.pki = Some(Pki::generate(
+                &c.dir.join("pki"),
+                "netagent-test-ca",
+                ETCD_ADDRESS,
+            ));
+        }
         c.start_etcd();
         c
     }
@@ -70,6 +105,8 @@ impl Cluster {
             local_store: true,
             docker_sockets: vec![None],
             mesh_config: vec![String::new()],
+            pki: None,
+            store_keys: vec![None],
         }
     }
 
@@ -82,39 +119,66 @@ impl Cluster {
         c
     }
 
+    /// `https://192.0.2.2:2379`, or `http://` for a plaintext cluster.
+    pub fn etcd_endpoint(&self) -> String {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{ETCD_ADDRESS}:2379")
+    }
+
+    /// Runs `etcdctl ARGS` in the underlay namespace with the cluster's client
+    /// certificate (where etcd wants one).
+    pub fn etcdctl(&self, args: &str) -> Output {
+        let tls = self
+            .pki
+            .as_ref()
+            .map(Pki::etcdctl_flags)
+            .unwrap_or_default();
+        sh(&format!(
+            "ip netns exec {} etcdctl --endpoints {} --dial-timeout 1s --command-timeout 3s {tls} {args}",
+            self.bed.underlay_ns,
+            self.etcd_endpoint()
+        ))
+    }
+
     pub fn start_etcd(&mut self) {
         let data = self.dir.join("etcd");
-        let client = format!("http://{ETCD_ADDRESS}:2379");
+        let client = self.etcd_endpoint();
         let u = self.bed.underlay_ns.clone();
-        let pid = self.bed.spawn(
-            &u,
-            "etcd",
-            &[
-                "--name",
-                "t",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "t=http://127.0.0.1:2380",
-                "--log-level",
-                "error",
+        let tls: Vec<String> = match &self.pki {
+            Some(p) => vec![
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                p.ca.display().to_string(),
+                "--cert-file".into(),
+                p.server_cert.display().to_string(),
+                "--key-file".into(),
+                p.server_key.display().to_string(),
             ],
-        );
+            None => Vec::new(),
+        };
+        let mut args = vec![
+            "--name",
+            "t",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "t=http://127.0.0.1:2380",
+            "--log-level",
+            "error",
+        ];
+        args.extend(tls.iter().map(String::as_str));
+        let pid = self.bed.spawn(&u, "etcd", &args);
         self.etcd = Some(pid);
         wait_for(Duration::from_secs(20), "etcd to answer", || {
-            sh(&format!(
-                "ip netns exec {u} etcdctl --endpoints {client} --dial-timeout 1s endpoint health"
-            ))
-            .status
-            .success()
+            self.etcdctl("endpoint health").status.success()
         });
     }
 
@@ -147,8 +211,13 @@ impl Cluster {
         let store = if self.local_store {
             String::new()
         } else {
+            let keys = match &self.store_keys[host - 1] {
+                Some(k) => k.clone(),
+                None => self.pki.as_ref().map(Pki::store_keys).unwrap_or_default(),
+            };
             format!(
-                "[store]\netcd = [\"http://{ETCD_ADDRESS}:2379\"]\nlease_ttl_secs = {}\n",
+                "[store]\netcd = [\"{}\"]\nlease_ttl_secs = {}\n{keys}",
+                self.etcd_endpoint(),
                 self.lease_ttl
             )
         };
@@ -169,6 +238,15 @@ impl Cluster {
 
     /// Starts host `host`'s agent (1-based) and waits until its API answers.
     pub fn start_agent(&mut self, host: usize) {
+        self.spawn_agent(host);
+        let socket = self.socket(host);
+        wait_for(Duration::from_secs(20), "the agent's API", || {
+            run_cli(&socket, &["status"]).status.success()
+        });
+    }
+
+    /// Starts host `host`'s agent without waiting for it.
+    pub fn spawn_agent(&mut self, host: usize) {
         self.write_config(host);
         let ns = self.bed.hosts[host - 1].netns.clone();
         let bin = netagent_bin();
@@ -181,10 +259,6 @@ impl Cluster {
             &log,
         );
         self.agents[host - 1] = Some(pid);
-        let socket = self.socket(host);
-        wait_for(Duration::from_secs(20), "the agent's API", || {
-            run_cli(&socket, &["status"]).status.success()
-        });
     }
 
     /// The process id of host `host`'s running agent.

@@ -21,11 +21,18 @@ pub struct DockerHost {
     pub socket: PathBuf,
     dir: PathBuf,
     dockerd: Option<Child>,
+    /// More dockerd flags (e.g. `--storage-driver vfs`).
+    flags: Vec<String>,
 }
 
 impl DockerHost {
     /// Starts dockerd in `netns`, keeping its files under `dir`, and builds the image.
     pub fn start(netns: &str, dir: &Path) -> Self {
+        Self::start_with(netns, dir, &[])
+    }
+
+    /// As [`DockerHost::start`], with more dockerd flags.
+    pub fn start_with(netns: &str, dir: &Path, flags: &[&str]) -> Self {
         remove_stale();
         std::fs::create_dir_all(dir).unwrap();
         sh_ok(&format!(
@@ -36,6 +43,7 @@ impl DockerHost {
             socket: dir.join("docker.sock"),
             dir: dir.to_owned(),
             dockerd: None,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         host.start_engine();
         let img = dir.join("img");
@@ -72,6 +80,7 @@ impl DockerHost {
             .arg(format!("unix://{}", self.socket.display()))
             // docker0 inside the test ranges; nothing is sent through it.
             .args(["--bip", "100.127.0.1/24", "--log-level", "warn"])
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -9,9 +9,11 @@
 pub mod cluster;
 pub mod docker;
 pub mod mesh;
+pub mod pki;
 pub mod run;
 pub mod testbed;
 pub mod upstream;
+pub mod vxlan;
 
 pub use mesh::{block, Mesh};
 pub use run::{netagent_bin, require_root, sh, sh_ok};

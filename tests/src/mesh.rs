@@ -120,6 +120,7 @@ impl Mesh {
                         netns: NetnsRef::Path(netns_path(&e.netns)),
                         address: e.address,
                         mac: None,
+                        identity: None,
                     })
                     .collect(),
             })
@@ -129,6 +130,7 @@ impl Mesh {
             underlay_interface: None,
             networks,
             mesh_address: None,
+            protected: Vec::new(),
         }
     }
 }

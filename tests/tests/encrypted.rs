@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{wait_for, Cluster};
+use netagent_tests::vxlan::{forged_vxlan, vxlan_mac};
 use netagent_tests::{in_netns, require_root, sh, sh_ok, tcp_transfer};
 
 const MIB10: usize = 10 << 20;
@@ -213,50 +214,6 @@ fn encrypted_and_plain_networks_side_by_side() {
     }
 }
 
-/// A VXLAN packet as an attacker on the underlay would forge it: to `dst` inside
-/// network `vni`, from `src`, for the device with MAC `mac`, a UDP datagram to 5555.
-fn forged_vxlan(vni: u32, mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x08, 0, 0, 0];
-    p.extend_from_slice(&(vni << 8).to_be_bytes());
-    p.extend_from_slice(&mac);
-    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00]);
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let mut sum: u32 = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p.extend_from_slice(&ip);
-    p.extend_from_slice(&4444u16.to_be_bytes());
-    p.extend_from_slice(&5555u16.to_be_bytes());
-    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(payload);
-    p
-}
-
-/// The MAC of host `netns`'s VXLAN device for `vni`.
-fn vxlan_mac(netns: &str, vni: u32) -> [u8; 6] {
-    let out = sh_ok(&format!("ip -n {netns} -o link show dev nax{vni}"));
-    let mac = out
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .expect("link/ether");
-    let bytes: Vec<u8> = mac
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect();
-    bytes.try_into().unwrap()
-}
-
 /// Whether a datagram to port 5555 arrives inside `netns` within `wait`.
 fn listen_once(
     netns: &str,
@@ -298,11 +255,14 @@ fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
         c.bed.ping(&s1, ip_s2)
     });
     let host2 = c.bed.hosts[1].clone();
+    // From a machine on the underlay, and from host 1 (a peer, whose address an
+    // attacker on the underlay could also forge).
     let u = c.bed.underlay_ns.clone();
-    let send = move |packet: Vec<u8>, port: u16| {
+    let h1 = c.bed.hosts[0].clone();
+    let send_from = move |from: (String, Ipv4Addr), packet: Vec<u8>, port: u16| {
         let to = SocketAddr::from((host2.underlay, port));
-        in_netns(&u, move || {
-            let s = UdpSocket::bind("192.0.2.2:0").unwrap();
+        in_netns(&from.0, move || {
+            let s = UdpSocket::bind((from.1, 0)).unwrap();
             for _ in 0..3 {
                 s.send_to(&packet, to).unwrap();
             }
@@ -310,15 +270,24 @@ fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
         .join()
         .unwrap();
     };
+    let stranger = (u.clone(), Ipv4Addr::new(192, 0, 2, 2));
+    let peer = (h1.netns.clone(), h1.underlay);
+    let send = |packet: Vec<u8>, port: u16| {
+        send_from(stranger.clone(), packet.clone(), port);
+        send_from(peer.clone(), packet, port);
+    };
     let h2 = &c.bed.hosts[1].netns;
 
-    // Control: the same forgery for the plain network is delivered (plain VXLAN has
-    // no authentication; that is what encryption is for).
+    // Control: the same forgery for the plain network is delivered when it comes
+    // from a peer's address (plain VXLAN has no authentication; that is what
+    // encryption is for), and dropped from any other.
+    let forged_plain =
+        || forged_vxlan(plain_vni, vxlan_mac(h2, plain_vni), ip_p1, ip_p2, b"forged");
+    let got = listen_once(&p2, ip_p2, Duration::from_secs(1));
+    send_from(stranger.clone(), forged_plain(), 4789);
+    assert_eq!(got.join().unwrap(), None, "VXLAN from a non-peer arrived");
     let got = listen_once(&p2, ip_p2, Duration::from_secs(2));
-    send(
-        forged_vxlan(plain_vni, vxlan_mac(h2, plain_vni), ip_p1, ip_p2, b"forged"),
-        4789,
-    );
+    send_from(peer.clone(), forged_plain(), 4789);
     assert_eq!(got.join().unwrap().as_deref(), Some(&b"forged"[..]));
 
     // Encrypted network: to VXLAN's port and to the mesh's VXLAN port, nothing arrives.
@@ -352,7 +321,7 @@ fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
             let mut d = vec![0u8; 16 + 12_000];
             d[0] = 4;
             d[4..8].copy_from_slice(&(peer << 8 | slot).to_le_bytes());
-            send(d, 51820);
+            send_from(stranger.clone(), d, 51820);
         }
     }
     assert!(c.bed.ping(&s1, ip_s2), "the mesh after oversized datagrams");

@@ -4,15 +4,17 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use netagent_overlay::{Endpoint, NetnsRef};
+use netagent_overlay::{Endpoint, NetnsRef, PinnedProcess};
 use tracing::{info, warn};
 
 use super::liveness::endpoint_id;
 use super::{network_spec, Agent, LocalEndpoint, LocalState};
 use crate::api::{AttachRequest, EndpointInfo};
-use crate::docker::{labels, resolv_conf, Container};
+use crate::docker::{labels, resolv_conf, Container, Engine};
 use crate::ipam;
 use crate::model::{self, BlockRecord, EndpointRecord};
 use crate::names::check_dns_name;
@@ -22,11 +24,14 @@ use crate::store::{Change, Compare, Store, Txn};
 const BLOCK_RETRIES: usize = 8;
 
 /// What an attach or detach names, resolved: the namespace, its identity, and the
-/// Docker container it belongs to.
+/// Docker container it belongs to, pinned.
 pub(super) struct Target {
     pub netns: NetnsRef,
     pub ino: u64,
     pub container: Option<Container>,
+    /// The container's first process, held so its pid names no other process while
+    /// the attach (and the resolv.conf rewrite after it) runs.
+    pub pinned: Option<Arc<PinnedProcess>>,
 }
 
 /// The identity of a namespace (a `stat`, off the runtime's workers).
@@ -38,17 +43,54 @@ async fn identity(netns: &NetnsRef) -> Result<u64> {
         .map_err(Into::into)
 }
 
-/// A running container's namespace, reached through its first process.
-pub(super) async fn container_target(c: Container) -> Result<Target> {
-    let netns = NetnsRef::parse(&format!("pid:{}", c.pid))?;
-    let ino = identity(&netns)
-        .await
-        .with_context(|| format!("container {:?} stopped while being attached", c.name))?;
+/// A running container's namespace, reached through its first process: pinned by a
+/// pidfd, then confirmed by a second inspect (the first one's pid may belong to
+/// another process by now if the container exited in between).
+pub(super) async fn container_target(engine: &Engine, c: Container) -> Result<Target> {
+    let pid = c.pid;
+    let (pinned, ino) = tokio::task::spawn_blocking(move || -> netagent_overlay::Result<_> {
+        let pinned = PinnedProcess::pin(pid)?;
+        let ino = pinned.netns_identity()?;
+        Ok((pinned, ino))
+    })
+    .await
+    .context("pinning the container's process panicked")?
+    .with_context(|| format!("container {:?} stopped while being attached", c.name))?;
+    let again = engine.inspect(&c.id).await?;
+    if again.pid != pid || !pinned.alive() {
+        bail!(
+            "container {:?} restarted while being attached; it is attached again by its start event (or run the attach again)",
+            c.name
+        );
+    }
     Ok(Target {
-        netns,
+        netns: NetnsRef::Pid(pid),
         ino,
         container: Some(c),
+        pinned: Some(Arc::new(pinned)),
     })
+}
+
+/// How long the resolv.conf rewrite may take. It runs beside the attach, never in
+/// the path of the Docker events: nothing a container does to its file can stall them.
+const RESOLV_CONF_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Points the container's resolver at the embedded DNS, in the background.
+fn point_resolver_at_embedded_dns(container: String, pinned: Arc<PinnedProcess>) {
+    tokio::spawn(async move {
+        let work = tokio::task::spawn_blocking(move || resolv_conf::rewrite(&pinned));
+        match tokio::time::timeout(RESOLV_CONF_DEADLINE, work).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => {
+                warn!(container, error = %e, "cannot point the container's resolv.conf at 127.0.0.11")
+            }
+            Ok(Err(e)) => warn!(container, error = %e, "resolv.conf rewrite panicked"),
+            Err(_) => warn!(
+                container,
+                "resolv.conf rewrite took longer than {RESOLV_CONF_DEADLINE:?}; given up"
+            ),
+        }
+    });
 }
 
 impl<S: Store> Agent<S> {
@@ -61,19 +103,38 @@ impl<S: Store> Agent<S> {
                 netns,
                 ino,
                 container: None,
+                pinned: None,
             });
         }
         let engine = self.docker_engine().map_err(|why| {
             anyhow!("{target:?} is not a namespace path (/run/netns/NAME) or pid:N, and {why}")
         })?;
-        container_target(engine.inspect(target).await?).await
+        container_target(&engine, engine.inspect(target).await?).await
+    }
+
+    /// Refuses the host's own network namespace (the agent's, or init's): an
+    /// endpoint there would put the host itself on a tenant network.
+    async fn refuse_host_namespace(&self, target: &str, ino: u64) -> Result<()> {
+        let host = self.host.netns().reference().clone();
+        let (own, init) = tokio::task::spawn_blocking(move || {
+            (host.identity().ok(), NetnsRef::Pid(1).identity().ok())
+        })
+        .await
+        .context("namespace identity check panicked")?;
+        if Some(ino) == own || Some(ino) == init {
+            bail!(
+                "{target} is in the host's own network namespace; only containers and namespaces of their own can join a network (a --network host container cannot)"
+            );
+        }
+        Ok(())
     }
 
     pub async fn attach(&self, req: AttachRequest) -> Result<EndpointInfo> {
         let target = self.resolve_target(&req.target).await?;
-        match target.container.clone() {
-            Some(c) => self.attach_container(req, c).await,
-            None => self.attach_target(req, target, true).await,
+        if target.container.is_some() {
+            self.attach_container(req, target).await
+        } else {
+            self.attach_target(req, target, true).await
         }
     }
 
@@ -83,8 +144,11 @@ impl<S: Store> Agent<S> {
     pub(super) async fn attach_container(
         &self,
         mut req: AttachRequest,
-        c: Container,
+        target: Target,
     ) -> Result<EndpointInfo> {
+        let (Some(c), Some(pinned)) = (target.container.clone(), target.pinned.clone()) else {
+            bail!("{} is not a pinned container", req.target);
+        };
         req.name.get_or_insert_with(|| c.name.clone());
         if req.service.is_none() {
             req.service = labels::service_of(&c.labels);
@@ -93,16 +157,8 @@ impl<S: Store> Agent<S> {
         if !req.aliases.contains(&short) {
             req.aliases.push(short);
         }
-        let (pid, name, healthy) = (c.pid, c.name.clone(), !c.unhealthy);
-        let target = container_target(c).await?;
-        let info = self.attach_target(req, target, healthy).await?;
-        match tokio::task::spawn_blocking(move || resolv_conf::rewrite_for_pid(pid)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                warn!(container = name, error = %e, "cannot point the container's resolv.conf at 127.0.0.11")
-            }
-            Err(e) => warn!(container = name, error = %e, "resolv.conf rewrite panicked"),
-        }
+        let info = self.attach_target(req, target, !c.unhealthy).await?;
+        point_resolver_at_embedded_dns(c.name, pinned);
         Ok(info)
     }
 
@@ -146,7 +202,9 @@ impl<S: Store> Agent<S> {
             netns,
             ino,
             container,
+            pinned: _pinned,
         } = target;
+        self.refuse_host_namespace(&req.target, ino).await?;
         let id = endpoint_id(ino);
         let mut state = self.local.lock().await;
         if let Some(existing) = state
@@ -205,6 +263,7 @@ impl<S: Store> Agent<S> {
             netns: netns.clone(),
             address,
             mac: None,
+            identity: Some(ino),
         };
         self.host
             .attach(&spec, &endpoint)
@@ -356,7 +415,16 @@ impl<S: Store> Agent<S> {
     /// Sets up a network's device and peers on this host before its first endpoint.
     async fn ensure_network_here(&self, state: &mut LocalState, network: &str) -> Result<()> {
         self.ensure_mesh().await;
-        let desired = self.desired_host_state(state);
+        let desired = self.applicable_host_state(state);
+        if let Some((_, why)) = self
+            .networks_left_out
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, _)| n == network)
+        {
+            bail!("network {network:?} cannot be set up on this host: {why}");
+        }
         if !desired.networks.iter().any(|n| n.network.name == network) {
             if self.mesh_address().is_none()
                 && self

@@ -262,6 +262,17 @@ impl<S: Store> Agent<S> {
         };
         let wanted = match labels::wanted(&c.labels) {
             Ok(Some(w)) => w,
+            Ok(None) if !c.image_only_labels.is_empty() => {
+                link.problem(
+                    &c.id,
+                    &c.name,
+                    format!(
+                        "label {} comes from the container's image, and labels an image carries are not trusted; set it on the container (docker run -l, Compose labels:)",
+                        c.image_only_labels.join(", ")
+                    ),
+                );
+                return Ok(());
+            }
             Ok(None) => return Ok(()),
             Err(problem) => {
                 link.problem(&c.id, &c.name, problem);
@@ -297,7 +308,11 @@ impl<S: Store> Agent<S> {
                 service: wanted.service.clone(),
                 aliases: wanted.aliases.clone(),
             };
-            match self.attach_container(req, c.clone()).await {
+            let attached = match super::attach::container_target(engine, c.clone()).await {
+                Ok(target) => self.attach_container(req, target).await,
+                Err(e) => Err(e),
+            };
+            match attached {
                 Ok(info) => {
                     info!(container = c.name, network, address = %info.address, "container attached")
                 }

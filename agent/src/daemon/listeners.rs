@@ -33,6 +33,7 @@ impl Listener {
 impl<S: Store> Agent<S> {
     /// Opens, re-scopes or closes listeners to match the attached namespaces.
     pub(super) async fn sync_listeners(&self, state: &mut LocalState) {
+        self.save_attached(state).await;
         let mut wanted: HashMap<u64, (NetnsRef, BTreeSet<String>)> = HashMap::new();
         for e in state.endpoints.values() {
             wanted
@@ -61,7 +62,7 @@ impl<S: Store> Agent<S> {
                 continue;
             }
             let scope: Vec<String> = scope.into_iter().collect();
-            match self.open_listener(&netns, &scope).await {
+            match self.open_listener(&netns, ino, &scope).await {
                 Ok(tasks) => {
                     state.listeners.insert(ino, Listener { scope, tasks });
                 }
@@ -70,13 +71,39 @@ impl<S: Store> Agent<S> {
         }
     }
 
+    /// Keeps `attached.json` equal to the attached namespaces (adoption trusts it).
+    async fn save_attached(&self, state: &mut LocalState) {
+        let list: super::attached_file::AttachedList = state
+            .endpoints
+            .iter()
+            .map(|(key, e)| {
+                let a = super::attached_file::Attached {
+                    netns: e.record.netns.clone(),
+                    ino: e.ino,
+                };
+                (key.clone(), a)
+            })
+            .collect();
+        if state.saved.as_ref() == Some(&list) {
+            return;
+        }
+        let path = super::attached_file::path(&self.cfg.state_dir);
+        match super::attached_file::save(&path, &list).await {
+            Ok(()) => state.saved = Some(list),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot save the list of attached namespaces")
+            }
+        }
+    }
+
     async fn open_listener(
         &self,
         netns: &NetnsRef,
+        identity: u64,
         scope: &[String],
     ) -> netagent_overlay::Result<Vec<JoinHandle<()>>> {
         let addr: SocketAddr = DNS_ADDRESS.parse().expect("constant address");
-        let ns = Netns::open(netns)?;
+        let ns = Netns::open_expecting(netns, identity)?;
         let (udp, tcp) = ns.bind_listeners(addr).await?;
         let to_err = |source| netagent_overlay::Error::Listen {
             addr,

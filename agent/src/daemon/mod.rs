@@ -8,11 +8,13 @@
 //! and the store under one host-local lock; nothing needs a cluster-wide lock.
 
 mod attach;
+mod attached_file;
 mod containers;
 mod listeners;
 mod liveness;
 mod mesh;
 mod networks;
+mod protected;
 mod server;
 mod views;
 
@@ -56,6 +58,8 @@ struct LocalState {
     listeners: HashMap<u64, listeners::Listener>,
     /// The last state applied to the kernel.
     applied: Option<HostState>,
+    /// What `attached.json` last said (saved again when the endpoints differ).
+    saved: Option<attached_file::AttachedList>,
 }
 
 pub struct Agent<S: Store> {
@@ -85,9 +89,15 @@ pub struct Agent<S: Store> {
     /// The encrypted mesh, once this host holds a block of an encrypted network.
     mesh: StdMutex<Option<netagent_overlay::Mesh>>,
     mesh_starting: Mutex<()>,
+    /// The store's addresses, kept from containers by the firewall.
+    store_addresses: Vec<Ipv4Addr>,
+    /// Restores the firewall table when another program removes it; held for life.
+    _firewall_guard: netagent_overlay::FirewallGuard,
     /// The mesh was started again: the next reconcile applies in full (its device's
     /// VXLAN devices went with the old one).
     mesh_restarted: std::sync::atomic::AtomicBool,
+    /// Networks the last reconcile left out of the datapath (their records clash), with why.
+    networks_left_out: StdMutex<Vec<(String, String)>>,
 }
 
 impl<S: Store> Agent<S> {
@@ -122,6 +132,11 @@ impl<S: Store> Agent<S> {
         };
         let cfg_docker = cfg.docker_socket.clone();
         let keys = mesh::load_or_create_key(&cfg.state_dir).await?;
+        let store_addresses = protected::store_addresses(&cfg).await;
+        let firewall_guard = host
+            .guard_firewall()
+            .await
+            .context("cannot watch the firewall for reloads")?;
         let agent = Arc::new(Agent {
             cfg,
             store,
@@ -138,9 +153,12 @@ impl<S: Store> Agent<S> {
             reconcile: Arc::new(Notify::new()),
             rtt: StdMutex::new(HashMap::new()),
             docker: cfg_docker.map(containers::DockerLink::new),
+            networks_left_out: StdMutex::new(Vec::new()),
             keys: StdMutex::new(keys),
             mesh: StdMutex::new(None),
             mesh_starting: Mutex::new(()),
+            store_addresses,
+            _firewall_guard: firewall_guard,
             mesh_restarted: std::sync::atomic::AtomicBool::new(false),
         });
         let ttl = match &agent.cfg.store {
@@ -188,10 +206,34 @@ impl<S: Store> Agent<S> {
                 .map(|(_, e)| (model::endpoint_key(&e.network, e.address), e.clone()))
                 .collect()
         };
+        let list_path = attached_file::path(&self.cfg.state_dir);
+        let list = match attached_file::load(&list_path).await {
+            Ok(list) => list,
+            Err(e) => {
+                warn!(path = %list_path.display(), error = %e, "cannot read this host's list of attached namespaces; adopting none");
+                Some(Default::default())
+            }
+        };
+        if list.is_none() {
+            info!(path = %list_path.display(), "no list of attached namespaces yet (first start of this version); adopting the store's records for this host");
+        }
         let mut found = BTreeMap::new();
         let mut unreadable = Vec::new();
         for (key, record) in mine {
-            match liveness::recorded_namespace(&record) {
+            let recorded = liveness::recorded_namespace(&record).filter(|(_, ino)| {
+                list.as_ref().is_none_or(|l| {
+                    l.get(&key)
+                        .is_some_and(|a| a.netns == record.netns && a.ino == *ino)
+                })
+            });
+            if recorded.is_none() {
+                warn!(
+                    key,
+                    netns = record.netns,
+                    "store record names this host, but this host did not attach it; removing it"
+                );
+            }
+            match recorded {
                 Some((netns, ino)) => {
                     found.insert(key, LocalEndpoint { record, netns, ino });
                 }
@@ -335,7 +377,7 @@ impl<S: Store> Agent<S> {
             }
             keep
         });
-        let desired = self.desired_host_state(&state);
+        let desired = self.applicable_host_state(&state);
         if full || state.applied.as_ref() != Some(&desired) || before != state.endpoints.len() {
             match self.host.apply(&desired).await {
                 Ok(report) if !report.is_empty() => info!(
@@ -354,6 +396,25 @@ impl<S: Store> Agent<S> {
             // dockerd may have been (re)started since: its FORWARD policy drops.
             self.open_docker_forward().await;
         }
+    }
+
+    /// [`Self::desired_host_state`] less the networks whose records clash (named in
+    /// `status` and the log): one bad network must not stop the others.
+    fn applicable_host_state(&self, state: &LocalState) -> HostState {
+        let (desired, left_out) = self.desired_host_state(state).without_invalid_networks();
+        let left_out: Vec<(String, String)> = left_out
+            .into_iter()
+            .map(|(n, e)| (n, e.to_string()))
+            .collect();
+        let mut known = self.networks_left_out.lock().unwrap();
+        for (network, why) in left_out.iter().filter(|l| !known.contains(l)) {
+            warn!(
+                network,
+                why, "network left out of this host's datapath; the others are applied"
+            );
+        }
+        *known = left_out;
+        desired
     }
 
     /// The kernel state this host should have: every network it holds a block of,
@@ -396,6 +457,7 @@ impl<S: Store> Agent<S> {
                     netns: e.netns.clone(),
                     address: e.record.address,
                     mac: None,
+                    identity: Some(e.ino),
                 })
                 .collect();
             networks.push(NetworkState {
@@ -409,6 +471,7 @@ impl<S: Store> Agent<S> {
             underlay_interface: self.cfg.underlay_interface.clone(),
             mesh_address,
             networks,
+            protected: protected::protected(&c, &self.store_addresses),
         }
     }
 

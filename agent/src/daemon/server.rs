@@ -1,12 +1,12 @@
 //! The local API server: a unix socket only root can open (mode 0600), one JSON
-//! request and one JSON reply per line.
+//! request and one JSON reply per line, each request at most 1 MiB.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
@@ -28,11 +28,32 @@ pub async fn bind_api(path: &Path) -> Result<UnixListener> {
             .await
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).await?;
-    Ok(listener)
+    // Bound inside a directory only root can enter, made 0600 there, then renamed
+    // into place: the socket is never reachable with looser permissions, and no
+    // process-wide umask is touched.
+    let private = path.with_file_name(format!(".netagent-api-{}", std::process::id()));
+    let _ = tokio::fs::remove_dir_all(&private).await;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("cannot create {}", private.display()))?;
+    let staged = private.join("api.sock");
+    let bound = async {
+        let listener = UnixListener::bind(&staged)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        tokio::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).await?;
+        tokio::fs::rename(&staged, path)
+            .await
+            .with_context(|| format!("cannot move the API socket to {}", path.display()))?;
+        Ok(listener)
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&private).await;
+    bound
 }
+
+/// Largest request line the API reads; a longer one is refused and the client cut off.
+const MAX_REQUEST: u64 = 1 << 20;
 
 pub async fn serve_api<S: Store>(agent: Arc<Agent<S>>, listener: UnixListener) {
     loop {
@@ -52,9 +73,24 @@ pub async fn serve_api<S: Store>(agent: Arc<Agent<S>>, listener: UnixListener) {
 
 async fn serve_client<S: Store>(agent: Arc<Agent<S>>, stream: UnixStream) -> Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
-        let reply = match serde_json::from_str::<Request>(&line) {
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        let n = (&mut reader)
+            .take(MAX_REQUEST + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() as u64 > MAX_REQUEST {
+            let reply = Reply::Error(format!("request larger than {MAX_REQUEST} bytes; refused"));
+            let mut bytes = serde_json::to_vec(&reply)?;
+            bytes.push(b'\n');
+            write.write_all(&bytes).await?;
+            bail!("api request larger than {MAX_REQUEST} bytes; connection closed");
+        }
+        let reply = match serde_json::from_slice::<Request>(&line) {
             Ok(req) => match agent.handle(req).await {
                 Ok(v) => Reply::Ok(v),
                 Err(e) => Reply::Error(format!("{e:#}")),
@@ -65,7 +101,6 @@ async fn serve_client<S: Store>(agent: Arc<Agent<S>>, stream: UnixStream) -> Res
         bytes.push(b'\n');
         write.write_all(&bytes).await?;
     }
-    Ok(())
 }
 
 impl<S: Store> Agent<S> {

@@ -41,6 +41,18 @@ impl<S: Store> Agent<S> {
             docker,
             mesh_address: self.mesh_address(),
             public_key: super::mesh::encode_key(&self.keys.lock().unwrap().public()),
+            left_out: c
+                .rejected
+                .iter()
+                .map(|(key, why)| format!("store record {key}: {why}"))
+                .chain(
+                    self.networks_left_out
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(net, why)| format!("network {net:?} on this host: {why}")),
+                )
+                .collect(),
         }
     }
 

@@ -23,6 +23,11 @@ pub struct Wanted {
     pub aliases: Vec<String>,
 }
 
+/// Whether a label key is one netagent reads.
+pub fn is_ours(key: &str) -> bool {
+    [NETWORK, SERVICE, ALIASES, COMPOSE_SERVICE].contains(&key)
+}
+
 /// The service name a container answers to without any netagent label.
 pub fn service_of(labels: &HashMap<String, String>) -> Option<String> {
     labels

@@ -39,9 +39,37 @@ pub struct Container {
     /// Without Docker's leading '/'.
     pub name: String,
     pub pid: u32,
+    /// The labels set on the container itself (`docker run -l`, Compose `labels:`).
+    /// Those it only inherited from its image are not here: an image is untrusted
+    /// input, and a pulled image must not choose its networks or names.
     pub labels: HashMap<String, String>,
+    /// Keys of netagent labels that only the image carries, ignored (for status).
+    pub image_only_labels: Vec<String>,
     /// Its health check says unhealthy (no check, starting or healthy: false).
     pub unhealthy: bool,
+}
+
+/// Splits a container's labels (Docker merges its image's into them) into those set
+/// on the container and the keys of netagent's own labels that came from the image
+/// only. A label whose value equals the image's cannot be told apart from the
+/// image's, so it counts as the image's.
+pub fn own_labels(
+    merged: HashMap<String, String>,
+    image: &HashMap<String, String>,
+) -> (HashMap<String, String>, Vec<String>) {
+    let mut own = HashMap::new();
+    let mut image_only = Vec::new();
+    for (k, v) in merged {
+        if image.get(&k) == Some(&v) {
+            if labels::is_ours(&k) {
+                image_only.push(k);
+            }
+        } else {
+            own.insert(k, v);
+        }
+    }
+    image_only.sort();
+    (own, image_only)
 }
 
 impl Container {
@@ -161,6 +189,19 @@ impl Engine {
             .health
             .and_then(|h| h.status)
             .is_some_and(|s| s == HealthStatusEnum::UNHEALTHY);
+        let merged = c.config.and_then(|c| c.labels).unwrap_or_default();
+        let image_labels = match c.image.as_deref().filter(|i| !i.is_empty()) {
+            Some(image) => self
+                .docker
+                .inspect_image(image)
+                .await
+                .map_err(|e| self.error(image, e))?
+                .config
+                .and_then(|c| c.labels)
+                .unwrap_or_default(),
+            None => HashMap::new(),
+        };
+        let (labels, image_only_labels) = own_labels(merged, &image_labels);
         Ok(Container {
             id: c.id.unwrap_or_default(),
             name: c
@@ -169,7 +210,8 @@ impl Engine {
                 .trim_start_matches('/')
                 .to_owned(),
             pid: pid as u32,
-            labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
+            labels,
+            image_only_labels,
             unhealthy,
         })
     }
@@ -223,6 +265,40 @@ fn event(action: &str, id: String) -> Option<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_only_the_image_carries_do_not_count() {
+        let map = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let image = map(&[
+            ("netagent.network", "app"),
+            ("netagent.service", "db"),
+            ("maintainer", "x"),
+        ]);
+        // Docker's merge: the container's own labels over the image's.
+        let merged = map(&[
+            ("netagent.network", "app"),
+            ("netagent.service", "cache"),
+            ("maintainer", "x"),
+            ("com.docker.compose.service", "cache"),
+        ]);
+        let (own, image_only) = own_labels(merged, &image);
+        assert_eq!(
+            own,
+            map(&[
+                ("netagent.service", "cache"),
+                ("com.docker.compose.service", "cache")
+            ])
+        );
+        assert_eq!(image_only, vec!["netagent.network".to_owned()]);
+        let (own, image_only) = own_labels(map(&[("netagent.network", "app")]), &HashMap::new());
+        assert_eq!(own, map(&[("netagent.network", "app")]));
+        assert!(image_only.is_empty());
+    }
 
     #[test]
     fn reads_the_engine_s_actions() {

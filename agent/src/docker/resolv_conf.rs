@@ -2,7 +2,7 @@
 //! its own networks. Search domains and options stay as the container had them;
 //! outside names reach the host's upstreams through the agent's forwarder.
 
-use std::io::Write;
+use netagent_overlay::{rewrite_in_root, PinnedProcess, Rewrite};
 
 /// The embedded DNS listener's address inside every attached namespace.
 pub const EMBEDDED_DNS: &str = "127.0.0.11";
@@ -33,23 +33,13 @@ pub fn point_at_embedded_dns(text: &str) -> String {
     s
 }
 
-/// Rewrites the resolv.conf that process `pid` sees (through /proc, so it works
-/// whatever mount namespace either side is in). Written in place: in a container
-/// the file is a bind mount and cannot be replaced by a rename. Blocking.
-pub fn rewrite_for_pid(pid: u32) -> std::io::Result<bool> {
-    let path = format!("/proc/{pid}/root/etc/resolv.conf");
-    let current = std::fs::read_to_string(&path).unwrap_or_default();
-    let wanted = point_at_embedded_dns(&current);
-    if wanted == current {
-        return Ok(false);
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .create(true)
-        .open(&path)?;
-    f.write_all(wanted.as_bytes())?;
-    Ok(true)
+/// Points the resolver of the pinned container process at the embedded DNS, in
+/// place (in a container the file is a bind mount and cannot be replaced by a
+/// rename). The container shapes its own filesystem, so the file is reached only
+/// through its pinned root and must be a regular file that exists already. Blocking.
+pub fn rewrite(process: &PinnedProcess) -> netagent_overlay::Result<Rewrite> {
+    let root = process.root()?;
+    rewrite_in_root(&root, "/etc/resolv.conf", point_at_embedded_dns)
 }
 
 #[cfg(test)]

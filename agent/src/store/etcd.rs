@@ -2,10 +2,11 @@
 //! rebuilt after a failure; the watch and the lease each run their own loop with
 //! their own connection, so a stalled watch cannot starve the keep-alive. Short
 //! gRPC keep-alives notice a cut underlay within about two seconds; every reconnect
-//! starts with a fresh full read, so nothing missed while away is lost.
+//! starts with a fresh full read, so nothing missed while away is lost. TLS and
+//! credentials come from `etcd_credentials`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, GetOptions,
@@ -14,10 +15,13 @@ use etcd_client::{
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{info, warn};
 
+use super::etcd_credentials::{EtcdCredentials, Security};
 use super::{Change, Compare, Loaded, Result, Store, StoreError, StoreEvent, StoreHealth, Txn};
 
 /// Pause between reconnect attempts.
 const RETRY: Duration = Duration::from_millis(250);
+/// How long a TLS problem explains later failures that say less.
+const TLS_PROBLEM_STANDS: Duration = Duration::from_secs(5);
 
 pub struct EtcdStore {
     inner: Arc<Inner>,
@@ -26,26 +30,40 @@ pub struct EtcdStore {
 struct Inner {
     endpoints: Vec<String>,
     prefix: String,
+    security: Security,
+    /// The last TLS problem seen and when: the reason given for the broken
+    /// connections that follow it for a while (they say less).
+    tls_problem: std::sync::Mutex<Option<(String, Instant)>>,
     client: Mutex<Option<Client>>,
     health: watch::Sender<StoreHealth>,
 }
 
 impl EtcdStore {
-    pub fn new(endpoints: Vec<String>, prefix: String) -> Self {
+    /// Reads the credentials' files (an error names the bad one); connects later,
+    /// on first use.
+    pub async fn new(
+        endpoints: Vec<String>,
+        prefix: String,
+        credentials: &EtcdCredentials,
+    ) -> Result<Self> {
+        let security = credentials.load().await?;
         let (health, _) = watch::channel(StoreHealth {
             kind: "etcd".into(),
             location: endpoints.join(","),
             connected: false,
             error: Some("not connected yet".into()),
+            transport: Some(credentials.transport()),
         });
-        EtcdStore {
+        Ok(EtcdStore {
             inner: Arc::new(Inner {
                 endpoints,
                 prefix,
+                security,
+                tls_problem: std::sync::Mutex::new(None),
                 client: Mutex::new(None),
                 health,
             }),
-        }
+        })
     }
 }
 
@@ -56,11 +74,24 @@ impl Inner {
             .with_timeout(Duration::from_secs(1))
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
             .with_keep_alive_while_idle(true);
-        Client::connect(&self.endpoints, Some(options)).await
+        Client::connect(&self.endpoints, Some(self.security.apply(options))).await
     }
 
-    fn unreachable(&self, e: impl std::fmt::Display) -> StoreError {
-        let reason = e.to_string();
+    fn explain(&self, e: &etcd_client::Error) -> String {
+        let said = self.security.explain(e);
+        let mut tls = self.tls_problem.lock().unwrap();
+        if said.tls {
+            *tls = Some((said.text.clone(), Instant::now()));
+            return said.text;
+        }
+        match &*tls {
+            Some((text, at)) if at.elapsed() < TLS_PROBLEM_STANDS => text.clone(),
+            _ => said.text,
+        }
+    }
+
+    fn unreachable(&self, e: &etcd_client::Error) -> StoreError {
+        let reason = self.explain(e);
         self.set_health(false, Some(reason.clone()));
         StoreError::Unreachable {
             endpoint: self.endpoints.join(","),
@@ -69,6 +100,9 @@ impl Inner {
     }
 
     fn set_health(&self, connected: bool, error: Option<String>) {
+        if connected {
+            *self.tls_problem.lock().unwrap() = None;
+        }
         self.health.send_if_modified(|h| {
             let changed = h.connected != connected || (!connected && h.error != error);
             h.connected = connected;
@@ -85,13 +119,13 @@ impl Inner {
     {
         let mut slot = self.client.lock().await;
         if slot.is_none() {
-            *slot = Some(self.connect().await.map_err(|e| self.unreachable(e))?);
+            *slot = Some(self.connect().await.map_err(|e| self.unreachable(&e))?);
         }
         match call(slot.as_mut().expect("connected above")).await {
             Ok(v) => Ok(v),
             Err(e) => {
                 *slot = None;
-                Err(self.unreachable(e))
+                Err(self.unreachable(&e))
             }
         }
     }
@@ -128,11 +162,9 @@ impl Inner {
 
     /// One watch session: full read, then changes until the stream fails.
     async fn watch_once(&self, tx: &mpsc::Sender<StoreEvent>) -> std::result::Result<(), String> {
-        let mut client = self.connect().await.map_err(|e| e.to_string())?;
-        let loaded = self
-            .load_with(&mut client)
-            .await
-            .map_err(|e| e.to_string())?;
+        let e = |e: etcd_client::Error| self.explain(&e);
+        let mut client = self.connect().await.map_err(e)?;
+        let loaded = self.load_with(&mut client).await.map_err(e)?;
         let from = loaded.revision + 1;
         if tx.send(StoreEvent::Reset(loaded)).await.is_err() {
             return Ok(());
@@ -142,7 +174,7 @@ impl Inner {
         let mut stream = client
             .watch(self.prefix.as_bytes(), Some(options))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(e)?;
         loop {
             match stream.message().await {
                 Ok(Some(resp)) => {
@@ -167,7 +199,7 @@ impl Inner {
                     }
                 }
                 Ok(None) => return Err("watch stream ended".into()),
-                Err(e) => return Err(e.to_string()),
+                Err(err) => return Err(e(err)),
             }
         }
     }
@@ -180,7 +212,7 @@ impl Inner {
         value: &[u8],
         ttl: Duration,
     ) -> std::result::Result<(), String> {
-        let e = |e: etcd_client::Error| e.to_string();
+        let e = |e: etcd_client::Error| self.explain(&e);
         let mut client = self.connect().await.map_err(e)?;
         let secs = ttl.as_secs().max(1) as i64;
         let lease = client.lease_grant(secs, None).await.map_err(e)?;
@@ -210,7 +242,7 @@ impl Inner {
                 Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
                 Ok(Ok(Some(_))) => return Err("lease expired; registering again".into()),
                 Ok(Ok(None)) => return Err("keep-alive stream ended".into()),
-                Ok(Err(err)) => return Err(err.to_string()),
+                Ok(Err(err)) => return Err(e(err)),
                 Err(_) => return Err("keep-alive got no answer in time".into()),
             }
             tokio::time::sleep(period).await;
@@ -261,9 +293,12 @@ impl Store for EtcdStore {
         let (tx, rx) = mpsc::channel(256);
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let mut said = Said::default();
             loop {
                 if let Err(reason) = inner.watch_once(&tx).await {
-                    warn!(%reason, "etcd watch lost; reconnecting");
+                    if said.is_new(&reason) {
+                        warn!(endpoint = %inner.endpoints.join(","), %reason, "etcd watch lost; reconnecting");
+                    }
                     inner.set_health(false, Some(reason));
                 }
                 if tx.is_closed() {
@@ -278,9 +313,12 @@ impl Store for EtcdStore {
     fn register(&self, key: String, value: Vec<u8>, ttl: Duration) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let mut said = Said::default();
             loop {
                 if let Err(reason) = inner.lease_once(&key, &value, ttl).await {
-                    warn!(%reason, "etcd lease lost; registering again");
+                    if said.is_new(&reason) {
+                        warn!(endpoint = %inner.endpoints.join(","), %reason, "etcd lease lost; registering again");
+                    }
                     inner.set_health(false, Some(reason));
                 }
                 tokio::time::sleep(RETRY).await;
@@ -290,5 +328,27 @@ impl Store for EtcdStore {
 
     fn health(&self) -> watch::Receiver<StoreHealth> {
         self.inner.health.subscribe()
+    }
+}
+
+/// A retry loop's memory of what it last logged: the same failure four times a
+/// second is said again only every `SAY_AGAIN`.
+#[derive(Default)]
+struct Said {
+    last: Option<(String, Instant)>,
+}
+
+const SAY_AGAIN: Duration = Duration::from_secs(30);
+
+impl Said {
+    fn is_new(&mut self, reason: &str) -> bool {
+        let fresh = match &self.last {
+            Some((r, at)) => r != reason || at.elapsed() >= SAY_AGAIN,
+            None => true,
+        };
+        if fresh {
+            self.last = Some((reason.to_owned(), Instant::now()));
+        }
+        fresh
     }
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, watch, Mutex};
 
-use super::{Change, Compare, Loaded, Result, Store, StoreError, StoreEvent, StoreHealth, Txn};
+use super::{
+    Change, Compare, Loaded, Result, Store, StoreError, StoreEvent, StoreHealth, StoreTransport,
+    Txn,
+};
 
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Contents {
@@ -53,6 +56,7 @@ impl LocalStore {
             location: path.display().to_string(),
             connected: true,
             error: None,
+            transport: Some(StoreTransport::Local),
         });
         Ok(LocalStore {
             path: path.to_owned(),

@@ -4,6 +4,7 @@
 //! changes `watch` delivers, so a restart or a reconnect never trusts a stale cache.
 
 mod etcd;
+mod etcd_credentials;
 mod local;
 
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 pub use etcd::EtcdStore;
+pub use etcd_credentials::{ClientCertificate, EtcdCredentials, EtcdUser};
 pub use local::LocalStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,13 @@ pub enum StoreError {
     Unreachable { endpoint: String, reason: String },
     #[error("local store {path}: {reason}")]
     Local { path: String, reason: String },
+    /// A certificate, key or password file the etcd connection needs.
+    #[error("{key} {path}: {reason}")]
+    Credentials {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -91,6 +100,24 @@ pub struct StoreHealth {
     pub connected: bool,
     /// Last error while disconnected.
     pub error: Option<String>,
+    /// How the store is reached; None from an agent too old to say.
+    #[serde(default)]
+    pub transport: Option<StoreTransport>,
+}
+
+/// How the agent reaches its store, for `status` and the start-up warning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreTransport {
+    /// The embedded file store: nothing crosses the network.
+    Local,
+    /// etcd over plain `http://`: whoever reaches the endpoint reads and writes the
+    /// cluster, and the underlay sees every record.
+    Plaintext,
+    /// etcd over TLS, its certificate checked against `ca_file`, no client certificate.
+    Tls,
+    /// etcd over TLS with this host's client certificate.
+    MutualTls,
 }
 
 pub trait Store: Send + Sync + 'static {

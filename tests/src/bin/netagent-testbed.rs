@@ -45,12 +45,13 @@ fn show(bed: &Testbed, netns: &str, label: &str, cmd: &str) {
 /// Three hosts, etcd, an agent each; a network, a `db` and three `echo_api`
 /// replicas spread over the hosts, seen from a client on host 1.
 fn demo() {
-    step("etcd and three hosts (network namespaces on one underlay: 192.0.2.11-13), `netagent agent` on each");
+    step("etcd over mutual TLS (a CA, server and client certificates made with openssl) and three hosts (network namespaces on one underlay: 192.0.2.11-13), `netagent agent` on each");
     let mut c = Cluster::running(3, 5);
     let run = |c: &Cluster, host: usize, args: &[&str]| {
         println!("$ netagent {}        # on host{host}", args.join(" "));
         print!("{}", c.cli_ok(host, args));
     };
+    run(&c, 1, &["status"]);
     run(
         &c,
         1,

@@ -116,9 +116,12 @@ impl Host {
         let ifname = ifname.ok_or_else(|| {
             Error::Invalid(format!("namespace {} has no free eth<N> name", ep.netns))
         })?;
-        let configured = self
-            .configure(spec, ep, &inner, &existing, &ifname, has_default)
-            .await;
+        let configured = async {
+            self.harden_host_end(&host_name).await?;
+            self.configure(spec, ep, &inner, &existing, &ifname, has_default)
+                .await
+        }
+        .await;
         if let Err(e) = configured {
             // Undo: deleting our end destroys the pair, so nothing is left anywhere.
             let _ = self.detach(ep.address).await;
@@ -126,6 +129,18 @@ impl Host {
         }
         info!(ns = %self.ns, endpoint = %ep.id, address = %ep.address, network = %spec.name, %ifname, "attached");
         Ok(())
+    }
+
+    /// The host end of a container's veth takes no IPv6 (the firewall filters IPv4
+    /// only; a link-local address would reach the host's services) and only sources
+    /// that route back through it (a container cannot pose as a peer host).
+    async fn harden_host_end(&self, host_name: &str) -> Result<()> {
+        self.ns
+            .write_sysctl(&format!("net.ipv6.conf.{host_name}.disable_ipv6"), "1")
+            .await?;
+        self.ns
+            .write_sysctl(&format!("net.ipv4.conf.{host_name}.rp_filter"), "1")
+            .await
     }
 
     async fn configure(

@@ -216,6 +216,8 @@ fn render_body(spec: &FirewallSpec) -> String {
          \tchain overlay_egress {{\n\
          \t\tip daddr @protected drop\n\
          \t\toifname \"{MESH_INTERFACE}\" drop\n\
+         \t\toifname {{ \"docker0\", \"br-*\" }} drop\n\
+         \t\tudp dport {vxlan} drop\n\
          \t\t{mark} accept\n\
          \t}}\n"
     ));
@@ -686,7 +688,11 @@ mod tests {
         let egress = chain(&r, "overlay_egress");
         assert_eq!(egress[0], "ip daddr @protected drop");
         assert_eq!(egress[1], "oifname \"nawg0\" drop");
-        assert!(egress[2].ends_with(" accept"));
+        // Nor to containers on Docker's bridges (past Docker's own isolation), nor
+        // VXLAN to anyone's port.
+        assert_eq!(egress[2], "oifname { \"docker0\", \"br-*\" } drop");
+        assert_eq!(egress[3], "udp dport { 4789, 4790 } drop");
+        assert!(egress[4].ends_with(" accept"));
         assert!(render(&FirewallSpec::default()).contains("set protected"));
     }
 }

@@ -305,6 +305,10 @@ impl Host {
                         !spec.encrypted,
                     )
                     .await?;
+                // The firewall filters IPv4 only: no IPv6 from the overlay at all.
+                self.ns
+                    .write_sysctl(&format!("net.ipv6.conf.{vx_name}.disable_ipv6"), "1")
+                    .await?;
                 if let Some(l) = self.nl.link(&vx_name).await? {
                     links.insert(vx_name, l);
                 }

@@ -22,7 +22,8 @@ use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 
 use crate::error::{Error, Result};
 
-/// A running process, pinned: its pid cannot name another process while this lives.
+/// A running process, pinned: while [`PinnedProcess::alive`] says so, its pid names
+/// this process and no other (a pid is reused only after its process is reaped).
 #[derive(Debug)]
 pub struct PinnedProcess {
     pid: u32,
@@ -111,10 +112,16 @@ pub enum Rewrite {
 /// (from [`PinnedProcess::root`]): `edit` gets the current text and returns the new
 /// one. The file must already exist; symlinks resolve inside the root, a final
 /// symlink, a magic link, a FIFO, a device or a file over [`MAX_CONTAINER_FILE`] is
-/// refused. Blocking.
+/// refused. With `expected` (device and inode), the file must be that very file.
+/// Blocking.
+///
+/// The path is first opened `O_PATH` (which opens nothing: a device node's driver
+/// never sees it) and checked; only a regular file is then opened for writing,
+/// through that handle, never through the path again.
 pub fn rewrite_in_root(
     root: &OwnedFd,
     path: &str,
+    expected: Option<(u64, u64)>,
     edit: impl FnOnce(&str) -> String,
 ) -> Result<Rewrite> {
     let refused = |why: String| Error::ContainerFile {
@@ -122,30 +129,43 @@ pub fn rewrite_in_root(
         why,
     };
     let how = OpenHow::new()
-        .flags(
-            OFlag::O_RDWR
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_NONBLOCK
-                | OFlag::O_NOCTTY
-                | OFlag::O_CLOEXEC,
-        )
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = openat2(root, path, how).map_err(|e| refused(format!("cannot open it: {e}")))?;
-    let mut file = File::from(fd);
-    let meta = file
-        .metadata()
-        .map_err(|e| refused(format!("cannot stat it: {e}")))?;
-    if !meta.file_type().is_file() {
+    let handle = openat2(root, path, how).map_err(|e| refused(format!("cannot open it: {e}")))?;
+    let identity = |fd: &OwnedFd| -> Result<(bool, u64, u64, u64)> {
+        let st = nix::sys::stat::fstat(fd).map_err(|e| refused(format!("cannot stat it: {e}")))?;
+        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        Ok((regular, st.st_dev, st.st_ino, st.st_size as u64))
+    };
+    let (regular, dev, ino, size) = identity(&handle)?;
+    if !regular {
         return Err(refused("not a regular file".into()));
     }
-    if meta.len() > MAX_CONTAINER_FILE {
+    if expected.is_some_and(|e| e != (dev, ino)) {
+        return Err(refused(
+            "not the file the container engine made for it (replaced or redirected)".into(),
+        ));
+    }
+    if size > MAX_CONTAINER_FILE {
         return Err(refused(format!(
-            "{} bytes, more than the {MAX_CONTAINER_FILE} allowed",
-            meta.len()
+            "{size} bytes, more than the {MAX_CONTAINER_FILE} allowed"
         )));
     }
+    // Reopened through our own descriptor: the same inode, whatever the path says now.
+    let reopen = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let fd = nix::fcntl::open(
+        reopen.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| refused(format!("cannot open it for writing: {e}")))?;
+    let (regular, dev2, ino2, _) = identity(&fd)?;
+    if !regular || (dev2, ino2) != (dev, ino) {
+        return Err(refused("it changed while it was opened".into()));
+    }
+    let mut file = File::from(fd);
     // Bounded even if the file grows while it is read.
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut bytes = Vec::with_capacity(size as usize);
     (&mut file)
         .take(MAX_CONTAINER_FILE + 1)
         .read_to_end(&mut bytes)
@@ -196,7 +216,7 @@ mod tests {
         let root = root_of(&dir);
         let edit = |_: &str| "nameserver 127.0.0.11\n".to_owned();
         assert_eq!(
-            rewrite_in_root(&root, "/etc/resolv.conf", edit).unwrap(),
+            rewrite_in_root(&root, "/etc/resolv.conf", None, edit).unwrap(),
             Rewrite::Rewritten
         );
         assert_eq!(
@@ -204,7 +224,17 @@ mod tests {
             "nameserver 127.0.0.11\n"
         );
         assert_eq!(
-            rewrite_in_root(&root, "/etc/resolv.conf", edit).unwrap(),
+            rewrite_in_root(&root, "/etc/resolv.conf", None, edit).unwrap(),
+            Rewrite::Unchanged
+        );
+        // Another file than the one expected is refused.
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.join("etc/resolv.conf")).unwrap();
+        let right = Some((meta.dev(), meta.ino()));
+        let wrong = Some((meta.dev(), meta.ino() + 1));
+        assert!(rewrite_in_root(&root, "/etc/resolv.conf", wrong, edit).is_err());
+        assert_eq!(
+            rewrite_in_root(&root, "/etc/resolv.conf", right, edit).unwrap(),
             Rewrite::Unchanged
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -218,17 +248,17 @@ mod tests {
         let root = root_of(&dir);
         let edit = |_: &str| "nameserver 127.0.0.11\n".to_owned();
         // Missing: never created.
-        assert!(rewrite_in_root(&root, "/etc/resolv.conf", edit).is_err());
+        assert!(rewrite_in_root(&root, "/etc/resolv.conf", None, edit).is_err());
         assert!(!dir.join("etc/resolv.conf").exists());
         // A final symlink pointing out of the root.
         symlink(&outside, dir.join("etc/resolv.conf")).unwrap();
-        assert!(rewrite_in_root(&root, "/etc/resolv.conf", edit).is_err());
+        assert!(rewrite_in_root(&root, "/etc/resolv.conf", None, edit).is_err());
         // A directory symlink in the middle resolves inside the root, not the host.
         std::fs::remove_file(dir.join("etc/resolv.conf")).unwrap();
         std::fs::remove_dir(dir.join("etc")).unwrap();
         symlink(outside.parent().unwrap(), dir.join("etc")).unwrap();
         let name = outside.file_name().unwrap().to_str().unwrap();
-        assert!(rewrite_in_root(&root, &format!("/etc/{name}"), edit).is_err());
+        assert!(rewrite_in_root(&root, &format!("/etc/{name}"), None, edit).is_err());
         std::fs::remove_file(dir.join("etc")).unwrap();
         std::fs::create_dir(dir.join("etc")).unwrap();
         // A FIFO with no writer: refused at once, not waited on.
@@ -237,11 +267,24 @@ mod tests {
             nix::sys::stat::Mode::from_bits_truncate(0o644),
         )
         .unwrap();
-        assert!(rewrite_in_root(&root, "/etc/resolv.conf", edit).is_err());
+        assert!(rewrite_in_root(&root, "/etc/resolv.conf", None, edit).is_err());
         std::fs::remove_file(dir.join("etc/resolv.conf")).unwrap();
+        // A device node (a container with CAP_MKNOD can make one): never opened.
+        if nix::unistd::geteuid().is_root() {
+            nix::sys::stat::mknod(
+                &dir.join("etc/resolv.conf"),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(1, 5),
+            )
+            .unwrap();
+            let e = rewrite_in_root(&root, "/etc/resolv.conf", None, edit).unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+            std::fs::remove_file(dir.join("etc/resolv.conf")).unwrap();
+        }
         // Too large.
         std::fs::write(dir.join("etc/resolv.conf"), vec![b'#'; 70 * 1024]).unwrap();
-        assert!(rewrite_in_root(&root, "/etc/resolv.conf", edit).is_err());
+        assert!(rewrite_in_root(&root, "/etc/resolv.conf", None, edit).is_err());
         assert_eq!(std::fs::read_to_string(&outside).unwrap(), "host file\n");
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_file(&outside).unwrap();

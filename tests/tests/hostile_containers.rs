@@ -149,6 +149,34 @@ fn the_host_namespace_cannot_join_a_network() {
 }
 
 #[test]
+fn a_container_gets_no_ipv6_path_to_its_host() {
+    if !require_root("a_container_gets_no_ipv6_path_to_its_host") {
+        return;
+    }
+    let mut c = Cluster::running(1, 3);
+    c.create_network("app", "100.64.0.0/16");
+    let ns = c.bed.container("probe");
+    c.attach(1, &ns, "app", &[]);
+    // The firewall filters IPv4: over IPv6 link-local the host would answer on any
+    // service bound to [::]. All nodes on the link: the host end must not be one.
+    let out = c.bed.exec(&ns, "ping -6 -c2 -W1 ff02::1%eth0");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("bytes from"),
+        "the host answered over IPv6: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // IPv4 to the outside still works.
+    assert!(c
+        .bed
+        .exec(
+            &ns,
+            &format!("ping -c1 -W2 {}", netagent_tests::OUTSIDE_ADDRESS)
+        )
+        .status
+        .success());
+}
+
+#[test]
 fn the_api_socket_is_private_and_refuses_huge_requests() {
     if !require_root("the_api_socket_is_private_and_refuses_huge_requests") {
         return;

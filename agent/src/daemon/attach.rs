@@ -75,10 +75,31 @@ pub(super) async fn container_target(engine: &Engine, c: Container) -> Result<Ta
 /// the path of the Docker events: nothing a container does to its file can stall them.
 const RESOLV_CONF_DEADLINE: Duration = Duration::from_secs(5);
 
+/// Rewrites in flight at once. A rewrite stuck in the kernel (a hung network
+/// filesystem) keeps its blocking thread past the deadline; this bounds how many.
+static REWRITES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// Points the container's resolver at the embedded DNS, in the background.
-fn point_resolver_at_embedded_dns(container: String, pinned: Arc<PinnedProcess>) {
+fn point_resolver_at_embedded_dns(c: &Container, pinned: Arc<PinnedProcess>) {
+    let container = c.name.clone();
+    let Some(engine_file) = c.resolv_conf_path.clone() else {
+        warn!(
+            container,
+            "the engine names no resolv.conf for this container; left as it is"
+        );
+        return;
+    };
     tokio::spawn(async move {
-        let work = tokio::task::spawn_blocking(move || resolv_conf::rewrite(&pinned));
+        let work = async {
+            let permit = REWRITES.acquire().await.expect("never closed");
+            // The permit goes with the thread: it is freed when the work ends, not
+            // when the deadline gives up on it.
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                resolv_conf::rewrite(&pinned, &engine_file)
+            })
+            .await
+        };
         match tokio::time::timeout(RESOLV_CONF_DEADLINE, work).await {
             Ok(Ok(Ok(_))) => {}
             Ok(Ok(Err(e))) => {
@@ -158,7 +179,7 @@ impl<S: Store> Agent<S> {
             req.aliases.push(short);
         }
         let info = self.attach_target(req, target, !c.unhealthy).await?;
-        point_resolver_at_embedded_dns(c.name, pinned);
+        point_resolver_at_embedded_dns(&c, pinned);
         Ok(info)
     }
 

@@ -45,6 +45,8 @@ pub struct Container {
     pub labels: HashMap<String, String>,
     /// Keys of netagent labels that only the image carries, ignored (for status).
     pub image_only_labels: Vec<String>,
+    /// The host-side file Docker bind-mounts at the container's /etc/resolv.conf.
+    pub resolv_conf_path: Option<std::path::PathBuf>,
     /// Its health check says unhealthy (no check, starting or healthy: false).
     pub unhealthy: bool,
 }
@@ -189,6 +191,10 @@ impl Engine {
             .health
             .and_then(|h| h.status)
             .is_some_and(|s| s == HealthStatusEnum::UNHEALTHY);
+        let resolv_conf_path = c
+            .resolv_conf_path
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from);
         let merged = c.config.and_then(|c| c.labels).unwrap_or_default();
         let image_labels = match c.image.as_deref().filter(|i| !i.is_empty()) {
             Some(image) => self
@@ -212,6 +218,7 @@ impl Engine {
             pid: pid as u32,
             labels,
             image_only_labels,
+            resolv_conf_path,
             unhealthy,
         })
     }

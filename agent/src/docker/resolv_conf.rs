@@ -2,6 +2,9 @@
 //! its own networks. Search domains and options stay as the container had them;
 //! outside names reach the host's upstreams through the agent's forwarder.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
 use netagent_overlay::{rewrite_in_root, PinnedProcess, Rewrite};
 
 /// The embedded DNS listener's address inside every attached namespace.
@@ -36,10 +39,25 @@ pub fn point_at_embedded_dns(text: &str) -> String {
 /// Points the resolver of the pinned container process at the embedded DNS, in
 /// place (in a container the file is a bind mount and cannot be replaced by a
 /// rename). The container shapes its own filesystem, so the file is reached only
-/// through its pinned root and must be a regular file that exists already. Blocking.
-pub fn rewrite(process: &PinnedProcess) -> netagent_overlay::Result<Rewrite> {
+/// through its pinned root, and must be the very file the engine made for it
+/// (`engine_file`, Docker's `ResolvConfPath`, same device and inode). Blocking.
+pub fn rewrite(
+    process: &PinnedProcess,
+    engine_file: &Path,
+) -> Result<Rewrite, netagent_overlay::Error> {
+    let meta = std::fs::symlink_metadata(engine_file).map_err(|e| {
+        netagent_overlay::Error::ContainerFile {
+            path: engine_file.display().to_string(),
+            why: format!("the engine's resolv.conf cannot be found: {e}"),
+        }
+    })?;
     let root = process.root()?;
-    rewrite_in_root(&root, "/etc/resolv.conf", point_at_embedded_dns)
+    rewrite_in_root(
+        &root,
+        "/etc/resolv.conf",
+        Some((meta.dev(), meta.ino())),
+        point_at_embedded_dns,
+    )
 }
 
 #[cfg(test)]

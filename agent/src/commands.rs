@@ -12,7 +12,7 @@ use crate::api::{
     EndpointInfo, MeshPeerInfo, NetworkInfo, PeerInfo, Reply, Request, ServiceInfo, Status,
 };
 use crate::config::{Config, StoreConfig, DEFAULT_PATH};
-use crate::daemon::{bind_api, serve_api, Agent};
+use crate::daemon::{bind_api, serve_api, serve_requests, Agent};
 use crate::model;
 use crate::store::{EtcdStore, LocalStore, Store, StoreTransport, Txn};
 use crate::table::{or_dash, Table};
@@ -80,33 +80,18 @@ async fn answer_while_starting(
     listener: &tokio::net::UnixListener,
     health: tokio::sync::watch::Receiver<crate::store::StoreHealth>,
 ) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of descriptors, say: try again without spinning.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let health = health.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            while let Ok(Some(_)) = lines.next_line().await {
-                let h = health.borrow().clone();
-                let reply = Reply::Error(format!(
-                    "the agent is waiting for its cluster store ({} {}) before it serves: {}",
-                    h.kind,
-                    h.location,
-                    h.error.as_deref().unwrap_or("connecting")
-                ));
-                let mut line = serde_json::to_vec(&reply).unwrap_or_default();
-                line.push(b'\n');
-                if write.write_all(&line).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    serve_requests(listener, move |_| {
+        let h = health.borrow().clone();
+        async move {
+            Reply::Error(format!(
+                "the agent is waiting for its cluster store ({} {}) before it serves: {}",
+                h.kind,
+                h.location,
+                h.error.as_deref().unwrap_or("connecting")
+            ))
+        }
+    })
+    .await
 }
 
 pub async fn reset(config: &Path) -> Result<()> {

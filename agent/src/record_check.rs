@@ -45,14 +45,24 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
     })
 }
 
+/// A record sits under the key its own fields make (`full`, with the kind's prefix).
+fn check_key(key: &str, full: &str, prefix: &str) -> Result<(), String> {
+    ensure(full.strip_prefix(prefix) == Some(key), || {
+        format!("belongs under {full}, not under this key")
+    })
+}
+
+/// A network address (host bits zero), /8 to /30.
+fn check_prefix(what: &str, net: Ipv4Net) -> Result<(), String> {
+    ensure(
+        net == net.trunc() && (8..=30).contains(&net.prefix_len()),
+        || format!("{what} {net} is not a /8 to /30 network address"),
+    )
+}
+
 /// A network's subnet: a network address, /8 to /30, clear of the mesh's range.
 pub fn check_subnet(subnet: Ipv4Net) -> Result<(), String> {
-    ensure(subnet == subnet.trunc(), || {
-        format!("subnet {subnet} has host bits set")
-    })?;
-    ensure((8..=30).contains(&subnet.prefix_len()), || {
-        format!("subnet {subnet} must be a /8 to /30")
-    })?;
+    check_prefix("subnet", subnet)?;
     let mesh = model::mesh_subnet();
     ensure(!subnet.contains(&mesh) && !mesh.contains(&subnet), || {
         format!("subnet {subnet} overlaps the mesh's {mesh}")
@@ -61,9 +71,7 @@ pub fn check_subnet(subnet: Ipv4Net) -> Result<(), String> {
 
 impl CheckRecord for NodeRecord {
     fn check(&self, key: &str) -> Result<(), String> {
-        ensure(key == self.name, || {
-            format!("names node {:?} under another key", self.name)
-        })?;
+        check_key(key, &model::node_key(&self.name), model::NODES)?;
         check_name("node", &self.name)?;
         check_host_address("underlay", self.underlay)?;
         ensure(self.version.len() <= 64, || "version is too long".into())
@@ -72,9 +80,7 @@ impl CheckRecord for NodeRecord {
 
 impl CheckRecord for NetworkRecord {
     fn check(&self, key: &str) -> Result<(), String> {
-        ensure(key == self.name, || {
-            format!("names network {:?} under another key", self.name)
-        })?;
+        check_key(key, &model::network_key(&self.name), model::NETWORKS)?;
         check_name("network", &self.name)?;
         ensure((1..=MAX_VNI).contains(&self.vni), || {
             format!("VNI {} is out of range 1..={MAX_VNI}", self.vni)
@@ -97,36 +103,19 @@ impl CheckRecord for NetworkRecord {
 
 impl CheckRecord for BlockRecord {
     fn check(&self, key: &str) -> Result<(), String> {
-        ensure(
-            *key == model::block_key(&self.network, self.block)[model::BLOCKS.len()..],
-            || {
-                format!(
-                    "block {} of {:?} is under another key",
-                    self.block, self.network
-                )
-            },
-        )?;
+        let full = model::block_key(&self.network, self.block);
+        check_key(key, &full, model::BLOCKS)?;
         check_name("network", &self.network)?;
         check_name("node", &self.node)?;
-        ensure(
-            self.block == self.block.trunc() && (8..=30).contains(&self.block.prefix_len()),
-            || format!("block {} is not a /8 to /30 network address", self.block),
-        )?;
+        check_prefix("block", self.block)?;
         check_host_address("underlay", self.underlay)
     }
 }
 
 impl CheckRecord for EndpointRecord {
     fn check(&self, key: &str) -> Result<(), String> {
-        ensure(
-            *key == model::endpoint_key(&self.network, self.address)[model::ENDPOINTS.len()..],
-            || {
-                format!(
-                    "endpoint {} of {:?} is under another key",
-                    self.address, self.network
-                )
-            },
-        )?;
+        let full = model::endpoint_key(&self.network, self.address);
+        check_key(key, &full, model::ENDPOINTS)?;
         check_name("network", &self.network)?;
         check_name("node", &self.node)?;
         ensure(self.id.len() <= 128 && self.netns.len() <= 256, || {
@@ -150,9 +139,7 @@ impl CheckRecord for EndpointRecord {
 
 impl CheckRecord for MeshRecord {
     fn check(&self, key: &str) -> Result<(), String> {
-        ensure(key == self.address.to_string(), || {
-            format!("mesh address {} is under another key", self.address)
-        })?;
+        check_key(key, &model::mesh_key(self.address), model::MESH)?;
         check_name("node", &self.node)?;
         ensure(model::mesh_subnet().contains(&self.address), || {
             format!(

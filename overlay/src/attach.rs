@@ -136,10 +136,10 @@ impl Host {
     /// that route back through it (a container cannot pose as a peer host).
     async fn harden_host_end(&self, host_name: &str) -> Result<()> {
         self.ns
-            .write_sysctl(&format!("net.ipv6.conf.{host_name}.disable_ipv6"), "1")
-            .await?;
-        self.ns
-            .write_sysctl(&format!("net.ipv4.conf.{host_name}.rp_filter"), "1")
+            .write_sysctls(&[
+                (format!("net.ipv6.conf.{host_name}.disable_ipv6"), "1"),
+                (format!("net.ipv4.conf.{host_name}.rp_filter"), "1"),
+            ])
             .await
     }
 

@@ -259,16 +259,30 @@ impl Netns {
 
     /// Writes a sysctl of this namespace (`/proc/sys/net` follows the writer's namespace).
     pub async fn write_sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let key = key.to_string();
-        let value = value.to_string();
+        self.write_sysctls(&[(key.to_string(), value)]).await
+    }
+
+    /// Writes several sysctls of this namespace, in order, on one worker thread.
+    pub async fn write_sysctls(&self, settings: &[(String, &str)]) -> Result<()> {
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
         let ns = self.reference.to_string();
         self.run(move || {
-            let path = format!("/proc/sys/{}", key.replace('.', "/"));
-            let current = std::fs::read_to_string(&path).unwrap_or_default();
-            if current.trim() == value {
-                return Ok(());
+            for (key, value) in settings {
+                let path = format!("/proc/sys/{}", key.replace('.', "/"));
+                let current = std::fs::read_to_string(&path).unwrap_or_default();
+                if current.trim() == value {
+                    continue;
+                }
+                std::fs::write(&path, &value).map_err(|source| Error::Sysctl {
+                    key,
+                    ns: ns.clone(),
+                    source,
+                })?;
             }
-            std::fs::write(&path, &value).map_err(|source| Error::Sysctl { key, ns, source })
+            Ok(())
         })
         .await
     }

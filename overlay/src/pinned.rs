@@ -10,8 +10,9 @@
 //! FIFOs, devices, a swapped `/etc`. `/proc/<pid>/root/...` resolves absolute symlinks
 //! against the host's root, so files there are only ever reached through an `O_PATH`
 //! handle on the pinned root and `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`,
-//! with `O_NOFOLLOW | O_NONBLOCK`, never `O_CREAT`; only a regular file of bounded size
-//! is read, and it is rewritten on the same descriptor.
+//! itself `O_PATH|O_NOFOLLOW` (nothing is opened until the file is known to be a
+//! regular file of bounded size, and the one expected), never `O_CREAT`; it is then
+//! reopened through that handle and rewritten on the same descriptor.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -45,10 +46,6 @@ impl PinnedProcess {
         // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         Ok(PinnedProcess { pid, pidfd })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.pid
     }
 
     /// The process has not exited (signal 0 through the pidfd: no signal is sent).

@@ -310,6 +310,13 @@ impl Cluster {
     }
 
     /// Creates a network (through host 1's agent).
+    /// The VNI `netagent network inspect` reports for a network.
+    pub fn vni(&self, network: &str) -> u32 {
+        let out = self.cli_ok(1, &["network", "inspect", network, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["vni"].as_u64().unwrap() as u32
+    }
+
     pub fn create_network(&self, name: &str, subnet: &str) {
         self.cli_ok(1, &["network", "create", name, "--subnet", subnet]);
     }

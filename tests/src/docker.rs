@@ -16,6 +16,24 @@ use crate::run::{sh, sh_ok};
 
 pub const IMAGE: &str = "netagent-test-busybox";
 
+/// Root, dockerd and busybox, or a printed skip (a failure under CI=true).
+pub fn require_docker(test: &str) -> bool {
+    if !crate::run::require_root(test) {
+        return false;
+    }
+    let ok = sh("command -v dockerd && command -v docker && test -x /bin/busybox")
+        .status
+        .success();
+    if !ok {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "{test}: needs dockerd, the docker CLI and /bin/busybox (scripts/deps.sh installs them)"
+        );
+        eprintln!("SKIPPED {test}: needs dockerd, docker and busybox-static");
+    }
+    ok
+}
+
 pub struct DockerHost {
     pub netns: String,
     pub socket: PathBuf,

@@ -1,9 +1,30 @@
 //! Forged VXLAN, as an attacker (a container, or a machine on the underlay) would
 //! send it, and the facts about a host's VXLAN devices a forgery needs.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::Duration;
 
 use crate::run::sh_ok;
+use crate::testbed::in_netns;
+
+/// Whether a datagram to port 5555 (where [`forged_vxlan`]'s inner datagram goes)
+/// arrives at `ip` inside `netns` within `wait`; listening when this returns.
+pub fn listen_once(
+    netns: &str,
+    ip: Ipv4Addr,
+    wait: Duration,
+) -> std::thread::JoinHandle<Option<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = in_netns(netns, move || {
+        let s = UdpSocket::bind((ip, 5555)).unwrap();
+        s.set_read_timeout(Some(wait)).unwrap();
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 256];
+        s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    });
+    rx.recv().unwrap();
+    h
+}
 
 /// A VXLAN packet (the UDP payload) carrying, inside network `vni`, a UDP datagram
 /// from `src`:4444 to `dst`:5555, in a frame for the device with MAC `mac`.

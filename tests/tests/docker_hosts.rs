@@ -8,29 +8,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use netagent_tests::cluster::{wait_for, Cluster};
-use netagent_tests::docker::{resolve_in, DockerHost};
-use netagent_tests::{require_root, sh, sh_ok, upstream, OUTSIDE_ADDRESS};
+use netagent_tests::docker::{require_docker, resolve_in, DockerHost};
+use netagent_tests::{sh_ok, upstream, OUTSIDE_ADDRESS};
 
 const NET: &str = "netagent.network=app";
 const ECHO: &str = "com.docker.compose.service=echo_api";
-
-/// Root, dockerd and busybox, or a printed skip (a failure under CI=true).
-fn require_docker(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
-    }
-    let ok = sh("command -v dockerd && command -v docker && test -x /bin/busybox")
-        .status
-        .success();
-    if !ok {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "{test}: needs dockerd, the docker CLI and /bin/busybox (scripts/deps.sh installs them)"
-        );
-        eprintln!("SKIPPED {test}: needs dockerd, docker and busybox-static");
-    }
-    ok
-}
 
 /// Engines first: they are dropped (containers removed, dockerd stopped) before the
 /// test bed's namespaces go.

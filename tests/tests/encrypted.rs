@@ -6,17 +6,10 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{wait_for, Cluster};
-use netagent_tests::vxlan::{forged_vxlan, vxlan_mac};
+use netagent_tests::vxlan::{forged_vxlan, listen_once, vxlan_mac};
 use netagent_tests::{in_netns, require_root, sh, sh_ok, tcp_transfer};
 
 const MIB10: usize = 10 << 20;
-
-/// The VNI `netagent network inspect` reports for a network.
-fn vni(c: &Cluster, network: &str) -> u32 {
-    let out = c.cli_ok(1, &["network", "inspect", network, "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["vni"].as_u64().unwrap() as u32
-}
 
 /// Starts tcpdump on the underlay bridge, every packet written at once (-U).
 fn capture(c: &mut Cluster, file: &str) -> u32 {
@@ -75,7 +68,7 @@ fn encrypted_and_plain_networks_side_by_side() {
     }
     c.create_network("plain", "100.64.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
-    let (plain_vni, secure_vni) = (vni(&c, "plain"), vni(&c, "secure"));
+    let (plain_vni, secure_vni) = (c.vni("plain"), c.vni("secure"));
     let p1 = c.bed.container("p1");
     let p3 = c.bed.container("p3");
     let s1 = c.bed.container("s1");
@@ -216,24 +209,6 @@ fn encrypted_and_plain_networks_side_by_side() {
     }
 }
 
-/// Whether a datagram to port 5555 arrives inside `netns` within `wait`.
-fn listen_once(
-    netns: &str,
-    ip: Ipv4Addr,
-    wait: Duration,
-) -> std::thread::JoinHandle<Option<Vec<u8>>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = in_netns(netns, move || {
-        let s = UdpSocket::bind((ip, 5555)).unwrap();
-        s.set_read_timeout(Some(wait)).unwrap();
-        tx.send(()).unwrap();
-        let mut buf = [0u8; 256];
-        s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
-    });
-    rx.recv().unwrap();
-    h
-}
-
 #[test]
 fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
     if !require_root("plaintext_vxlan_for_an_encrypted_network_is_dropped") {
@@ -242,7 +217,7 @@ fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
     let mut c = Cluster::running(2, 3);
     c.create_network("plain", "100.64.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
-    let (plain_vni, secure_vni) = (vni(&c, "plain"), vni(&c, "secure"));
+    let (plain_vni, secure_vni) = (c.vni("plain"), c.vni("secure"));
     let (p1, p2, s1, s2) = (
         c.bed.container("p1"),
         c.bed.container("p2"),

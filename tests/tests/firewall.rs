@@ -7,18 +7,11 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{wait_for, Cluster, ETCD_ADDRESS};
-use netagent_tests::vxlan::{address_on, forged_vxlan, vxlan_mac};
+use netagent_tests::vxlan::{address_on, forged_vxlan, listen_once, vxlan_mac};
 use netagent_tests::{in_netns, require_root, sh, tcp_transfer, OUTSIDE_ADDRESS};
 
 /// A port some host service listens on (sshd's stand-in).
 const SERVICE_PORT: u16 = 2222;
-
-/// The VNI `netagent network inspect` reports for a network.
-fn vni(c: &Cluster, network: &str) -> u32 {
-    let out = c.cli_ok(1, &["network", "inspect", network, "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["vni"].as_u64().unwrap() as u32
-}
 
 /// A TCP listener on every address of `netns` (never accepting: the kernel completes
 /// handshakes into the backlog, which is all a reachability probe needs).
@@ -86,7 +79,7 @@ fn containers_reach_no_host_store_or_mesh_but_the_outside() {
     let mut c = Cluster::running(2, 3);
     c.create_network("app", "100.64.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
-    let (app_vni, secure_vni) = (vni(&c, "app"), vni(&c, "secure"));
+    let (app_vni, secure_vni) = (c.vni("app"), c.vni("secure"));
     let (a1, a2, s1, s2) = (
         c.bed.container("a1"),
         c.bed.container("a2"),
@@ -148,24 +141,6 @@ fn containers_reach_no_host_store_or_mesh_but_the_outside() {
     );
 }
 
-/// Whether a datagram to port 5555 arrives at `ip` inside `netns` within `wait`.
-fn listen_once(
-    netns: &str,
-    ip: Ipv4Addr,
-    wait: Duration,
-) -> std::thread::JoinHandle<Option<Vec<u8>>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = in_netns(netns, move || {
-        let s = UdpSocket::bind((ip, 5555)).unwrap();
-        s.set_read_timeout(Some(wait)).unwrap();
-        tx.send(()).unwrap();
-        let mut buf = [0u8; 256];
-        s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
-    });
-    rx.recv().unwrap();
-    h
-}
-
 /// Sends `packet` three times from inside `netns` to `to`.
 fn send_from(netns: &str, packet: Vec<u8>, to: SocketAddr) {
     in_netns(netns, move || {
@@ -187,7 +162,7 @@ fn a_container_cannot_inject_vxlan_into_another_network() {
     c.create_network("a", "100.64.0.0/16");
     c.create_network("b", "100.65.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
-    let (b_vni, secure_vni) = (vni(&c, "b"), vni(&c, "secure"));
+    let (b_vni, secure_vni) = (c.vni("b"), c.vni("secure"));
     let (a1, a2, b1, b2, s2) = (
         c.bed.container("a1"),
         c.bed.container("a2"),
@@ -206,7 +181,7 @@ fn a_container_cannot_inject_vxlan_into_another_network() {
         c.bed.ping(&s1, ip_s2)
     });
     let (h1, h2) = (c.bed.hosts[0].clone(), c.bed.hosts[1].clone());
-    let gw_a1 = address_on(&h1.netns, &format!("nax{}", vni(&c, "a")));
+    let gw_a1 = address_on(&h1.netns, &format!("nax{}", c.vni("a")));
     // (target namespace, its address, host whose device decapsulates, where to send)
     let cases = [
         ("own gateway", &b1, ip_b1, &h1.netns, at(gw_a1, 4789), b_vni),

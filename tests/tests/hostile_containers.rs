@@ -6,28 +6,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use netagent_tests::cluster::{wait_for, Cluster};
-use netagent_tests::docker::DockerHost;
-use netagent_tests::{require_root, sh};
+use netagent_tests::docker::{require_docker, DockerHost};
+use netagent_tests::require_root;
 
 const NET: &str = "netagent.network=app";
-
-/// Root, dockerd and busybox, or a printed skip (a failure under CI=true).
-fn require_docker(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
-    }
-    let ok = sh("command -v dockerd && command -v docker && test -x /bin/busybox")
-        .status
-        .success();
-    if !ok {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "{test}: needs dockerd, the docker CLI and /bin/busybox (scripts/deps.sh installs them)"
-        );
-        eprintln!("SKIPPED {test}: needs dockerd, docker and busybox-static");
-    }
-    ok
-}
 
 /// The engine goes before the test bed (containers removed, dockerd stopped).
 struct Host {

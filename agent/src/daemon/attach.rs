@@ -25,6 +25,7 @@ const BLOCK_RETRIES: usize = 8;
 
 /// What an attach or detach names, resolved: the namespace, its identity, and the
 /// Docker container it belongs to, pinned.
+#[derive(Clone)]
 pub(super) struct Target {
     pub netns: NetnsRef,
     pub ino: u64,
@@ -56,8 +57,8 @@ pub(super) async fn container_target(engine: &Engine, c: Container) -> Result<Ta
     .await
     .context("pinning the container's process panicked")?
     .with_context(|| format!("container {:?} stopped while being attached", c.name))?;
-    let again = engine.inspect(&c.id).await?;
-    if again.pid != pid || !pinned.alive() {
+    let again = engine.pid(&c.id).await?;
+    if again != pid || !pinned.alive() {
         bail!(
             "container {:?} restarted while being attached; it is attached again by its start event (or run the attach again)",
             c.name
@@ -69,6 +70,20 @@ pub(super) async fn container_target(engine: &Engine, c: Container) -> Result<Ta
         container: Some(c),
         pinned: Some(Arc::new(pinned)),
     })
+}
+
+/// Identities of the host's own network namespaces: the agent's host's and init's
+/// (the same on a real host; init's may be unreadable in a sandbox).
+pub(super) async fn host_namespaces(host: &netagent_overlay::Host) -> Vec<u64> {
+    let host = host.netns().reference().clone();
+    tokio::task::spawn_blocking(move || {
+        [host, NetnsRef::Pid(1)]
+            .iter()
+            .filter_map(|n| n.identity().ok())
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// How long the resolv.conf rewrite may take. It runs beside the attach, never in
@@ -135,14 +150,8 @@ impl<S: Store> Agent<S> {
 
     /// Refuses the host's own network namespace (the agent's, or init's): an
     /// endpoint there would put the host itself on a tenant network.
-    async fn refuse_host_namespace(&self, target: &str, ino: u64) -> Result<()> {
-        let host = self.host.netns().reference().clone();
-        let (own, init) = tokio::task::spawn_blocking(move || {
-            (host.identity().ok(), NetnsRef::Pid(1).identity().ok())
-        })
-        .await
-        .context("namespace identity check panicked")?;
-        if Some(ino) == own || Some(ino) == init {
+    fn refuse_host_namespace(&self, target: &str, ino: u64) -> Result<()> {
+        if self.host_namespaces.contains(&ino) {
             bail!(
                 "{target} is in the host's own network namespace; only containers and namespaces of their own can join a network (a --network host container cannot)"
             );
@@ -225,7 +234,7 @@ impl<S: Store> Agent<S> {
             container,
             pinned: _pinned,
         } = target;
-        self.refuse_host_namespace(&req.target, ino).await?;
+        self.refuse_host_namespace(&req.target, ino)?;
         let id = endpoint_id(ino);
         let mut state = self.local.lock().await;
         if let Some(existing) = state
@@ -325,7 +334,7 @@ impl<S: Store> Agent<S> {
             value: Some(bytes),
         }]);
         self.refresh_dns();
-        self.sync_listeners(&mut state).await;
+        self.local_endpoints_changed(&mut state).await;
         info!(target = req.target, network = network.name, %address, "attached");
         Ok(self.endpoint_info(&record))
     }
@@ -371,7 +380,7 @@ impl<S: Store> Agent<S> {
             value: None,
         }]);
         self.refresh_dns();
-        self.sync_listeners(state).await;
+        self.local_endpoints_changed(state).await;
     }
 
     /// This host's block of a network, taken from the subnet if it has none yet. The

@@ -60,6 +60,31 @@ pub(super) async fn save(path: &Path, list: &AttachedList) -> std::io::Result<()
     .map_err(std::io::Error::other)?
 }
 
+/// Saves the list of `state`'s endpoints unless it is what was saved last.
+pub(super) async fn save_if_changed(state_dir: &Path, state: &mut super::LocalState) {
+    let list: AttachedList = state
+        .endpoints
+        .iter()
+        .map(|(key, e)| {
+            let attached = Attached {
+                netns: e.record.netns.clone(),
+                ino: e.ino,
+            };
+            (key.clone(), attached)
+        })
+        .collect();
+    if state.saved.as_ref() == Some(&list) {
+        return;
+    }
+    let path = path(state_dir);
+    match save(&path, &list).await {
+        Ok(()) => state.saved = Some(list),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the list of attached namespaces")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -300,6 +300,14 @@ impl<S: Store> Agent<S> {
             );
             return Ok(());
         }
+        // Pinned once for all its networks.
+        let target = match super::attach::container_target(engine, c.clone()).await {
+            Ok(target) => target,
+            Err(e) => {
+                link.problem(&c.id, &c.name, format!("attaching: {e:#}"));
+                return Ok(());
+            }
+        };
         for network in &wanted.networks {
             let req = AttachRequest {
                 target: c.id.clone(),
@@ -308,11 +316,7 @@ impl<S: Store> Agent<S> {
                 service: wanted.service.clone(),
                 aliases: wanted.aliases.clone(),
             };
-            let attached = match super::attach::container_target(engine, c.clone()).await {
-                Ok(target) => self.attach_container(req, target).await,
-                Err(e) => Err(e),
-            };
-            match attached {
+            match self.attach_container(req, target.clone()).await {
                 Ok(info) => {
                     info!(container = c.name, network, address = %info.address, "container attached")
                 }

@@ -33,7 +33,6 @@ impl Listener {
 impl<S: Store> Agent<S> {
     /// Opens, re-scopes or closes listeners to match the attached namespaces.
     pub(super) async fn sync_listeners(&self, state: &mut LocalState) {
-        self.save_attached(state).await;
         let mut wanted: HashMap<u64, (NetnsRef, BTreeSet<String>)> = HashMap::new();
         for e in state.endpoints.values() {
             wanted
@@ -67,31 +66,6 @@ impl<S: Store> Agent<S> {
                     state.listeners.insert(ino, Listener { scope, tasks });
                 }
                 Err(e) => warn!(netns = %netns, error = %e, "no embedded DNS in this namespace"),
-            }
-        }
-    }
-
-    /// Keeps `attached.json` equal to the attached namespaces (adoption trusts it).
-    async fn save_attached(&self, state: &mut LocalState) {
-        let list: super::attached_file::AttachedList = state
-            .endpoints
-            .iter()
-            .map(|(key, e)| {
-                let a = super::attached_file::Attached {
-                    netns: e.record.netns.clone(),
-                    ino: e.ino,
-                };
-                (key.clone(), a)
-            })
-            .collect();
-        if state.saved.as_ref() == Some(&list) {
-            return;
-        }
-        let path = super::attached_file::path(&self.cfg.state_dir);
-        match super::attached_file::save(&path, &list).await {
-            Ok(()) => state.saved = Some(list),
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot save the list of attached namespaces")
             }
         }
     }

@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::model::{self, Cluster, EndpointRecord, NodeRecord};
 use crate::store::{Store, StoreEvent};
 
-pub use server::{bind_api, serve_api};
+pub use server::{bind_api, serve_api, serve_requests};
 
 /// How often the whole datapath is compared with the kernel even without a change.
 const RESYNC: Duration = Duration::from_secs(15);
@@ -91,6 +91,9 @@ pub struct Agent<S: Store> {
     mesh_starting: Mutex<()>,
     /// The store's addresses, kept from containers by the firewall.
     store_addresses: Vec<Ipv4Addr>,
+    /// Identities of the host's own network namespaces (the agent's and init's),
+    /// which no endpoint may be: they never change, so they are read once.
+    host_namespaces: Vec<u64>,
     /// Restores the firewall table when another program removes it; held for life.
     _firewall_guard: netagent_overlay::FirewallGuard,
     /// The mesh was started again: the next reconcile applies in full (its device's
@@ -133,6 +136,7 @@ impl<S: Store> Agent<S> {
         let cfg_docker = cfg.docker_socket.clone();
         let keys = mesh::load_or_create_key(&cfg.state_dir).await?;
         let store_addresses = protected::store_addresses(&cfg).await;
+        let host_namespaces = attach::host_namespaces(&host).await;
         let firewall_guard = host
             .guard_firewall()
             .await
@@ -158,6 +162,7 @@ impl<S: Store> Agent<S> {
             mesh: StdMutex::new(None),
             mesh_starting: Mutex::new(()),
             store_addresses,
+            host_namespaces,
             _firewall_guard: firewall_guard,
             mesh_restarted: std::sync::atomic::AtomicBool::new(false),
         });
@@ -390,12 +395,19 @@ impl<S: Store> Agent<S> {
             }
             state.applied = Some(desired);
         }
-        self.sync_listeners(&mut state).await;
+        self.local_endpoints_changed(&mut state).await;
         drop(state);
         if full && self.docker.is_some() {
             // dockerd may have been (re)started since: its FORWARD policy drops.
             self.open_docker_forward().await;
         }
+    }
+
+    /// What follows a change of this host's endpoints: their list on disk (which
+    /// adoption trusts) and their DNS listeners.
+    async fn local_endpoints_changed(&self, state: &mut LocalState) {
+        attached_file::save_if_changed(&self.cfg.state_dir, state).await;
+        self.sync_listeners(state).await;
     }
 
     /// [`Self::desired_host_state`] less the networks whose records clash (named in

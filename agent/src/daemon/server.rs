@@ -56,22 +56,52 @@ pub async fn bind_api(path: &Path) -> Result<UnixListener> {
 const MAX_REQUEST: u64 = 1 << 20;
 
 pub async fn serve_api<S: Store>(agent: Arc<Agent<S>>, listener: UnixListener) {
+    serve_requests(&listener, move |line| {
+        let agent = agent.clone();
+        async move {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => match agent.handle(req).await {
+                    Ok(v) => Reply::Ok(v),
+                    Err(e) => Reply::Error(format!("{e:#}")),
+                },
+                Err(e) => Reply::Error(format!("bad request: {e}")),
+            }
+        }
+    })
+    .await
+}
+
+/// Accepts API clients for ever and gives each request line `answer`'s reply: the
+/// one loop for the agent's API and for the answers it gives while it starts.
+/// Accept errors (out of descriptors, say) back off instead of spinning.
+pub async fn serve_requests<F, Fut>(listener: &UnixListener, answer: F)
+where
+    F: Fn(Vec<u8>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Reply> + Send,
+{
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let agent = agent.clone();
+                let answer = answer.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_client(agent, stream).await {
+                    if let Err(e) = serve_client(stream, answer).await {
                         warn!(error = %e, "api client failed");
                     }
                 });
             }
-            Err(e) => warn!(error = %e, "api accept failed"),
+            Err(e) => {
+                warn!(error = %e, "api accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         }
     }
 }
 
-async fn serve_client<S: Store>(agent: Arc<Agent<S>>, stream: UnixStream) -> Result<()> {
+async fn serve_client<F, Fut>(stream: UnixStream, answer: F) -> Result<()>
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Reply>,
+{
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -83,23 +113,18 @@ async fn serve_client<S: Store>(agent: Arc<Agent<S>>, stream: UnixStream) -> Res
         if n == 0 {
             return Ok(());
         }
-        if line.len() as u64 > MAX_REQUEST {
-            let reply = Reply::Error(format!("request larger than {MAX_REQUEST} bytes; refused"));
-            let mut bytes = serde_json::to_vec(&reply)?;
-            bytes.push(b'\n');
-            write.write_all(&bytes).await?;
-            bail!("api request larger than {MAX_REQUEST} bytes; connection closed");
-        }
-        let reply = match serde_json::from_slice::<Request>(&line) {
-            Ok(req) => match agent.handle(req).await {
-                Ok(v) => Reply::Ok(v),
-                Err(e) => Reply::Error(format!("{e:#}")),
-            },
-            Err(e) => Reply::Error(format!("bad request: {e}")),
+        let too_large = line.len() as u64 > MAX_REQUEST;
+        let reply = if too_large {
+            Reply::Error(format!("request larger than {MAX_REQUEST} bytes; refused"))
+        } else {
+            answer(line).await
         };
         let mut bytes = serde_json::to_vec(&reply)?;
         bytes.push(b'\n');
         write.write_all(&bytes).await?;
+        if too_large {
+            bail!("api request larger than {MAX_REQUEST} bytes; connection closed");
+        }
     }
 }
 

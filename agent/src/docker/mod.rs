@@ -177,16 +177,8 @@ impl Engine {
 
     /// A running container by name or id.
     pub async fn inspect(&self, name_or_id: &str) -> Result<Container> {
-        let c = self
-            .docker
-            .inspect_container(name_or_id, None)
-            .await
-            .map_err(|e| self.error(name_or_id, e))?;
-        let state = c.state.unwrap_or_default();
-        let pid = state.pid.unwrap_or(0);
-        if state.running != Some(true) || pid <= 0 {
-            return Err(DockerError::NotRunning(name_or_id.to_owned()));
-        }
+        let (mut c, pid) = self.inspect_running(name_or_id).await?;
+        let state = c.state.take().unwrap_or_default();
         let unhealthy = state
             .health
             .and_then(|h| h.status)
@@ -215,12 +207,38 @@ impl Engine {
                 .unwrap_or_default()
                 .trim_start_matches('/')
                 .to_owned(),
-            pid: pid as u32,
+            pid,
             labels,
             image_only_labels,
             resolv_conf_path,
             unhealthy,
         })
+    }
+
+    /// The pid of a running container's first process (one request, no image read).
+    pub async fn pid(&self, name_or_id: &str) -> Result<u32> {
+        Ok(self.inspect_running(name_or_id).await?.1)
+    }
+
+    /// The engine's inspect of a running container, and its first process's pid.
+    async fn inspect_running(
+        &self,
+        name_or_id: &str,
+    ) -> Result<(bollard::models::ContainerInspectResponse, u32)> {
+        let c = self
+            .docker
+            .inspect_container(name_or_id, None)
+            .await
+            .map_err(|e| self.error(name_or_id, e))?;
+        let state = c.state.as_ref();
+        let pid = state.and_then(|s| {
+            let pid = s.pid.unwrap_or(0);
+            (s.running == Some(true) && pid > 0).then_some(pid as u32)
+        });
+        match pid {
+            Some(pid) => Ok((c, pid)),
+            None => Err(DockerError::NotRunning(name_or_id.to_owned())),
+        }
     }
 
     /// Container starts, deaths and health changes since `since` (unix seconds; the

@@ -25,9 +25,10 @@ fn main() {
             args.get(2)
                 .cloned()
                 .unwrap_or_else(|| "boringtun-cli".into()),
+            args.get(3).cloned(),
         ),
         _ => {
-            eprintln!("usage: netagent-testbed demo | bench-overlay [SECONDS] | dns-serve ADDR | dns-memory | bench-convergence [ATTACHES] | bench-wireguard [SECONDS] [BORINGTUN_CLI]");
+            eprintln!("usage: netagent-testbed demo | bench-overlay [SECONDS] | dns-serve ADDR | dns-memory | bench-convergence [ATTACHES] | bench-wireguard [SECONDS] [BORINGTUN_CLI] [MODERN_WIREGUARD_GO]");
             std::process::exit(2);
         }
     }
@@ -256,13 +257,20 @@ fn bench_overlay(seconds: u32) {
         netagent_tests::apply(&h.path(), &mesh.state(i + 1)).expect("apply");
     }
     let (h1, h2) = (bed.hosts[0].clone(), bed.hosts[1].clone());
-    // A bare VXLAN pair between the same hosts, no bridge, no veth, no firewall.
+    // A bare VXLAN pair between the same hosts, no bridge, no veth, no firewall, on a
+    // port of its own (4789 and 4790 are the agent's, taken only from its peers), its
+    // outer packets untracked as the agent's are.
     for (me, peer, addr) in [(&h1, &h2, "198.51.100.1"), (&h2, &h1, "198.51.100.2")] {
         bed.exec_ok(
             &me.netns,
             &format!(
-                "ip link add vxbare type vxlan id 999 local {} remote {} dstport 4790 dev eth0 && \
-             ip addr add {addr}/24 dev vxbare && ip link set vxbare up",
+                "ip link add vxbare type vxlan id 999 local {} remote {} dstport 4800 dev eth0 && \
+             ip addr add {addr}/24 dev vxbare && ip link set vxbare up && \
+             nft add table ip benchbare && \
+             nft add chain ip benchbare pre '{{ type filter hook prerouting priority raw; }}' && \
+             nft add chain ip benchbare out '{{ type filter hook output priority raw; }}' && \
+             nft add rule ip benchbare pre udp dport 4800 notrack && \
+             nft add rule ip benchbare out udp dport 4800 notrack",
                 me.underlay, peer.underlay
             ),
         );
@@ -651,10 +659,11 @@ fn userspace_tunnel(
     (format!("100.{net}.0.2"), pids)
 }
 
-/// Encrypted netagent network against wireguard-go and boringtun-cli tunnels between
-/// the same two hosts, plain VXLAN (our plain network) and the raw underlay; iperf3
-/// -P1, paths interleaved, three rounds, medians.
-fn bench_wireguard(seconds: u32, boringtun: String) {
+/// Encrypted netagent network against wireguard-go (Debian's, and a modern build with
+/// its TUN and UDP offloads when `modern_wireguard_go` names one) and boringtun-cli
+/// tunnels between the same two hosts, plain VXLAN (our plain network) and the raw
+/// underlay; iperf3 -P1, paths interleaved, three rounds, medians.
+fn bench_wireguard(seconds: u32, boringtun: String, modern_wireguard_go: Option<String>) {
     let mut c = Cluster::running(2, 5);
     c.create_network("plain", "100.64.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
@@ -688,15 +697,24 @@ fn bench_wireguard(seconds: u32, boringtun: String) {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (mut enc, mut go, mut vx, mut raw) = (vec![], vec![], vec![], vec![]);
+    let modern = modern_wireguard_go
+        .map(|program| userspace_tunnel(&mut c.bed, &program, &["-f"], "wgm", 99).0);
+    let (mut enc, mut go, mut vx, mut raw, mut gom) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 1..=ROUNDS {
         enc.push(iperf_gbps(&mut c.bed, &s2, &s1, &ip_s2, seconds));
         go.push(iperf_gbps(&mut c.bed, &h2, &h1, &wgo, seconds));
+        if let Some(addr) = &modern {
+            gom.push(iperf_gbps(&mut c.bed, &h2, &h1, addr, seconds));
+        }
         vx.push(iperf_gbps(&mut c.bed, &p2, &p1, &ip_p2, seconds));
         raw.push(iperf_gbps(&mut c.bed, &h2, &h1, &underlay, seconds));
         println!(
-            "round {round}: netagent encrypted {:.2} Gbit/s, wireguard-go {:.2}, plain vxlan {:.2}, raw underlay {:.2}",
-            enc[round - 1], go[round - 1], vx[round - 1], raw[round - 1]
+            "round {round}: netagent encrypted {:.2} Gbit/s, wireguard-go {:.2}, modern wireguard-go {}, plain vxlan {:.2}, raw underlay {:.2}",
+            enc[round - 1],
+            go[round - 1],
+            gom.last().map_or("-".into(), |g| format!("{g:.2}")),
+            vx[round - 1],
+            raw[round - 1]
         );
     }
     // boringtun-cli at each thread count, rounds interleaved with ours again.
@@ -728,8 +746,17 @@ fn bench_wireguard(seconds: u32, boringtun: String) {
         }
     }
     let (e, g, v, r) = (median(enc), median(go), median(vx), median(raw));
+    let modern_line = if gom.is_empty() {
+        String::new()
+    } else {
+        let m = median(gom);
+        format!(
+            " wireguard_go_modern_gbps={m:.2} vs_wireguard_go_modern={:.2}",
+            e / m
+        )
+    };
     println!(
-        "encrypted_gbps={e:.2} wireguard_go_gbps={g:.2} boringtun_gbps={bt_best:.2} {bt_line}vxlan_gbps={v:.2} underlay_gbps={r:.2} vs_wireguard_go={:.2} vs_boringtun={:.2}",
+        "encrypted_gbps={e:.2} wireguard_go_gbps={g:.2} boringtun_gbps={bt_best:.2} {bt_line}vxlan_gbps={v:.2} underlay_gbps={r:.2} vs_wireguard_go={:.2} vs_boringtun={:.2}{modern_line}",
         e / g,
         e / bt_best
     );

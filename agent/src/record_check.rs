@@ -278,4 +278,437 @@ mod tests {
         };
         assert!(outside.check("192.0.2.99").is_err());
     }
+
+    /// Records come from whoever can write the store: any key, any bytes. Whatever
+    /// the cluster view keeps must satisfy every rule, restated here independently.
+    mod fuzz {
+        use std::collections::BTreeMap;
+        use std::net::SocketAddrV4;
+
+        use base64::Engine as _;
+        use proptest::prelude::*;
+        use proptest::test_runner::Config;
+        use serde_json::Value;
+
+        use super::*;
+        use crate::model::{Cluster, NETWORKS_GUARD};
+        use crate::store::Change;
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                30 => prop::sample::select(vec!["app", "h1", "backend", "a.b", "x", "echo_api"])
+                    .prop_map(String::from),
+                2 => prop::sample::select(vec![
+                    "", "-a", ".", "a/b", "a b", "é", "app/100.64.1.2", "../x", "a\u{0}",
+                ])
+                .prop_map(String::from),
+                1 => "[a-z0-9_.-]{60,70}",
+                1 => any::<String>(),
+            ]
+        }
+
+        fn address() -> impl Strategy<Value = Ipv4Addr> {
+            prop_oneof![
+                8 => prop::sample::select(vec![
+                    [100, 64, 1, 2], [100, 127, 192, 1], [192, 0, 2, 11], [100, 127, 255, 255],
+                ])
+                .prop_map(Ipv4Addr::from),
+                1 => prop::sample::select(vec![
+                    [0, 0, 0, 0], [127, 0, 0, 1], [255, 255, 255, 255], [224, 0, 0, 1],
+                ])
+                .prop_map(Ipv4Addr::from),
+                1 => any::<u32>().prop_map(Ipv4Addr::from),
+            ]
+        }
+
+        fn net() -> impl Strategy<Value = Ipv4Net> {
+            (
+                address(),
+                prop_oneof![Just(16u8), Just(24), 0u8..=32],
+                any::<bool>(),
+            )
+                .prop_map(|(a, len, trunc)| {
+                    let n = Ipv4Net::new(a, len).expect("prefix up to 32");
+                    if trunc {
+                        n.trunc()
+                    } else {
+                        n
+                    }
+                })
+        }
+
+        fn public_key() -> impl Strategy<Value = String> {
+            let b64 = |b: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(b);
+            prop_oneof![
+                4 => proptest::collection::vec(any::<u8>(), 32).prop_map(b64),
+                1 => proptest::collection::vec(any::<u8>(), 0..40).prop_map(b64),
+                1 => any::<String>(),
+            ]
+        }
+
+        fn to<T: serde::Serialize>(record: &T) -> Value {
+            serde_json::to_value(record).expect("records serialize")
+        }
+
+        /// A record of any kind with fields over their whole types, as JSON.
+        fn record() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                (name(), address(), ".{0,70}", any::<u64>()).prop_map(
+                    |(name, underlay, version, started)| to(&NodeRecord {
+                        name,
+                        underlay,
+                        version,
+                        started,
+                    })
+                ),
+                (
+                    name(),
+                    net(),
+                    prop_oneof![
+                        8 => 1u32..100,
+                        1 => Just(MAX_VNI),
+                        1 => Just(MAX_VNI + 1),
+                        1 => Just(0),
+                        1 => any::<u32>()
+                    ],
+                    any::<bool>(),
+                    prop::option::of(prop_oneof![
+                        Just(576u32),
+                        Just(1450),
+                        Just(9001),
+                        any::<u32>()
+                    ]),
+                    prop_oneof![8 => 16u8..=31, 1 => any::<u8>()],
+                )
+                    .prop_map(
+                        |(name, subnet, vni, encrypted, mtu, block_prefix)| {
+                            to(&NetworkRecord {
+                                name,
+                                subnet,
+                                vni,
+                                encrypted,
+                                mtu,
+                                block_prefix,
+                            })
+                        }
+                    ),
+                (name(), net(), name(), address()).prop_map(|(network, block, node, underlay)| {
+                    to(&BlockRecord {
+                        network,
+                        block,
+                        node,
+                        underlay,
+                    })
+                }),
+                (
+                    (name(), address(), name(), ".{0,140}", ".{0,260}"),
+                    (
+                        prop::option::of(name()),
+                        prop::option::of(name()),
+                        prop_oneof![
+                            8 => proptest::collection::vec(name(), 0..4),
+                            1 => proptest::collection::vec(name(), 30..40),
+                        ],
+                        any::<bool>(),
+                        prop::option::of(".{0,140}"),
+                    ),
+                )
+                    .prop_map(
+                        |(
+                            (network, address, node, id, netns),
+                            (n, service, aliases, in_service, container),
+                        )| {
+                            to(&EndpointRecord {
+                                network,
+                                address,
+                                node,
+                                id,
+                                netns,
+                                name: n,
+                                service,
+                                aliases,
+                                in_service,
+                                container,
+                            })
+                        }
+                    ),
+                (
+                    name(),
+                    address(),
+                    public_key(),
+                    address(),
+                    prop_oneof![1 => Just(0u16), 8 => any::<u16>()]
+                )
+                    .prop_map(|(node, address, public_key, ip, port)| to(
+                        &MeshRecord {
+                            node,
+                            address,
+                            public_key,
+                            endpoint: SocketAddrV4::new(ip, port),
+                        }
+                    )),
+            ]
+        }
+
+        /// JSON text that no field type expects, or expects at its edge.
+        const ODD: &[&str] = &[
+            "18446744073709551616",
+            "1e400",
+            "-1",
+            "4294967296",
+            "256",
+            "0",
+            "0.5",
+            "null",
+            "\"x\"",
+            "[]",
+            "{}",
+            "true",
+            "\"100.64.0.0/33\"",
+            "\"1.2.3.4:0\"",
+            "\"\"",
+            "\"100.64.1.2\"",
+            "\"::1\"",
+            "[\"a\",1]",
+            "{\"a\":{\"b\":[]}}",
+        ];
+
+        /// The store key a record's own fields make (empty when it has none).
+        fn own_key(v: &Value) -> String {
+            let s = |f: &str| v.get(f).and_then(Value::as_str).unwrap_or("").to_owned();
+            if v.get("public_key").is_some() {
+                format!("{MESH}{}", s("address"))
+            } else if v.get("netns").is_some() {
+                format!("{ENDPOINTS}{}/{}", s("network"), s("address"))
+            } else if v.get("block").is_some() {
+                let b = s("block").replace('/', "_");
+                format!("{BLOCKS}{}/{b}", s("network"))
+            } else if v.get("vni").is_some() {
+                format!("{NETWORKS}{}", s("name"))
+            } else {
+                format!("{NODES}{}", s("name"))
+            }
+        }
+
+        use crate::model::{BLOCKS, ENDPOINTS, MESH, NETWORKS, NODES};
+
+        /// One write to the store.
+        fn change() -> impl Strategy<Value = (String, Option<Vec<u8>>)> {
+            let prefix = prop::sample::select(vec![
+                NODES,
+                NETWORKS,
+                BLOCKS,
+                ENDPOINTS,
+                MESH,
+                NETWORKS_GUARD,
+                "meta/",
+                "",
+                "networks",
+                "nodes/nodes/",
+            ]);
+            let edit = prop_oneof![
+                6 => Just(None),
+                2 => (any::<prop::sample::Index>(), prop::sample::select(ODD))
+                    .prop_map(|(i, v)| Some((i, Some(v.to_string())))),
+                1 => any::<prop::sample::Index>().prop_map(|i| Some((i, None))),
+            ];
+            let value = prop_oneof![
+                8 => (record(), edit, prop::bool::weighted(0.1)).prop_map(|(v, edit, extra)| {
+                    let Value::Object(fields) = v else { unreachable!("records are objects") };
+                    let mut raw: Vec<(String, String)> =
+                        fields.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+                    match edit {
+                        Some((i, Some(odd))) => i.get_mut(&mut raw).1 = odd,
+                        Some((i, None)) => {
+                            let at = i.index(raw.len());
+                            raw.remove(at);
+                        }
+                        None => {}
+                    }
+                    if extra {
+                        raw.push(("newer_field".into(), "[1,2,3]".into()));
+                    }
+                    let body: Vec<String> =
+                        raw.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+                    Some(format!("{{{}}}", body.join(",")).into_bytes())
+                }),
+                1 => proptest::collection::vec(any::<u8>(), 0..64).prop_map(Some),
+                1 => Just(None),
+                1 => (1usize..3).prop_map(|n| Some(vec![b' '; MAX_RECORD_BYTES - 1 + n])),
+            ];
+            let key = prop_oneof![
+                // Under the key its fields make: the way to get accepted.
+                6 => Just(None),
+                2 => (prefix, ".{0,30}").prop_map(|(p, rest)| Some(format!("{p}{rest}"))),
+            ];
+            (value, key).prop_map(|(value, key)| {
+                let key = key.unwrap_or_else(|| {
+                    value
+                        .as_deref()
+                        .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+                        .map_or_else(|| format!("{NODES}x"), |v| own_key(&v))
+                });
+                (key, value)
+            })
+        }
+
+        fn name_ok(n: &str) -> bool {
+            (1..=64).contains(&n.len())
+                && n.as_bytes()[0].is_ascii_alphanumeric()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        }
+
+        fn dns_ok(n: &str) -> bool {
+            (1..=63).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        }
+
+        fn unicast(a: Ipv4Addr) -> bool {
+            let o = a.octets();
+            o != [0; 4] && o[0] != 127 && !(224..=239).contains(&o[0]) && o != [255; 4]
+        }
+
+        fn prefix_ok(n: Ipv4Net) -> bool {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(n.prefix_len()))
+                .unwrap_or(0);
+            (8..=30).contains(&n.prefix_len()) && u32::from(n.addr()) & !mask == 0
+        }
+
+        /// Every rule, restated, for everything the view kept.
+        fn assert_view(c: &Cluster) -> Result<(), TestCaseError> {
+            let mesh: Ipv4Net = "100.127.192.0/18".parse().unwrap();
+            for (k, n) in &c.nodes {
+                prop_assert_eq!(k, &n.name);
+                prop_assert!(name_ok(&n.name) && unicast(n.underlay) && n.version.len() <= 64);
+            }
+            for (k, n) in &c.networks {
+                prop_assert_eq!(k, &n.name);
+                prop_assert!(name_ok(&n.name));
+                prop_assert!((1..(1 << 24)).contains(&n.vni), "{:?}", n);
+                prop_assert!(prefix_ok(n.subnet), "{:?}", n);
+                prop_assert!(!mesh.contains(&n.subnet.addr()) && !n.subnet.contains(&mesh.addr()));
+                prop_assert!(n.block_prefix >= n.subnet.prefix_len() && n.block_prefix <= 30);
+                prop_assert!(n.mtu.is_none_or(|m| (576..=9000).contains(&m)));
+            }
+            for (k, b) in &c.blocks {
+                let addr = b.block.addr();
+                prop_assert_eq!(k, &format!("{}/{addr}_{}", b.network, b.block.prefix_len()));
+                prop_assert!(name_ok(&b.network) && name_ok(&b.node));
+                prop_assert!(prefix_ok(b.block) && unicast(b.underlay), "{:?}", b);
+            }
+            for (k, e) in &c.endpoints {
+                prop_assert_eq!(k, &format!("{}/{}", e.network, e.address));
+                prop_assert!(name_ok(&e.network) && name_ok(&e.node));
+                prop_assert!(e.id.len() <= 128 && e.netns.len() <= 256);
+                prop_assert!(e.container.as_ref().is_none_or(|c| c.len() <= 128));
+                prop_assert!(e.aliases.len() <= 32);
+                let names = e.name.iter().chain(&e.service).chain(&e.aliases);
+                prop_assert!(names.into_iter().all(|n| dns_ok(n)), "{:?}", e);
+            }
+            for (k, m) in &c.mesh {
+                prop_assert_eq!(k, &m.address.to_string());
+                prop_assert!(name_ok(&m.node) && mesh.contains(&m.address));
+                let key = base64::engine::general_purpose::STANDARD.decode(&m.public_key);
+                prop_assert!(key.is_ok_and(|k| k.len() == 32));
+                prop_assert!(unicast(*m.endpoint.ip()) && m.endpoint.port() != 0);
+            }
+            Ok(())
+        }
+
+        /// Whether the view holds `key` (under its kind, without the prefix), and
+        /// the record there is what `bytes` say.
+        fn holds(c: &Cluster, key: &str, bytes: &[u8]) -> Option<bool> {
+            fn same<T: PartialEq + for<'de> serde::Deserialize<'de>>(
+                map: &BTreeMap<String, T>,
+                k: &str,
+                bytes: &[u8],
+            ) -> Option<bool> {
+                let r = map.get(k)?;
+                Some(serde_json::from_slice::<T>(bytes).is_ok_and(|d| &d == r))
+            }
+            if let Some(k) = key.strip_prefix(NODES) {
+                same(&c.nodes, k, bytes)
+            } else if let Some(k) = key.strip_prefix(NETWORKS) {
+                same(&c.networks, k, bytes)
+            } else if let Some(k) = key.strip_prefix(BLOCKS) {
+                same(&c.blocks, k, bytes)
+            } else if let Some(k) = key.strip_prefix(ENDPOINTS) {
+                same(&c.endpoints, k, bytes)
+            } else if let Some(k) = key.strip_prefix(MESH) {
+                same(&c.mesh, k, bytes)
+            } else {
+                None
+            }
+        }
+
+        fn kinds(c: &Cluster) -> usize {
+            c.nodes.len() + c.networks.len() + c.blocks.len() + c.endpoints.len() + c.mesh.len()
+        }
+
+        proptest! {
+            #![proptest_config(Config {
+                cases: 8_000,
+                failure_persistence: None,
+                ..Config::default()
+            })]
+
+            /// Writes and deletions in any order: the view keeps exactly the last
+            /// value of each key when it passes its checks, names it as rejected
+            /// otherwise, and everything it keeps satisfies every rule.
+            #[test]
+            fn fuzz_store_records(changes in proptest::collection::vec(change(), 1..10)) {
+                let changes: Vec<Change> = changes
+                    .into_iter()
+                    .map(|(key, value)| Change { key, value })
+                    .collect();
+                let mut c = Cluster::default();
+                c.apply(&changes);
+                assert_view(&c)?;
+                let mut last: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
+                for ch in &changes {
+                    last.insert(&ch.key, ch.value.as_deref());
+                }
+                let mut kept = 0;
+                for (key, value) in &last {
+                    let rejected = c.rejected.contains_key(*key);
+                    if *key == NETWORKS_GUARD {
+                        prop_assert_eq!(c.networks_guard.as_deref(), *value);
+                        continue;
+                    }
+                    let Some(bytes) = value else {
+                        prop_assert!(!rejected);
+                        continue;
+                    };
+                    match holds(&c, key, bytes) {
+                        Some(same) => {
+                            prop_assert!(same && !rejected, "{} kept something else", key);
+                            prop_assert!(bytes.len() <= MAX_RECORD_BYTES);
+                            kept += 1;
+                        }
+                        None => {
+                            let kind = [NODES, NETWORKS, BLOCKS, ENDPOINTS, MESH]
+                                .iter()
+                                .any(|p| key.starts_with(p));
+                            prop_assert_eq!(rejected, kind, "{}", key);
+                        }
+                    }
+                }
+                prop_assert_eq!(kinds(&c), kept, "records under keys never written");
+                // The same writes in one full read agree.
+                let loaded = crate::store::Loaded {
+                    revision: 1,
+                    pairs: last
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.to_string(), (*v)?.to_vec())))
+                        .collect(),
+                };
+                let full = Cluster::from_loaded(&loaded);
+                prop_assert_eq!(kinds(&full), kept);
+                prop_assert_eq!(full.rejected, c.rejected);
+            }
+        }
+    }
 }

@@ -8,13 +8,22 @@
 
 mod answer;
 mod batch;
+mod cache;
 mod forward;
+mod response;
 mod server;
 mod snapshot;
+mod tcp;
+#[cfg(test)]
+mod testutil;
+mod udp;
+mod upstream;
 mod wire;
 
 pub use answer::{answer, Answer, Transport};
-pub use forward::{upstreams_from_resolv_conf, Forwarder, FORWARD_DEADLINE};
+pub use forward::{
+    upstreams_from_resolv_conf, ForwardError, ForwardLimits, Forwarder, FORWARD_DEADLINE,
+};
 pub use server::{DnsServer, Scope, DEFAULT_TTL};
 pub use snapshot::{EndpointRecord, Snapshot, SnapshotBuilder};
 pub use wire::{Question, WireError};

@@ -2,46 +2,77 @@
 //! opened there by the agent), each with the networks of that namespace as its scope.
 //! The record set is an immutable snapshot swapped whole; the query path never waits
 //! on a lock.
+//!
+//! A namespace is untrusted: everything one of them can make the server hold is
+//! bounded per listener ([`Limits`]) and owned by the listener's task, so aborting
+//! that task ([`DnsServer::serve_udp`], [`DnsServer::serve_tcp`]) ends its forwards
+//! and connections and closes their sockets. The socket loops are in `udp` and `tcp`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
-
-use std::os::fd::AsRawFd;
-
-use tokio::io::Interest;
 
 use crate::answer::{answer, Answer, Transport};
-use crate::batch::{Batch, BATCH};
 use crate::forward::Forwarder;
 use crate::snapshot::Snapshot;
-use crate::wire;
+use crate::{tcp, udp, wire};
 
 /// Default TTL of local answers: short, so caching clients follow replicas.
 pub const DEFAULT_TTL: u32 = 5;
-/// A TCP client that sends nothing for this long is dropped.
-const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// The networks whose names a socket's namespace sees.
 pub type Scope = Arc<[String]>;
+
+/// What one namespace's listeners may hold at most.
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    /// Forwarded UDP queries in flight per namespace; beyond it SERVFAIL at once.
+    /// Well below the forwarder's global cap, so one namespace cannot spend the
+    /// budget of all the others.
+    pub udp_forwards: usize,
+    /// Open TCP connections per namespace; beyond it new ones are closed at once.
+    pub tcp_connections: usize,
+    /// A TCP client that sends nothing for this long between queries is dropped.
+    pub tcp_idle: Duration,
+    /// Time to send a query's body once its length has come.
+    pub tcp_read: Duration,
+    /// Time for the client to take one answer.
+    pub tcp_write: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            udp_forwards: 64,
+            tcp_connections: 16,
+            tcp_idle: Duration::from_secs(10),
+            tcp_read: Duration::from_secs(5),
+            tcp_write: Duration::from_secs(5),
+        }
+    }
+}
 
 pub struct DnsServer {
     snapshot: ArcSwap<Snapshot>,
     forwarder: Forwarder,
     ttl: u32,
+    limits: Limits,
 }
 
 impl DnsServer {
     pub fn new(forwarder: Forwarder, ttl: u32) -> Arc<Self> {
+        Self::with_limits(forwarder, ttl, Limits::default())
+    }
+
+    pub(crate) fn with_limits(forwarder: Forwarder, ttl: u32, limits: Limits) -> Arc<Self> {
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             forwarder,
             ttl,
+            limits,
         })
     }
 
@@ -50,13 +81,23 @@ impl DnsServer {
         self.snapshot.store(Arc::new(snapshot));
     }
 
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// The local step of a query: answered from the current snapshot, or not local.
-    fn local(&self, networks: &[&str], packet: &[u8], transport: Transport) -> Answer {
+    pub(crate) fn local(&self, networks: &[&str], packet: &[u8], transport: Transport) -> Answer {
         answer(&self.snapshot.load(), networks, packet, transport, self.ttl)
     }
 
+    /// The upstream's answer to a query that is not local.
+    pub(crate) async fn forward(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        let q = wire::parse(packet).ok()?;
+        Some(self.forwarder.forward(packet, &q).await)
+    }
+
     /// Answers one query completely, forwarding when it is not local (TCP's path).
-    async fn handle(
+    pub(crate) async fn handle(
         &self,
         networks: &[&str],
         packet: &[u8],
@@ -65,103 +106,65 @@ impl DnsServer {
         match self.local(networks, packet, transport) {
             Answer::Reply(bytes) => Some(bytes),
             Answer::Drop => None,
-            Answer::Forward => {
-                let q = wire::parse(packet).ok()?;
-                Some(self.forwarder.forward(packet, &q).await)
-            }
+            Answer::Forward => self.forward(packet).await,
         }
     }
 
     /// Serves a UDP socket until the task is aborted: batches of queries in one
     /// `recvmmsg`, their local answers in one `sendmmsg`. Forwarded queries run in
-    /// their own tasks so one slow upstream never holds up local answers.
+    /// tasks of their own (at most [`Limits::udp_forwards`]) so one slow upstream
+    /// never holds up local answers; aborting the task aborts them too.
     pub fn serve_udp(self: &Arc<Self>, socket: UdpSocket, scope: Scope) -> JoinHandle<()> {
-        let server = self.clone();
-        tokio::spawn(async move {
-            let socket = Arc::new(socket);
-            let fd = socket.as_raw_fd();
-            let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
-            let mut batch = Batch::new();
-            let mut replies: Vec<(usize, Vec<u8>)> = Vec::with_capacity(BATCH);
-            loop {
-                if let Err(e) = socket.readable().await {
-                    warn!(error = %e, "dns udp socket failed");
-                    return;
-                }
-                let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => {
-                        warn!(error = %e, "dns udp receive failed");
-                        continue;
-                    }
-                };
-                replies.clear();
-                for i in 0..n {
-                    match server.local(&networks, batch.packet(i), Transport::Udp) {
-                        Answer::Reply(bytes) => replies.push((i, bytes)),
-                        Answer::Drop => debug!("dropped a non-query"),
-                        Answer::Forward => {
-                            let Some(peer) = batch.peer(i) else { continue };
-                            let (server, socket, packet) =
-                                (server.clone(), socket.clone(), batch.packet(i).to_vec());
-                            tokio::spawn(async move {
-                                if let Ok(q) = wire::parse(&packet) {
-                                    let bytes = server.forwarder.forward(&packet, &q).await;
-                                    let _ = socket.send_to(&bytes, peer).await;
-                                }
-                            });
-                        }
-                    }
-                }
-                let sent = socket
-                    .try_io(Interest::WRITABLE, || batch.send(fd, &replies))
-                    .unwrap_or(0);
-                // What the socket buffer could not take now goes out one by one.
-                for (i, bytes) in &replies[sent..] {
-                    if let Some(peer) = batch.peer(*i) {
-                        let _ = socket.send_to(bytes, peer).await;
-                    }
-                }
-            }
-        })
+        tokio::spawn(udp::serve(self.clone(), socket, scope))
     }
 
     /// Serves a TCP listener: each connection may carry many queries (RFC 7766).
+    /// Connections are bounded in number and time and end with the task.
     pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener, scope: Scope) -> JoinHandle<()> {
-        let server = self.clone();
-        tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        let (server, scope) = (server.clone(), scope.clone());
-                        tokio::spawn(async move { server.serve_connection(stream, scope).await });
-                    }
-                    Err(e) => warn!(error = %e, "dns tcp accept failed"),
-                }
-            }
-        })
+        tokio::spawn(tcp::serve(self.clone(), listener, scope))
+    }
+}
+
+/// Counts events that a flood repeats many times a second, and says when one is
+/// worth a log line: the first, then at most one per interval, with the count since.
+pub(crate) struct LogEvery {
+    interval: Duration,
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl LogEvery {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: None,
+            since: 0,
+        }
     }
 
-    async fn serve_connection(&self, mut stream: TcpStream, scope: Scope) {
-        let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
-        loop {
-            let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
-                Ok(Ok(len)) => len as usize,
-                _ => return,
-            };
-            let mut packet = vec![0u8; len];
-            if stream.read_exact(&mut packet).await.is_err() {
-                return;
-            }
-            let Some(reply) = self.handle(&networks, &packet, Transport::Tcp).await else {
-                return;
-            };
-            let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
-            framed.extend_from_slice(&reply);
-            if stream.write_all(&framed).await.is_err() {
-                return;
-            }
+    /// One more event: `Some(events since the last log line)` when to log now.
+    pub fn hit(&mut self) -> Option<u64> {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < self.interval) {
+            return None;
         }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_logs_once_per_interval_with_its_count() {
+        let mut log = LogEvery::new(Duration::from_secs(3600));
+        assert_eq!(log.hit(), Some(1));
+        for _ in 0..1000 {
+            assert_eq!(log.hit(), None);
+        }
+        log.last = Some(Instant::now() - Duration::from_secs(3601));
+        assert_eq!(log.hit(), Some(1001));
     }
 }

@@ -81,6 +81,34 @@ fn decode_key(text: &str) -> Option<[u8; 32]> {
     B64.decode(text).ok()?.try_into().ok()
 }
 
+/// Every other host's mesh record as a peer of `node`, with the VNIs of the encrypted
+/// networks that both hold a block of.
+fn mesh_peers(c: &model::Cluster, node: &str) -> Vec<MeshPeer> {
+    let holds = |network: &str, host: &str| c.blocks_of(network).any(|b| b.node == host);
+    let shared: Vec<(&str, u32)> = c
+        .networks
+        .values()
+        .filter(|n| n.encrypted && holds(&n.name, node))
+        .map(|n| (n.name.as_str(), n.vni))
+        .collect();
+    c.mesh
+        .values()
+        .filter(|m| m.node != node)
+        .filter_map(|m| {
+            Some(MeshPeer {
+                public_key: decode_key(&m.public_key)?,
+                endpoint: m.endpoint,
+                address: m.address,
+                vnis: shared
+                    .iter()
+                    .filter(|(network, _)| holds(network, &m.node))
+                    .map(|(_, vni)| *vni)
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
 impl<S: Store> Agent<S> {
     /// This host's mesh address while the mesh runs.
     pub(super) fn mesh_address(&self) -> Option<Ipv4Addr> {
@@ -220,21 +248,13 @@ impl<S: Store> Agent<S> {
     }
 
     /// Every other host's mesh record becomes a peer (a changed key or endpoint is
-    /// taken over; an unchanged peer keeps its session).
+    /// taken over; an unchanged peer keeps its session), scoped to the encrypted
+    /// networks both hosts hold a block of: a network gaining or losing a host's block
+    /// widens or narrows what that host may send here on the next store change.
     pub(super) fn sync_mesh_peers(&self) {
         let peers: Vec<MeshPeer> = {
             let c = self.cluster.read().unwrap();
-            c.mesh
-                .values()
-                .filter(|m| m.node != self.node.name)
-                .filter_map(|m| {
-                    Some(MeshPeer {
-                        public_key: decode_key(&m.public_key)?,
-                        endpoint: m.endpoint,
-                        address: m.address,
-                    })
-                })
-                .collect()
+            mesh_peers(&c, &self.node.name)
         };
         if let Some(mesh) = self.mesh.lock().unwrap().as_ref() {
             mesh.set_peers(&peers);
@@ -262,5 +282,91 @@ impl<S: Store> Agent<S> {
         }
         info!(public_key, "WireGuard key rotated");
         Ok(serde_json::json!({ "public_key": public_key }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{BlockRecord, Cluster, NetworkRecord};
+
+    fn network(c: &mut Cluster, name: &str, vni: u32, encrypted: bool, nodes: &[&str]) {
+        let subnet: ipnet::Ipv4Net = format!("100.{}.0.0/16", 60 + vni).parse().unwrap();
+        c.networks.insert(
+            name.into(),
+            NetworkRecord {
+                name: name.into(),
+                subnet,
+                vni,
+                encrypted,
+                mtu: None,
+                block_prefix: 24,
+            },
+        );
+        for (i, node) in nodes.iter().enumerate() {
+            let block = ipnet::Ipv4Net::new(
+                Ipv4Addr::from(u32::from(subnet.network()) + ((i as u32 + 1) << 8)),
+                24,
+            )
+            .unwrap();
+            c.blocks.insert(
+                format!("{name}/{block}"),
+                BlockRecord {
+                    network: name.into(),
+                    block,
+                    node: (*node).into(),
+                    underlay: Ipv4Addr::new(192, 0, 2, 10 + i as u8),
+                },
+            );
+        }
+    }
+
+    fn mesh(c: &mut Cluster, node: &str, last: u8) {
+        let address = Ipv4Addr::new(100, 127, 192, last);
+        c.mesh.insert(
+            address.to_string(),
+            MeshRecord {
+                node: node.into(),
+                address,
+                public_key: encode_key(&[last; 32]),
+                endpoint: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, last), 51820),
+            },
+        );
+    }
+
+    #[test]
+    fn a_peer_is_scoped_to_the_encrypted_networks_both_hosts_hold_a_block_of() {
+        let mut c = Cluster::default();
+        for (node, last) in [("h1", 1), ("h2", 2), ("h3", 3)] {
+            mesh(&mut c, node, last);
+        }
+        network(&mut c, "a", 10, true, &["h1", "h2"]);
+        network(&mut c, "b", 11, true, &["h2", "h3"]);
+        network(&mut c, "c", 12, true, &["h1", "h2", "h3"]);
+        network(&mut c, "plain", 13, false, &["h1", "h2", "h3"]);
+        let vnis = |c: &Cluster, node: &str| -> Vec<(String, Vec<u32>)> {
+            mesh_peers(c, node)
+                .into_iter()
+                .map(|p| (p.address.to_string(), p.vnis.into_iter().collect()))
+                .collect()
+        };
+        assert_eq!(
+            vnis(&c, "h2"),
+            [
+                ("100.127.192.1".to_owned(), vec![10, 12]),
+                ("100.127.192.3".to_owned(), vec![11, 12]),
+            ]
+        );
+        // h1 holds no block of b: h3 is its peer for c alone.
+        assert_eq!(
+            vnis(&c, "h1"),
+            [
+                ("100.127.192.2".to_owned(), vec![10, 12]),
+                ("100.127.192.3".to_owned(), vec![12]),
+            ]
+        );
+        // h3 takes a block of a: h1's scope for it widens.
+        network(&mut c, "a", 10, true, &["h1", "h2", "h3"]);
+        assert_eq!(vnis(&c, "h1")[1].1, vec![10, 12]);
     }
 }

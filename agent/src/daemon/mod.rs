@@ -123,7 +123,9 @@ impl<S: Store> Agent<S> {
         } else {
             cfg.dns_upstream.clone()
         };
-        let dns = DnsServer::new(Forwarder::new(upstreams), cfg.dns_ttl);
+        // Bound here, in the host namespace: upstream sockets never live in a container.
+        let forwarder = Forwarder::try_new(upstreams).context("cannot forward DNS queries")?;
+        let dns = DnsServer::new(forwarder, cfg.dns_ttl);
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

@@ -138,4 +138,116 @@ mod tests {
         let e = wanted(&labels(&[(NETWORK, "app"), (SERVICE, "my db")])).unwrap_err();
         assert!(e.contains("label netagent.service"), "{e}");
     }
+
+    /// Container labels are written by whoever starts a container: any map of
+    /// strings reaches `wanted`.
+    mod fuzz {
+        use proptest::prelude::*;
+        use proptest::test_runner::Config;
+
+        use super::*;
+
+        /// A network name as documented: 1 to 64 of letters, digits, '_', '-', '.',
+        /// starting with a letter or digit (restated, not the checker itself).
+        fn network_ok(n: &str) -> bool {
+            (1..=64).contains(&n.len())
+                && n.as_bytes()[0].is_ascii_alphanumeric()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        }
+
+        /// A DNS name as documented: 1 to 63 letters, digits, '_', '-' or '.'.
+        fn dns_ok(n: &str) -> bool {
+            (1..=63).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        }
+
+        /// Items of a list label as the user wrote them, trimmed.
+        fn items(raw: &str) -> Vec<&str> {
+            raw.split(',').map(str::trim).collect()
+        }
+
+        /// A list entry: good names, near misses, whitespace, Unicode, long ones.
+        fn entry() -> impl Strategy<Value = String> {
+            prop_oneof![
+                6 => prop::sample::select(vec![
+                    "app-net", "backend", "db", "echo_api", "a.b", "x", "1", "App_Net",
+                ])
+                .prop_map(String::from),
+                2 => prop::sample::select(vec![
+                    "", " ", "-a", ".", "_", "a b", "a/b", "a\tb", "é", "ａ", "a\u{0}b",
+                    "\u{2003}db\u{2003}", "a,b", " db ", "\n",
+                ])
+                .prop_map(String::from),
+                2 => "[a-z0-9_.-]{60,70}",
+                2 => any::<String>(),
+            ]
+        }
+
+        fn list() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => proptest::collection::vec(entry(), 1..5).prop_map(|v| v.join(",")),
+                1 => "[ ,a-z]{0,20}",
+                1 => any::<String>(),
+                1 => "[a-z]{1,8}".prop_map(|s| s.repeat(2_000)),
+            ]
+        }
+
+        fn label_map() -> impl Strategy<Value = HashMap<String, String>> {
+            let key = prop_oneof![
+                Just(NETWORK.to_string()),
+                Just(SERVICE.to_string()),
+                Just(ALIASES.to_string()),
+                Just(COMPOSE_SERVICE.to_string()),
+                Just("netagent.networks".to_string()),
+                any::<String>(),
+            ];
+            proptest::collection::hash_map(key, list(), 0..6)
+        }
+
+        proptest! {
+            #![proptest_config(Config {
+                cases: 20_000,
+                failure_persistence: None,
+                ..Config::default()
+            })]
+
+            #[test]
+            fn fuzz_labels(labels in label_map()) {
+                let service = service_of(&labels);
+                if let Some(s) = &service {
+                    prop_assert!(!s.is_empty() && s.trim() == s);
+                }
+                for k in labels.keys() {
+                    let _ = is_ours(k);
+                }
+                match wanted(&labels) {
+                    Ok(None) => prop_assert!(!labels.contains_key(NETWORK)),
+                    Err(e) => prop_assert!(e.contains("label netagent."), "{}", e),
+                    Ok(Some(w)) => {
+                        let raw = &labels[NETWORK];
+                        prop_assert!(!w.networks.is_empty());
+                        let mut want: Vec<&str> = Vec::new();
+                        for n in items(raw) {
+                            if !want.contains(&n) {
+                                want.push(n);
+                            }
+                        }
+                        prop_assert_eq!(&w.networks, &want);
+                        prop_assert!(w.networks.iter().all(|n| network_ok(n)), "{:?}", w.networks);
+                        prop_assert_eq!(&w.service, &service);
+                        prop_assert!(w.service.iter().all(|s| dns_ok(s)));
+                        let want: Vec<&str> = labels.get(ALIASES).map(|r| items(r)).unwrap_or_default();
+                        prop_assert!(w.aliases.iter().all(|a| dns_ok(a) && want.contains(&a.as_str())));
+                        prop_assert!(want.iter().all(|a| w.aliases.iter().any(|b| b == a)));
+                        let mut unique = w.aliases.clone();
+                        unique.sort();
+                        unique.dedup();
+                        prop_assert_eq!(unique.len(), w.aliases.len());
+                    }
+                }
+            }
+        }
+    }
 }

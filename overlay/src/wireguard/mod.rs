@@ -13,13 +13,19 @@
 //! recvmmsg and UDP GRO (up to 64 datagrams per message), decrypts, joins packets of
 //! one TCP stream into bursts again and writes them to the device;
 //! one drives the protocol's timers (handshakes, keepalives, rekeying). A packet is
-//! delivered only when it decrypts under a peer's session and its source is that
-//! peer's mesh address.
+//! delivered only when it decrypts under a peer's session and is VXLAN from that
+//! peer's mesh address into an encrypted network both hosts are part of (`scope`).
+//!
+//! Before any per-peer lookup or Diffie-Hellman, handshake messages pass mac1 and one
+//! rate limit shared by all peers (`receive`); a peer's endpoint moves only after a
+//! datagram that proved it holds the peer's keys.
 
 mod io;
 mod offload;
+mod receive;
+mod scope;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -33,13 +39,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use std::panic::AssertUnwindSafe;
 use tracing::{debug, error, info};
 
 use crate::error::{Error, Result};
+use crate::host::ENCRYPTED_VXLAN_PORT;
 use crate::netns::Netns;
+use receive::{Classified, Opened};
+use scope::Scope;
 
 /// The mesh device on every host (a TAP without ARP).
 pub const MESH_INTERFACE: &str = "nawg0";
@@ -108,6 +118,9 @@ pub struct MeshPeer {
     pub endpoint: SocketAddrV4,
     /// Its address on the mesh: the only source accepted from it.
     pub address: Ipv4Addr,
+    /// The VNIs of the encrypted networks both it and this host hold a block of: the
+    /// only networks its packets may enter here.
+    pub vnis: BTreeSet<u32>,
 }
 
 /// What `peers` shows of one mesh peer.
@@ -125,9 +138,12 @@ pub struct PeerStats {
 struct PeerState {
     public_key: [u8; 32],
     address: Ipv4Addr,
+    /// Our receiver index for it (random, 24 bits; boringtun adds 8 session bits).
     index: u32,
     endpoint: Mutex<SocketAddrV4>,
     tunn: Mutex<Tunn>,
+    /// Follows the networks it shares with this host, its sessions untouched.
+    scope: parking_lot::RwLock<Scope>,
 }
 
 #[derive(Default)]
@@ -135,13 +151,28 @@ struct Peers {
     by_address: HashMap<Ipv4Addr, Arc<PeerState>>,
     by_index: HashMap<u32, Arc<PeerState>>,
     by_key: HashMap<[u8; 32], Arc<PeerState>>,
-    next_index: u32,
+}
+
+/// This host's key pair and the handshake rate limiter of all peers, which checks
+/// mac1 against our public key and so changes with the key.
+struct Keys {
+    pair: KeyPair,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Keys {
+    fn new(pair: KeyPair) -> Keys {
+        let limiter = Arc::new(RateLimiter::new(&pair.public, receive::LIMITER_COUNT));
+        Keys { pair, limiter }
+    }
 }
 
 struct Shared {
     dev: io::Device,
     udp: UdpSocket,
-    keys: RwLock<KeyPair>,
+    /// This host's mesh address: the only destination a peer's packet may have.
+    address: Ipv4Addr,
+    keys: RwLock<Keys>,
     peers: RwLock<Peers>,
     /// The peer set last given to `set_peers`: the same again changes nothing.
     configured: Mutex<Vec<MeshPeer>>,
@@ -207,7 +238,8 @@ impl Mesh {
         let shared = Arc::new(Shared {
             dev,
             udp,
-            keys: RwLock::new(keys),
+            address,
+            keys: RwLock::new(Keys::new(keys)),
             peers: RwLock::new(Peers::default()),
             configured: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -246,37 +278,56 @@ impl Mesh {
         })
     }
 
-    /// Makes the peer set `peers`: a peer whose key is unchanged keeps its sessions.
+    /// Makes the peer set `peers`: a peer whose key is unchanged keeps its sessions
+    /// and takes its new scope.
     pub fn set_peers(&self, peers: &[MeshPeer]) {
         // Called on every store change; the datapath's lock is taken only for a change.
-        {
+        let previous = {
             let mut configured = self.shared.configured.lock();
             if configured.as_slice() == peers {
                 return;
             }
-            *configured = peers.to_vec();
-        }
-        let keys = self.shared.keys.read().unwrap().clone();
-        let mut table = self.shared.peers.write().unwrap();
-        let mut next = Peers {
-            next_index: table.next_index,
-            ..Default::default()
+            std::mem::replace(&mut *configured, peers.to_vec())
         };
+        let (keys, limiter) = {
+            let k = self.shared.keys.read().unwrap();
+            (k.pair.clone(), k.limiter.clone())
+        };
+        let mut table = self.shared.peers.write().unwrap();
+        let mut next = Peers::default();
         for p in peers {
             let state = match table.by_key.get(&p.public_key) {
                 Some(existing) if existing.address == p.address => {
-                    *existing.endpoint.lock() = p.endpoint;
+                    // A roamed endpoint stays unless the store's changed (a change of
+                    // scope alone must not undo roaming).
+                    let moved = !previous
+                        .iter()
+                        .any(|q| q.public_key == p.public_key && q.endpoint == p.endpoint);
+                    if moved {
+                        *existing.endpoint.lock() = p.endpoint;
+                    }
+                    *existing.scope.write() = Scope::new(p.vnis.iter().copied());
                     existing.clone()
                 }
                 _ => {
-                    next.next_index = (next.next_index + 1) & 0x00ff_ffff;
-                    let index = next.next_index;
+                    let taken =
+                        |i: &u32| table.by_index.contains_key(i) || next.by_index.contains_key(i);
+                    let index = match random_index(taken) {
+                        Ok(index) => index,
+                        Err(e) => {
+                            // Tried again on the next call (the set is not remembered).
+                            error!(peer = %p.address, error = %e, "no random receiver index; mesh peer left out for now");
+                            self.shared.configured.lock().clear();
+                            continue;
+                        }
+                    };
                     Arc::new(PeerState {
                         public_key: p.public_key,
                         address: p.address,
                         index,
                         endpoint: Mutex::new(p.endpoint),
-                        tunn: Mutex::new(new_tunn(&keys, p.public_key, index)),
+                        tunn: Mutex::new(new_tunn(&keys, &limiter, p.public_key, index)),
+                        scope: parking_lot::RwLock::new(Scope::new(p.vnis.iter().copied())),
                     })
                 }
             };
@@ -289,12 +340,16 @@ impl Mesh {
 
     /// Replaces this host's key: every session starts over with a new handshake.
     pub fn set_keys(&self, keys: KeyPair) {
-        *self.shared.keys.write().unwrap() = keys.clone();
+        let next = Keys::new(keys.clone());
+        let limiter = next.limiter.clone();
+        *self.shared.keys.write().unwrap() = next;
         let table = self.shared.peers.read().unwrap();
         for p in table.by_key.values() {
-            p.tunn
-                .lock()
-                .set_static_private(keys.secret.clone(), keys.public, None);
+            p.tunn.lock().set_static_private(
+                keys.secret.clone(),
+                keys.public,
+                Some(limiter.clone()),
+            );
         }
     }
 
@@ -333,7 +388,7 @@ impl Drop for Mesh {
     }
 }
 
-fn new_tunn(keys: &KeyPair, peer: [u8; 32], index: u32) -> Tunn {
+fn new_tunn(keys: &KeyPair, limiter: &Arc<RateLimiter>, peer: [u8; 32], index: u32) -> Tunn {
     // Keepalive every 10 s: a restarted peer finds out quickly that our session is
     // gone, and a NAT on the way keeps its mapping.
     Tunn::new(
@@ -342,8 +397,21 @@ fn new_tunn(keys: &KeyPair, peer: [u8; 32], index: u32) -> Tunn {
         None,
         Some(10),
         index,
-        None,
+        Some(limiter.clone()),
     )
+}
+
+/// A receiver index from the kernel's random source, unused (and not 0): a sender
+/// that guesses sequential indices finds no session by them.
+fn random_index(taken: impl Fn(&u32) -> bool) -> std::result::Result<u32, getrandom::Error> {
+    loop {
+        let mut bytes = [0u8; 4];
+        getrandom::getrandom(&mut bytes)?;
+        let index = u32::from_le_bytes(bytes) & 0x00ff_ffff;
+        if index != 0 && !taken(&index) {
+            return Ok(index);
+        }
+    }
 }
 
 /// The Ethernet source of frames written to the mesh device (any unicast address
@@ -421,30 +489,60 @@ fn inbound(s: &Shared) -> std::result::Result<(), String> {
             continue;
         }
         let n = batch.recv(&s.udp);
+        let limiter = s.keys.read().unwrap().limiter.clone();
         let peers = s.peers.read().unwrap();
         let datagrams = (0..n).flat_map(|i| {
             let (chunks, from) = batch.get(i);
             chunks.map(move |d| (d, from))
         });
         for (datagram, from) in datagrams {
-            // Larger than any packet of ours: dropped before boringtun, which panics
-            // when a datagram would not fit the buffer, authenticated or not.
-            if datagram.len() > io::BUF {
-                debug!(%from, len = datagram.len(), "oversized datagram dropped");
-                continue;
+            if replies.is_full() {
+                replies.flush(&s.udp);
             }
-            let Some(peer) = find_peer(s, &peers, datagram) else {
+            // mac1 and the rate limit before any lookup or Diffie-Hellman.
+            let peer = match receive::classify(
+                &limiter,
+                *from.ip(),
+                datagram,
+                io::BUF,
+                replies.next_buf(),
+            ) {
+                Classified::Drop => {
+                    debug!(%from, len = datagram.len(), "datagram dropped unopened");
+                    continue;
+                }
+                Classified::CookieReply(len) => {
+                    replies.push(len, from);
+                    continue;
+                }
+                Classified::Index(index) => peers.by_index.get(&index).cloned(),
+                Classified::Initiation => initiator(s, &peers, datagram),
+            };
+            let Some(peer) = peer else {
                 debug!(%from, "datagram from no known peer; dropped");
                 continue;
             };
             let mut tunn = peer.tunn.lock();
             let room = &mut out[offload::FRAME_HEADROOM..];
-            match tunn.decapsulate(Some((*from.ip()).into()), datagram, room) {
-                TunnResult::WriteToNetwork(reply) => {
-                    let len = reply.len();
-                    replies.next_buf()[..len].copy_from_slice(reply);
+            let opened = receive::open(&mut tunn, *from.ip(), datagram, room);
+            if opened.authenticated() {
+                // The peer is where this came from (roaming).
+                *peer.endpoint.lock() = from;
+            }
+            match opened {
+                Opened::Nothing => debug!(%from, peer = %peer.address, "datagram refused"),
+                Opened::Reply {
+                    bytes,
+                    authenticated,
+                } => {
+                    let len = bytes.len();
+                    replies.next_buf()[..len].copy_from_slice(bytes);
                     replies.push(len, from);
-                    // Packets queued while the handshake ran go now.
+                    // Packets queued while the handshake ran go now, to the peer
+                    // (never to whoever earned a cookie reply).
+                    if !authenticated {
+                        continue;
+                    }
                     loop {
                         if replies.is_full() {
                             replies.flush(&s.udp);
@@ -458,24 +556,24 @@ fn inbound(s: &Shared) -> std::result::Result<(), String> {
                         }
                     }
                 }
-                TunnResult::WriteToTunnelV4(packet, source) => {
-                    // Cryptokey routing: a peer speaks only for its own address.
-                    if source != peer.address {
+                Opened::Data {
+                    packet: Some((packet, _)),
+                } => {
+                    let scope = peer.scope.read();
+                    if !scope::admits(
+                        packet,
+                        peer.address,
+                        s.address,
+                        ENCRYPTED_VXLAN_PORT,
+                        &scope,
+                    ) {
+                        debug!(peer = %peer.address, "packet outside the peer's networks dropped");
                         continue;
                     }
                     let len = offload::FRAME_HEADROOM + packet.len();
                     bursts.push(&mut out[..len], &mut write);
                 }
-                TunnResult::Done | TunnResult::WriteToTunnelV6(..) => {}
-                TunnResult::Err(e) => {
-                    debug!(%from, error = ?e, "datagram refused");
-                    continue;
-                }
-            }
-            // Authenticated: the peer is where this came from (roaming).
-            *peer.endpoint.lock() = from;
-            if replies.is_full() {
-                replies.flush(&s.udp);
+                Opened::Data { packet: None } => {}
             }
         }
         drop(peers);
@@ -485,19 +583,15 @@ fn inbound(s: &Shared) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The peer a datagram belongs to: by our index in it, or for a handshake
-/// initiation by the static key it carries.
-fn find_peer(s: &Shared, peers: &Peers, datagram: &[u8]) -> Option<Arc<PeerState>> {
-    match Tunn::parse_incoming_packet(datagram).ok()? {
-        Packet::HandshakeInit(p) => {
-            let keys = s.keys.read().unwrap();
-            let half = parse_handshake_anon(&keys.secret, &keys.public, &p).ok()?;
-            peers.by_key.get(&half.peer_static_public).cloned()
-        }
-        Packet::HandshakeResponse(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-        Packet::PacketCookieReply(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-        Packet::PacketData(p) => peers.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-    }
+/// The peer a handshake initiation (mac1 and the rate limit passed) comes from, by
+/// the static key it carries.
+fn initiator(s: &Shared, peers: &Peers, datagram: &[u8]) -> Option<Arc<PeerState>> {
+    let Ok(Packet::HandshakeInit(p)) = Tunn::parse_incoming_packet(datagram) else {
+        return None;
+    };
+    let keys = s.keys.read().unwrap();
+    let half = parse_handshake_anon(&keys.pair.secret, &keys.pair.public, &p).ok()?;
+    peers.by_key.get(&half.peer_static_public).cloned()
 }
 
 /// Handshakes, keepalives and rekeying, four times a second.
@@ -505,6 +599,9 @@ fn timers(s: &Shared) -> std::result::Result<(), String> {
     let mut batch = io::SendBatch::new();
     while !s.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
+        // The shared limiter counts handshakes per second: Tunn leaves resetting a
+        // shared one to us (the limiter itself resets at most once a second).
+        s.keys.read().unwrap().limiter.reset_count();
         let peers = s.peers.read().unwrap();
         for p in peers.by_key.values() {
             let to = *p.endpoint.lock();
@@ -525,4 +622,35 @@ fn timers(s: &Shared) -> std::result::Result<(), String> {
         batch.flush(&s.udp);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn receiver_indices_are_random_24_bit_and_unique() {
+        let mut taken = HashSet::new();
+        let mut order = Vec::new();
+        for _ in 0..2000 {
+            let index = random_index(|i| taken.contains(i)).unwrap();
+            assert!(index != 0 && index <= 0x00ff_ffff, "{index:#x}");
+            assert!(taken.insert(index), "{index:#x} given twice");
+            order.push(index);
+        }
+        // Nothing a sender could guess from the last one: no run of neighbours.
+        let neighbours = order
+            .windows(2)
+            .filter(|w| w[1].abs_diff(w[0]) < 256)
+            .count();
+        assert!(
+            neighbours < 5,
+            "{neighbours} indices close to the one before"
+        );
+        // Taken indices are skipped.
+        for _ in 0..100 {
+            assert_eq!(random_index(|i| i % 2 == 0).unwrap() % 2, 1);
+        }
+    }
 }

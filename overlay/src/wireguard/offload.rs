@@ -130,6 +130,14 @@ fn pseudo_header(ip: &[u8], proto: u8, l4_len: usize) -> u64 {
     sum(&ip[12..20], u64::from(proto) + l4_len as u64)
 }
 
+/// The header length of the IPv4 header at the start of `ip` (version 4, IHL 5 or
+/// more); `None` for anything else.
+fn ipv4_header_len(ip: &[u8]) -> Option<usize> {
+    let first = *ip.first()?;
+    let len = usize::from(first & 0x0f) * 4;
+    (first >> 4 == 4 && len >= 20).then_some(len)
+}
+
 fn u16_at(b: &[u8], i: usize) -> u16 {
     u16::from_be_bytes([b[i], b[i + 1]])
 }
@@ -195,9 +203,26 @@ pub fn split(
     if th + 20 > ip.len() || nh + 20 > th || (tunnel && (outer_th < 20 || outer_th + 8 > nh)) {
         return Err(Malformed("header offsets"));
     }
-    let headers = th + usize::from(ip[th + 12] >> 4) * 4;
+    // Each IPv4 header must end where the next header starts: the checksums below
+    // cover IHL bytes, which a lying IHL would carry past the segment.
+    if ipv4_header_len(&ip[nh..]) != Some(th - nh)
+        || (tunnel && ipv4_header_len(ip) != Some(outer_th))
+    {
+        return Err(Malformed("IPv4 header length"));
+    }
+    let tcp_len = usize::from(ip[th + 12] >> 4) * 4;
+    if tcp_len < 20 {
+        return Err(Malformed("TCP data offset below 5"));
+    }
+    let headers = th + tcp_len;
+    if headers >= ip.len() {
+        return Err(Malformed("TCP header reaches the end of the burst"));
+    }
     let mss = usize::from(hdr.gso_size);
-    if headers > ip.len() || mss == 0 || headers + mss > scratch.len() {
+    if mss == 0 {
+        return Err(Malformed("segment size 0"));
+    }
+    if headers + mss > scratch.len().min(MAX_BURST) {
         return Err(Malformed("segment size"));
     }
     let (head, payload) = ip.split_at(headers);
@@ -335,7 +360,10 @@ impl Coalescer {
     /// use): joined to the open burst, or starting one, or written as it is. `write`
     /// gets whole frames for the device.
     pub fn push(&mut self, frame: &mut [u8], write: &mut impl FnMut(&[u8])) {
-        let ip = &frame[FRAME_HEADROOM..];
+        // No room for the headers in front: nothing a device could take.
+        let Some(ip) = frame.get(FRAME_HEADROOM..) else {
+            return;
+        };
         let Some((headers, payload)) = burstable(ip).filter(|_| self.enabled) else {
             self.flush(write);
             VnetHeader::default().write(frame);
@@ -660,4 +688,193 @@ mod tests {
         let r = split(&hdr, &mut p, &mut [0u8; 2048], |_| {});
         assert_eq!(r, Err(Malformed("GSO type not offered")));
     }
+
+    /// A plain TCP burst (no tunnel) and its header, as the device hands it over.
+    fn plain_burst(payload: usize, mss: u16) -> (VnetHeader, Vec<u8>) {
+        let burst = vxlan_tcp(1000, &data(payload), ACK)[INNER_IP..].to_vec();
+        let hdr = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: (ETH_LEN + 20 + 32) as u16,
+            gso_size: mss,
+            csum_start: (ETH_LEN + 20) as u16,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        (hdr, burst)
+    }
+
+    /// The same burst inside VXLAN.
+    fn tunnel_burst(payload: usize, mss: u16) -> (VnetHeader, Vec<u8>) {
+        let hdr = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4 | GSO_UDP_TUNNEL_IPV4,
+            hdr_len: (ETH_LEN + INNER_TCP + 32) as u16,
+            gso_size: mss,
+            csum_start: (ETH_LEN + INNER_TCP) as u16,
+            csum_offset: 16,
+            outer_th_offset: (ETH_LEN + OUTER_UDP) as u16,
+            inner_nh_offset: (ETH_LEN + INNER_IP) as u16,
+        };
+        (hdr, vxlan_tcp(1000, &data(payload), ACK))
+    }
+
+    fn split_all(hdr: &VnetHeader, ip: &[u8]) -> Result<Vec<Vec<u8>>, Malformed> {
+        let mut out = Vec::new();
+        let mut ip = ip.to_vec();
+        split(hdr, &mut ip, &mut [0u8; 2048], |s| out.push(s.to_vec()))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_tcp_data_offset_of_4_is_refused() {
+        // 17 bytes after a 16-byte "header" cut at 16: a last segment of one byte,
+        // too short for the checksum field the old code wrote into it.
+        for (hdr, mut p, th) in [
+            (plain_burst(1, 16).0, plain_burst(1, 16).1, 20),
+            (tunnel_burst(1, 16).0, tunnel_burst(1, 16).1, INNER_TCP),
+        ] {
+            p[th + 12] = 4 << 4;
+            assert_eq!(
+                split_all(&hdr, &p),
+                Err(Malformed("TCP data offset below 5"))
+            );
+            p[th + 12] = 0;
+            assert_eq!(
+                split_all(&hdr, &p),
+                Err(Malformed("TCP data offset below 5"))
+            );
+        }
+    }
+
+    #[test]
+    fn an_inner_ipv4_header_length_past_the_segment_is_refused() {
+        // IHL 15 says 60 header bytes; the segments are 57 bytes long.
+        let (hdr, mut p) = plain_burst(5, 1000);
+        p[0] = 0x4f;
+        assert_eq!(split_all(&hdr, &p), Err(Malformed("IPv4 header length")));
+        let (hdr, mut p) = tunnel_burst(5, 1000);
+        p[INNER_IP] = 0x4f;
+        assert_eq!(split_all(&hdr, &p), Err(Malformed("IPv4 header length")));
+        // Nor may the outer header claim the UDP header as its own.
+        let (hdr, mut p) = tunnel_burst(5, 1000);
+        p[0] = 0x46;
+        assert_eq!(split_all(&hdr, &p), Err(Malformed("IPv4 header length")));
+        // An IHL below 5, or a version other than 4.
+        let (hdr, mut p) = plain_burst(5, 1000);
+        p[0] = 0x44;
+        assert!(split_all(&hdr, &p).is_err());
+        p[0] = 0x65;
+        assert!(split_all(&hdr, &p).is_err());
+    }
+
+    #[test]
+    fn a_hdr_len_past_the_segment_is_only_a_hint() {
+        // The kernel's hdr_len is a hint; the headers are read from the packet.
+        let (hdr, p) = tunnel_burst(2500, 1000);
+        let want = split_all(&hdr, &p).unwrap();
+        for hdr_len in [0, 1, 2000, u16::MAX] {
+            let h = VnetHeader { hdr_len, ..hdr };
+            assert_eq!(split_all(&h, &p).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn a_gso_size_of_0_is_refused() {
+        let (hdr, p) = tunnel_burst(2500, 0);
+        assert_eq!(split_all(&hdr, &p), Err(Malformed("segment size 0")));
+    }
+
+    #[test]
+    fn a_segment_larger_than_the_scratch_or_an_ipv4_packet_is_refused() {
+        let (hdr, p) = plain_burst(2500, 2000);
+        assert_eq!(split_all(&hdr, &p), Err(Malformed("segment size")));
+        let (hdr, mut p) = plain_burst(2500, u16::MAX);
+        let mut scratch = vec![0u8; 2 * MAX_BURST];
+        let r = split(&hdr, &mut p, &mut scratch, |_| {});
+        assert_eq!(r, Err(Malformed("segment size")));
+    }
+
+    #[test]
+    fn truncated_bursts_are_refused_or_cut_whole() {
+        for (hdr, p, headers) in [
+            (plain_burst(300, 100).0, plain_burst(300, 100).1, 52),
+            (
+                tunnel_burst(300, 100).0,
+                tunnel_burst(300, 100).1,
+                INNER_TCP + 32,
+            ),
+        ] {
+            for len in 0..p.len() {
+                let r = split_all(&hdr, &p[..len]);
+                if len <= headers {
+                    assert!(r.is_err(), "{len} bytes: no payload, no segment");
+                } else {
+                    let segs = r.unwrap();
+                    let payload: usize = segs.iter().map(|s| s.len() - headers).sum();
+                    assert_eq!(payload, len - headers);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn offsets_out_of_order_or_past_the_packet_are_refused() {
+        let (hdr, p) = tunnel_burst(300, 100);
+        for h in [
+            VnetHeader {
+                csum_start: 0,
+                ..hdr
+            },
+            VnetHeader {
+                csum_start: u16::MAX,
+                ..hdr
+            },
+            VnetHeader {
+                inner_nh_offset: 0,
+                ..hdr
+            },
+            VnetHeader {
+                inner_nh_offset: hdr.csum_start,
+                ..hdr
+            },
+            VnetHeader {
+                outer_th_offset: 0,
+                ..hdr
+            },
+            VnetHeader {
+                outer_th_offset: hdr.inner_nh_offset,
+                ..hdr
+            },
+        ] {
+            assert!(split_all(&h, &p).is_err(), "{h:?}");
+        }
+        let (_, mut p) = plain_burst(3, 100);
+        let single = VnetHeader {
+            flags: F_NEEDS_CSUM,
+            csum_start: 0,
+            csum_offset: u16::MAX,
+            ..Default::default()
+        };
+        let r = split(&single, &mut p, &mut [], |_| {});
+        assert_eq!(r, Err(Malformed("offset")));
+        let past = VnetHeader {
+            csum_start: ETH_LEN as u16,
+            ..single
+        };
+        let r = split(&past, &mut p, &mut [], |_| {});
+        assert_eq!(r, Err(Malformed("checksum offset past the packet")));
+    }
+
+    #[test]
+    fn a_frame_without_room_for_headers_is_dropped() {
+        let mut c = Coalescer::new([0; ETH_LEN], true);
+        let mut n = 0;
+        for len in 0..FRAME_HEADROOM {
+            c.push(&mut vec![0u8; len], &mut |_: &[u8]| n += 1);
+        }
+        assert_eq!(n, 0);
+    }
+
+    mod fuzz;
 }

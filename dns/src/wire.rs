@@ -128,7 +128,8 @@ pub fn parse(packet: &[u8]) -> Result<Question<'_>, WireError> {
             name.push(b'.');
         }
         name.extend(label.iter().map(u8::to_ascii_lowercase));
-        if name.len() > MAX_NAME {
+        // The wire form is two bytes longer than the dotted one (first length, root).
+        if name.len() > MAX_NAME - 2 {
             return Err(WireError::FormErr("name longer than 255 bytes"));
         }
         at += len;

@@ -30,6 +30,7 @@ pub(super) async fn load_or_create_key(state_dir: &Path) -> Result<KeyPair> {
     let path = key_path(state_dir);
     match tokio::fs::read_to_string(&path).await {
         Ok(text) => {
+            tighten_key_mode(&path).await?;
             let bytes = decode_key(text.trim()).ok_or_else(|| {
                     anyhow!(
                         "{} is not a WireGuard private key (base64 of 32 bytes); remove it to have a new one made",
@@ -46,6 +47,27 @@ pub(super) async fn load_or_create_key(state_dir: &Path) -> Result<KeyPair> {
         }
         Err(e) => bail!("cannot read {}: {e}", path.display()),
     }
+}
+
+/// A key file that others may read (copied in, or restored from a backup) is made
+/// root's alone again, with a warning: the key may have leaked and can be rotated.
+async fn tighten_key_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = tokio::fs::metadata(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "WireGuard key file was readable by others; made 0600 (rotate it with: netagent rotate-key)"
+        );
+        tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .await
+            .with_context(|| format!("cannot make {} mode 0600", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes the private key readable by root alone, replacing the file whole.
@@ -288,6 +310,27 @@ impl<S: Store> Agent<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_key_file_others_can_read_is_made_root_only_and_still_loads() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("netagent-key-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = load_or_create_key(&dir).await.unwrap();
+        let path = key_path(&dir);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let again = load_or_create_key(&dir).await.unwrap();
+        assert_eq!(again.public(), first.public());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     use model::{BlockRecord, Cluster, NetworkRecord};
 
     fn network(c: &mut Cluster, name: &str, vni: u32, encrypted: bool, nodes: &[&str]) {

@@ -17,3 +17,24 @@ pub fn check_dns_name(kind: &str, name: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// The naming rules as the documentation states them, restated apart from the
+/// checkers above so that property tests compare the two.
+#[cfg(test)]
+pub(crate) mod documented {
+    /// A network name: 1 to 64 letters, digits, '_', '-' or '.', starting with a
+    /// letter or digit.
+    pub fn network_ok(n: &str) -> bool {
+        (1..=64).contains(&n.len())
+            && n.as_bytes()[0].is_ascii_alphanumeric()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    }
+
+    /// A DNS name: 1 to 63 letters, digits, '_', '-' or '.'.
+    pub fn dns_ok(n: &str) -> bool {
+        (1..=63).contains(&n.len())
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    }
+}

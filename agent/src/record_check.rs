@@ -290,6 +290,8 @@ mod tests {
         use proptest::test_runner::Config;
         use serde_json::Value;
 
+        use crate::names::documented::{dns_ok, network_ok};
+
         use super::*;
         use crate::model::{Cluster, NETWORKS_GUARD};
         use crate::store::Change;
@@ -552,19 +554,6 @@ mod tests {
             })
         }
 
-        fn name_ok(n: &str) -> bool {
-            (1..=64).contains(&n.len())
-                && n.as_bytes()[0].is_ascii_alphanumeric()
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        }
-
-        fn dns_ok(n: &str) -> bool {
-            (1..=63).contains(&n.len())
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        }
-
         fn unicast(a: Ipv4Addr) -> bool {
             let o = a.octets();
             o != [0; 4] && o[0] != 127 && !(224..=239).contains(&o[0]) && o != [255; 4]
@@ -582,11 +571,11 @@ mod tests {
             let mesh: Ipv4Net = "100.127.192.0/18".parse().unwrap();
             for (k, n) in &c.nodes {
                 prop_assert_eq!(k, &n.name);
-                prop_assert!(name_ok(&n.name) && unicast(n.underlay) && n.version.len() <= 64);
+                prop_assert!(network_ok(&n.name) && unicast(n.underlay) && n.version.len() <= 64);
             }
             for (k, n) in &c.networks {
                 prop_assert_eq!(k, &n.name);
-                prop_assert!(name_ok(&n.name));
+                prop_assert!(network_ok(&n.name));
                 prop_assert!((1..(1 << 24)).contains(&n.vni), "{:?}", n);
                 prop_assert!(prefix_ok(n.subnet), "{:?}", n);
                 prop_assert!(!mesh.contains(&n.subnet.addr()) && !n.subnet.contains(&mesh.addr()));
@@ -596,12 +585,12 @@ mod tests {
             for (k, b) in &c.blocks {
                 let addr = b.block.addr();
                 prop_assert_eq!(k, &format!("{}/{addr}_{}", b.network, b.block.prefix_len()));
-                prop_assert!(name_ok(&b.network) && name_ok(&b.node));
+                prop_assert!(network_ok(&b.network) && network_ok(&b.node));
                 prop_assert!(prefix_ok(b.block) && unicast(b.underlay), "{:?}", b);
             }
             for (k, e) in &c.endpoints {
                 prop_assert_eq!(k, &format!("{}/{}", e.network, e.address));
-                prop_assert!(name_ok(&e.network) && name_ok(&e.node));
+                prop_assert!(network_ok(&e.network) && network_ok(&e.node));
                 prop_assert!(e.id.len() <= 128 && e.netns.len() <= 256);
                 prop_assert!(e.container.as_ref().is_none_or(|c| c.len() <= 128));
                 prop_assert!(e.aliases.len() <= 32);
@@ -610,7 +599,7 @@ mod tests {
             }
             for (k, m) in &c.mesh {
                 prop_assert_eq!(k, &m.address.to_string());
-                prop_assert!(name_ok(&m.node) && mesh.contains(&m.address));
+                prop_assert!(network_ok(&m.node) && mesh.contains(&m.address));
                 let key = base64::engine::general_purpose::STANDARD.decode(&m.public_key);
                 prop_assert!(key.is_ok_and(|k| k.len() == 32));
                 prop_assert!(unicast(*m.endpoint.ip()) && m.endpoint.port() != 0);

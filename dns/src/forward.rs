@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Semaphore};
-use tracing::{debug, error};
+use tracing::debug;
 
 use crate::cache::{Cache, CacheKey, KEY_CD, KEY_DO, KEY_RD};
 use crate::response;
@@ -82,26 +82,8 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// A forwarder with default limits. Its sockets are opened here, in the calling
-    /// thread's network namespace; if that fails it logs why and answers SERVFAIL
-    /// (use [`Forwarder::try_new`] to fail instead).
-    pub fn new(upstreams: Vec<SocketAddr>) -> Self {
-        match Self::with_limits(upstreams.clone(), ForwardLimits::default()) {
-            Ok(f) => f,
-            Err(e) => {
-                error!(error = %e, "forwarding disabled");
-                let rng = Arc::new(Rng::default());
-                Self::assemble(
-                    upstreams,
-                    Upstreams::none(rng.clone()),
-                    rng,
-                    ForwardLimits::default(),
-                )
-            }
-        }
-    }
-
-    /// Like `new`, failing when no upstream socket can be opened.
-    pub fn try_new(upstreams: Vec<SocketAddr>) -> Result<Self, ForwardError> {
+    /// thread's network namespace; an error when none can be.
+    pub fn new(upstreams: Vec<SocketAddr>) -> Result<Self, ForwardError> {
         Self::with_limits(upstreams, ForwardLimits::default())
     }
 
@@ -115,23 +97,14 @@ impl Forwarder {
                 upstreams: upstreams.clone(),
                 source,
             })?;
-        Ok(Self::assemble(upstreams, io, rng, limits))
-    }
-
-    fn assemble(
-        upstreams: Vec<SocketAddr>,
-        io: Upstreams,
-        rng: Arc<Rng>,
-        limits: ForwardLimits,
-    ) -> Self {
-        Forwarder {
+        Ok(Forwarder {
             upstreams,
             io,
             cache: Cache::new(limits.cache_bytes),
             in_flight: Semaphore::new(limits.max_in_flight),
             joins: Mutex::default(),
             rng,
-        }
+        })
     }
 
     /// The response to send back for `packet` (already parsed as `q`).

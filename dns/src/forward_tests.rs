@@ -94,7 +94,7 @@ fn addresses(p: &[u8]) -> Vec<[u8; 4]> {
 #[tokio::test]
 async fn a_dotted_label_neither_poisons_nor_is_poisoned_by_the_real_name() {
     let up = fake(Box::new(by_name)).await;
-    let f = Forwarder::new(vec![up.addr]);
+    let f = Forwarder::new(vec![up.addr]).expect("upstream sockets");
     let dotted = ask(&f, &query(DOTTED, true)).await;
     assert_eq!(response::rcode(&dotted), RCODE_NXDOMAIN);
     let real = ask(&f, &query(REAL, true)).await;
@@ -113,7 +113,7 @@ async fn a_dotted_label_neither_poisons_nor_is_poisoned_by_the_real_name() {
 #[tokio::test]
 async fn upstream_queries_are_rebuilt_with_random_ids_and_letter_case() {
     let up = fake(Box::new(by_name)).await;
-    let f = Forwarder::new(vec![up.addr]);
+    let f = Forwarder::new(vec![up.addr]).expect("upstream sockets");
     let mut client = query(b"\x05abcde\x04test\x00", true);
     // Odd bits a client might send are not passed on: only RD, CD and DO are.
     client[2] |= 0x04; // AA
@@ -181,7 +181,7 @@ async fn answers_that_do_not_match_the_query_are_dropped() {
         out
     }))
     .await;
-    let f = Forwarder::new(vec![up.addr]);
+    let f = Forwarder::new(vec![up.addr]).expect("upstream sockets");
     let good = ask(&f, &query(b"\x04good\x04test\x00", true)).await;
     assert_eq!(addresses(&good), vec![[203, 0, 113, 30]]);
     let only_bad = ask(&f, &query(b"\x03bad\x04test\x00", true)).await;
@@ -235,7 +235,7 @@ async fn identical_questions_in_flight_share_one_exchange() {
         by_name(q)
     }))
     .await;
-    let f = Arc::new(Forwarder::new(vec![slow.addr]));
+    let f = Arc::new(Forwarder::new(vec![slow.addr]).expect("upstream sockets"));
     let asks: Vec<_> = (0..5)
         .map(|_| {
             let f = f.clone();
@@ -282,7 +282,7 @@ async fn truncated_answers_are_fetched_over_tcp() {
             conn.write_all(&r).await.unwrap();
         }
     });
-    let f = Forwarder::new(vec![addr]);
+    let f = Forwarder::new(vec![addr]).expect("upstream sockets");
     let big = ask(&f, &query(b"\x03big\x04test\x00", false)).await;
     assert_eq!(addresses(&big), vec![[203, 0, 113, 8]]);
 }
@@ -291,7 +291,7 @@ async fn truncated_answers_are_fetched_over_tcp() {
 async fn a_dead_upstream_is_skipped_for_the_next() {
     let silent = fake(Box::new(|_: &[u8]| Vec::new())).await;
     let up = fake(Box::new(by_name)).await;
-    let f = Forwarder::new(vec![silent.addr, up.addr]);
+    let f = Forwarder::new(vec![silent.addr, up.addr]).expect("upstream sockets");
     let r = ask(&f, &query(REAL, true)).await;
     assert_eq!(addresses(&r), vec![[203, 0, 113, 20]]);
 }

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use crate::wire::{Question, TYPE_OPT};
+use crate::wire::{u16_at, Question, TYPE_OPT};
 
 const HEADER: usize = 12;
 const TYPE_SOA: u16 = 6;
@@ -33,10 +33,6 @@ pub struct Walked {
     pub answers: Vec<Rr>,
     pub authorities: Vec<Rr>,
     pub additionals: Vec<Rr>,
-}
-
-fn u16_at(p: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]))
 }
 
 fn u32_at(p: &[u8], at: usize) -> Option<u32> {

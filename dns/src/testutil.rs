@@ -42,7 +42,11 @@ fn ep(address: Ipv4Addr, name: &str, service: &str) -> EndpointRecord {
 /// A server for network `app`: `db` (one address) and `web` (3,000 replicas, an
 /// answer of ~48 KiB over TCP), forwarding everything else to `upstreams`.
 pub fn app_server(upstreams: Vec<SocketAddr>, limits: Limits) -> Arc<DnsServer> {
-    let server = DnsServer::with_limits(Forwarder::new(upstreams), 5, limits);
+    let server = DnsServer::with_limits(
+        Forwarder::new(upstreams).expect("upstream sockets"),
+        5,
+        limits,
+    );
     server.update(
         SnapshotBuilder::new()
             .endpoint(ep(Ipv4Addr::new(100, 64, 0, 2), "db", "db"))

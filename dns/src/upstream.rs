@@ -88,8 +88,8 @@ type Table = Arc<Mutex<HashMap<PendingKey, Waiting>>>;
 
 /// The sockets once handed to tokio, with their readers.
 struct Live {
-    /// (index, socket, is IPv6).
-    sockets: Vec<(usize, Arc<UdpSocket>, bool)>,
+    /// (index, socket) per family: IPv4, IPv6.
+    sockets: [Vec<(usize, Arc<UdpSocket>)>; 2],
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -151,11 +151,6 @@ impl Upstreams {
         Ok(Self::from_bound(bound, rng))
     }
 
-    /// No sockets at all: every exchange fails.
-    pub fn none(rng: Arc<Rng>) -> Self {
-        Self::from_bound(Vec::new(), rng)
-    }
-
     fn from_bound(bound: Vec<(std::net::UdpSocket, bool)>, rng: Arc<Rng>) -> Self {
         Upstreams {
             bound: Mutex::new(bound),
@@ -171,7 +166,7 @@ impl Upstreams {
         self.live.get_or_init(|| {
             let bound = std::mem::take(&mut *self.bound.lock().expect("bound lock"));
             let mut live = Live {
-                sockets: Vec::new(),
+                sockets: Default::default(),
                 readers: Vec::new(),
             };
             for (index, (socket, v6)) in bound.into_iter().enumerate() {
@@ -180,7 +175,7 @@ impl Upstreams {
                         let s = Arc::new(s);
                         live.readers
                             .push(tokio::spawn(read(index, s.clone(), self.table.clone())));
-                        live.sockets.push((index, s, v6));
+                        live.sockets[usize::from(v6)].push((index, s));
                     }
                     Err(e) => warn!(error = %e, "an upstream socket cannot be used"),
                 }
@@ -205,12 +200,7 @@ impl Upstreams {
         limit: Duration,
     ) -> Result<Vec<u8>, ExchangeError> {
         let upstream = plain(upstream);
-        let sockets: Vec<&(usize, Arc<UdpSocket>, bool)> = self
-            .live()
-            .sockets
-            .iter()
-            .filter(|(_, _, v6)| *v6 == upstream.is_ipv6())
-            .collect();
+        let sockets = &self.live().sockets[usize::from(upstream.is_ipv6())];
         if sockets.is_empty() {
             return Err(ExchangeError::NoSocket);
         }
@@ -219,7 +209,7 @@ impl Upstreams {
             let mut tries = 0;
             loop {
                 let r = self.rng.u16()?;
-                let (index, socket, _) = sockets[r as usize % sockets.len()];
+                let (index, socket) = &sockets[r as usize % sockets.len()];
                 let key = (*index, self.rng.u16()?, upstream);
                 if let std::collections::hash_map::Entry::Vacant(slot) = table.entry(key) {
                     let (tx, rx) = oneshot::channel();

@@ -78,7 +78,7 @@ pub fn encode_name(key: &[u8], out: &mut Vec<u8>) {
     out.push(0);
 }
 
-fn u16_at(p: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn u16_at(p: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]))
 }
 

@@ -110,6 +110,22 @@ impl Cluster {
         }
     }
 
+    /// `hosts` running agents with the encrypted network "secure", container s1 on
+    /// host 1 and s2 on host 2 in it, and the mesh between them up: the cluster, s1,
+    /// s2 and s2's address.
+    pub fn encrypted_pair(hosts: usize) -> (Self, String, String, Ipv4Addr) {
+        let mut c = Cluster::running(hosts, 3);
+        c.create_encrypted_network("secure", "100.66.0.0/16");
+        let s1 = c.bed.container("s1");
+        let s2 = c.bed.container("s2");
+        c.attach(1, &s1, "secure", &[]);
+        let ip_s2 = c.attach(2, &s2, "secure", &[]);
+        wait_for(Duration::from_secs(10), "the mesh", || {
+            c.bed.ping(&s1, ip_s2)
+        });
+        (c, s1, s2, ip_s2)
+    }
+
     /// A cluster with every agent running.
     pub fn running(hosts: usize, lease_ttl: u64) -> Self {
         let mut c = Cluster::new(hosts, lease_ttl);

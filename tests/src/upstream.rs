@@ -34,42 +34,23 @@ pub fn reply(query: &[u8], udp: bool) -> Option<Vec<u8>> {
 /// Serves `reply` over UDP on `addr` inside namespace `netns`, on a thread of its
 /// own, until the process ends.
 pub fn serve_udp_in(netns: &str, addr: std::net::SocketAddr) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    crate::in_netns(netns, move || {
-        let socket = std::net::UdpSocket::bind(addr).expect("bind the fake upstream");
-        tx.send(()).unwrap();
-        let mut buf = vec![0u8; 4096];
-        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-            if let Some(r) = reply(&buf[..n], true) {
-                let _ = socket.send_to(&r, peer);
-            }
-        }
-    });
-    rx.recv().expect("fake upstream bound");
+    serve_udp_with(netns, addr, |q| reply(q, true).into_iter().collect());
 }
 
 /// Like `serve_udp_in`, but names under `silent` (e.g. "flood.test.") are taken and
 /// never answered: an upstream that stalls for one zone and answers the others.
 pub fn serve_udp_silent_for_in(netns: &str, addr: std::net::SocketAddr, silent: &'static str) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    crate::in_netns(netns, move || {
-        let socket = std::net::UdpSocket::bind(addr).expect("bind the fake upstream");
-        tx.send(()).unwrap();
-        let mut buf = vec![0u8; 4096];
-        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-            let stalls = Message::from_vec(&buf[..n])
-                .ok()
-                .and_then(|q| q.queries.first().map(|q| q.name().to_ascii()))
-                .is_some_and(|name| name.to_ascii_lowercase().ends_with(silent));
-            if stalls {
-                continue;
-            }
-            if let Some(r) = reply(&buf[..n], true) {
-                let _ = socket.send_to(&r, peer);
-            }
+    serve_udp_with(netns, addr, move |q| {
+        let stalls = Message::from_vec(q)
+            .ok()
+            .and_then(|q| q.queries.first().map(|q| q.name().to_ascii()))
+            .is_some_and(|name| name.to_ascii_lowercase().ends_with(silent));
+        if stalls {
+            Vec::new()
+        } else {
+            reply(q, true).into_iter().collect()
         }
     });
-    rx.recv().expect("fake upstream bound");
 }
 
 /// Address the hostile upstream gives the real `outside2.example`.
@@ -159,7 +140,11 @@ pub fn hostile_replies(query: &[u8]) -> Vec<Vec<u8>> {
 
 /// Serves `replies` over UDP on `addr` inside namespace `netns` (every datagram it
 /// returns is sent, in order), on a thread of its own, until the process ends.
-pub fn serve_udp_with(netns: &str, addr: std::net::SocketAddr, replies: fn(&[u8]) -> Vec<Vec<u8>>) {
+pub fn serve_udp_with(
+    netns: &str,
+    addr: std::net::SocketAddr,
+    replies: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static,
+) {
     let (tx, rx) = std::sync::mpsc::channel();
     crate::in_netns(netns, move || {
         let socket = std::net::UdpSocket::bind(addr).expect("bind the fake upstream");

@@ -137,7 +137,7 @@ fn real_clients_resolve_services_names_and_outside_names() {
             )
             .build()
     };
-    let server = DnsServer::new(Forwarder::new(vec![start_upstream(&rt, false)]), 5);
+    let server = DnsServer::new(Forwarder::new(vec![start_upstream(&rt, false)]).unwrap(), 5);
     server.update(snapshot());
     serve_in(&rt, &server, &c, &["app-net"]);
     let replicas = vec!["100.64.2.10", "100.64.2.11", "100.64.3.12"];
@@ -241,7 +241,7 @@ fn real_clients_resolve_services_names_and_outside_names() {
     assert!(ttl < 60, "cached TTL did not count down: {ttl}");
 
     // An upstream that never answers: SERVFAIL within 2 s, as dig measures it.
-    let deaf = DnsServer::new(Forwarder::new(vec![start_upstream(&rt, true)]), 5);
+    let deaf = DnsServer::new(Forwarder::new(vec![start_upstream(&rt, true)]).unwrap(), 5);
     serve_in(&rt, &deaf, &quiet, &["app-net"]);
     let out = bed.exec_ok(&quiet, "dig @127.0.0.11 nowhere.test +tries=1 +time=5");
     assert!(out.contains("status: SERVFAIL"), "{out}");

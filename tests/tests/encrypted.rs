@@ -309,15 +309,7 @@ fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
     if !require_root("encrypted_traffic_resumes_after_agent_restart_and_key_rotation") {
         return;
     }
-    let mut c = Cluster::running(2, 3);
-    c.create_encrypted_network("secure", "100.66.0.0/16");
-    let s1 = c.bed.container("s1");
-    let s2 = c.bed.container("s2");
-    c.attach(1, &s1, "secure", &[]);
-    let ip_s2 = c.attach(2, &s2, "secure", &[]);
-    wait_for(Duration::from_secs(10), "the mesh", || {
-        c.bed.ping(&s1, ip_s2)
-    });
+    let (mut c, s1, _s2, ip_s2) = Cluster::encrypted_pair(2);
     let once = |c: &Cluster| {
         c.bed
             .exec(&s1, &format!("ping -n -q -c 1 -W 1 {ip_s2}"))

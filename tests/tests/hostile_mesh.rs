@@ -100,27 +100,12 @@ fn send_all(netns: &str, from: Ipv4Addr, to: SocketAddr, packets: Vec<Vec<u8>>) 
     .unwrap();
 }
 
-/// A cluster of `hosts` with the encrypted network "secure" and a container on it
-/// on hosts 1 and 2, the mesh between them up.
-fn secure_pair(hosts: usize) -> (Cluster, String, String, Ipv4Addr) {
-    let mut c = Cluster::running(hosts, 3);
-    c.create_encrypted_network("secure", "100.66.0.0/16");
-    let s1 = c.bed.container("s1");
-    let s2 = c.bed.container("s2");
-    c.attach(1, &s1, "secure", &[]);
-    let ip_s2 = c.attach(2, &s2, "secure", &[]);
-    wait_for(Duration::from_secs(10), "the mesh", || {
-        c.bed.ping(&s1, ip_s2)
-    });
-    (c, s1, s2, ip_s2)
-}
-
 #[test]
 fn forged_handshake_responses_do_not_move_a_peer() {
     if !require_root("forged_handshake_responses_do_not_move_a_peer") {
         return;
     }
-    let (c, s1, _s2, ip_s2) = secure_pair(2);
+    let (c, s1, _s2, ip_s2) = Cluster::encrypted_pair(2);
     let victim = public_key(&c, 1);
     let before = peer_endpoint(&c, 1, "host2");
     assert_eq!(before, format!("{}:{MESH_PORT}", c.bed.hosts[1].underlay));
@@ -152,7 +137,7 @@ fn a_handshake_flood_does_not_stop_encrypted_traffic() {
     if !require_root("a_handshake_flood_does_not_stop_encrypted_traffic") {
         return;
     }
-    let (c, s1, _s2, ip_s2) = secure_pair(2);
+    let (c, s1, _s2, ip_s2) = Cluster::encrypted_pair(2);
     let victim = public_key(&c, 2);
     // Garbage initiations and initiations with a valid mac1 (anyone with the public
     // key can make them), alternating, at a steady 80,000 a second: each used to
@@ -211,7 +196,7 @@ fn a_mesh_peer_cannot_send_into_a_network_it_is_no_part_of() {
     }
     // "secure" on hosts 1 and 2; "other" on hosts 2 and 3: host 3 is host 2's mesh
     // peer, with no block of "secure".
-    let (mut c, s1, s2, ip_s2) = secure_pair(3);
+    let (mut c, s1, s2, ip_s2) = Cluster::encrypted_pair(3);
     c.create_encrypted_network("other", "100.68.0.0/16");
     let o2 = c.bed.container("o2");
     let o3 = c.bed.container("o3");

@@ -124,7 +124,7 @@ impl<S: Store> Agent<S> {
             cfg.dns_upstream.clone()
         };
         // Bound here, in the host namespace: upstream sockets never live in a container.
-        let forwarder = Forwarder::try_new(upstreams).context("cannot forward DNS queries")?;
+        let forwarder = Forwarder::new(upstreams).context("cannot forward DNS queries")?;
         let dns = DnsServer::new(forwarder, cfg.dns_ttl);
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

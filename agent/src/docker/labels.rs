@@ -146,22 +146,7 @@ mod tests {
         use proptest::test_runner::Config;
 
         use super::*;
-
-        /// A network name as documented: 1 to 64 of letters, digits, '_', '-', '.',
-        /// starting with a letter or digit (restated, not the checker itself).
-        fn network_ok(n: &str) -> bool {
-            (1..=64).contains(&n.len())
-                && n.as_bytes()[0].is_ascii_alphanumeric()
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        }
-
-        /// A DNS name as documented: 1 to 63 letters, digits, '_', '-' or '.'.
-        fn dns_ok(n: &str) -> bool {
-            (1..=63).contains(&n.len())
-                && n.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        }
+        use crate::names::documented::{dns_ok, network_ok};
 
         /// Items of a list label as the user wrote them, trimmed.
         fn items(raw: &str) -> Vec<&str> {

@@ -357,7 +357,7 @@ fn dns_serve(addr: &str) {
         .unwrap();
     rt.block_on(async {
         let server = netagent_dns::DnsServer::new(
-            netagent_dns::Forwarder::new(vec![]),
+            netagent_dns::Forwarder::new(vec![]).expect("no upstream, no socket"),
             netagent_dns::DEFAULT_TTL,
         );
         server.update(

@@ -4,10 +4,12 @@
 #   sudo scripts/install.sh && sudo systemctl enable --now netagent
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 [ "$(id -u)" = 0 ] || { echo "run as root: sudo $0" >&2; exit 1; }
 scripts/deps.sh
 cargo build --release -p netagent
-install -m 0755 target/release/netagent /usr/local/bin/netagent
+bin_dir=$(release_dir)
+install -m 0755 "$bin_dir/netagent" /usr/local/bin/netagent
 install -m 0644 scripts/netagent.service /etc/systemd/system/netagent.service
 install -d -m 0755 /etc/netagent
 if [ ! -e /etc/netagent/netagent.toml ]; then

@@ -56,8 +56,98 @@ pub struct AttachRequest {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Ok(serde_json::Value),
+    Ok(Box<Response>),
     Error(String),
+}
+
+/// What a request answers with; each request has one kind of response.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Response {
+    /// `Status`.
+    Status(Status),
+    /// `NetworkCreate`, `NetworkInspect`, `NetworkRemove`: the network (as it was,
+    /// for a remove).
+    Network(NetworkInfo),
+    /// `NetworkList`.
+    Networks(Vec<NetworkInfo>),
+    /// `Attach`, `Detach`.
+    Endpoint(EndpointInfo),
+    /// `Endpoints`: every endpoint in the cluster.
+    Endpoints(Vec<EndpointInfo>),
+    /// `Peers`.
+    Peers(Vec<PeerInfo>),
+    /// `Services`.
+    Services(Vec<ServiceInfo>),
+    /// `RotateKey`.
+    Key(KeyInfo),
+}
+
+impl Response {
+    /// The response's content alone, as `--json` prints it.
+    pub fn content(&self) -> serde_json::Value {
+        let value = match self {
+            Response::Status(v) => serde_json::to_value(v),
+            Response::Network(v) => serde_json::to_value(v),
+            Response::Networks(v) => serde_json::to_value(v),
+            Response::Endpoint(v) => serde_json::to_value(v),
+            Response::Endpoints(v) => serde_json::to_value(v),
+            Response::Peers(v) => serde_json::to_value(v),
+            Response::Services(v) => serde_json::to_value(v),
+            Response::Key(v) => serde_json::to_value(v),
+        };
+        value.expect("api types serialize")
+    }
+}
+
+/// The agent as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// The store and (when enabled) the Docker engine are reached.
+    Ok,
+    /// The store or the Docker engine is unreachable: the datapath and the DNS keep
+    /// serving the last known state.
+    Degraded,
+}
+
+/// Another host, as this one sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// Its lease in the store lives.
+    Up,
+    /// Its lease expired: its endpoints are left out of DNS answers.
+    Down,
+}
+
+/// An endpoint, as DNS answers see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    Up,
+    /// Its node is down: left out of DNS answers.
+    Down,
+    /// Its container's health check fails: left out of service answers.
+    Unhealthy,
+}
+
+macro_rules! display_as_serde_name {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let name = serde_json::to_value(self).expect("state serializes");
+                f.write_str(name.as_str().unwrap_or("?"))
+            }
+        }
+    )*};
+}
+display_as_serde_name!(AgentState, PeerState, EndpointState);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// This host's new WireGuard public key.
+    pub public_key: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,9 +157,7 @@ pub struct Status {
     pub version: String,
     pub uptime_secs: u64,
     pub store: StoreHealth,
-    /// "ok", or "degraded" while the store is unreachable (the datapath and the DNS
-    /// keep serving the last known state).
-    pub state: String,
+    pub state: AgentState,
     pub networks: usize,
     pub local_endpoints: usize,
     pub endpoints: usize,
@@ -133,9 +221,7 @@ pub struct EndpointInfo {
     pub name: Option<String>,
     pub service: Option<String>,
     pub aliases: Vec<String>,
-    /// "up" when its node is alive, "down" (left out of DNS answers) when not,
-    /// "unhealthy" when its container's health check fails (left out of service answers).
-    pub state: String,
+    pub state: EndpointState,
     /// The namespace, on its own node only.
     pub netns: Option<String>,
     /// The Docker container's id, when it is one.
@@ -156,7 +242,7 @@ pub struct ServiceInfo {
 pub struct PeerInfo {
     pub name: String,
     pub underlay: Ipv4Addr,
-    pub state: String,
+    pub state: PeerState,
     /// Round trip over the overlay (to the peer's gateway), when a network is shared.
     pub rtt_ms: Option<f64>,
     pub endpoints: usize,
@@ -176,4 +262,42 @@ pub struct MeshPeerInfo {
     pub handshake_secs: Option<u64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scripts read the socket's JSON: its shape is part of the interface.
+    #[test]
+    fn replies_and_states_have_a_stable_wire_form() {
+        let reply = Reply::Ok(Box::new(Response::Key(KeyInfo {
+            public_key: "k".into(),
+        })));
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"ok":{"kind":"key","value":{"public_key":"k"}}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::Error("no".into())).unwrap(),
+            r#"{"error":"no"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&EndpointState::Unhealthy).unwrap(),
+            r#""unhealthy""#
+        );
+        assert_eq!(PeerState::Down.to_string(), "down");
+        assert_eq!(AgentState::Degraded.to_string(), "degraded");
+        let request: Request =
+            serde_json::from_str(r#"{"op":"detach","target":"/run/netns/a","network":"app"}"#)
+                .unwrap();
+        assert!(
+            matches!(request, Request::Detach { target, network } if target == "/run/netns/a" && network == "app")
+        );
+    }
+
+    #[test]
+    fn an_unknown_request_is_an_error_not_a_default() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
 }

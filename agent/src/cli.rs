@@ -44,7 +44,9 @@ enum Command {
     Network(NetworkCommand),
     /// Attach a Docker container (name or id) or a namespace (/run/netns/x, pid:N) to a network.
     Attach {
+        /// A container's name or id, a namespace path (/run/netns/NAME), or pid:N.
         target: String,
+        /// The network to join (see: netagent network ls).
         network: String,
         /// Service name: answered with every replica, rotated.
         #[arg(long)]
@@ -57,11 +59,17 @@ enum Command {
         name: Option<String>,
     },
     /// Detach a container or namespace from a network.
-    Detach { target: String, network: String },
+    Detach {
+        /// A container's name or id, a namespace path (/run/netns/NAME), or pid:N.
+        target: String,
+        /// The network to leave.
+        network: String,
+    },
     /// Other hosts: state, underlay, round trip over the overlay.
     Peers,
     /// Services and their live replicas.
     Services {
+        /// Only this network's services.
         #[arg(long)]
         network: Option<String>,
     },
@@ -76,16 +84,19 @@ enum Command {
     Reset(ConfigArg),
     /// Static mode: make this host's overlay match a desired-state file (TOML).
     Apply {
+        /// The desired-state file (TOML: networks, peers, endpoints).
         #[arg(long, short)]
         state: PathBuf,
         /// Keep running and re-apply every --interval seconds.
         #[arg(long)]
         hold: bool,
+        /// Seconds between two applies with --hold.
         #[arg(long, default_value_t = 2)]
         interval: u64,
     },
     /// Static mode: check a desired-state file without touching the kernel.
     Check {
+        /// The desired-state file to check.
         #[arg(long, short)]
         state: PathBuf,
     },
@@ -95,7 +106,9 @@ enum Command {
 enum NetworkCommand {
     /// Create a network spanning every host.
     Create {
+        /// The network's name (letters, digits, '_', '-', '.'), as containers name it.
         name: String,
+        /// The addresses of the whole network (e.g. 100.64.0.0/16); each host takes a block of it.
         #[arg(long)]
         subnet: Ipv4Net,
         /// VXLAN id (default: the lowest free from 1000).
@@ -104,19 +117,25 @@ enum NetworkCommand {
         /// Prefix length of the block each host takes (default /24, smaller subnets a quarter).
         #[arg(long)]
         block_size: Option<u8>,
+        /// MTU inside the network (default: the underlay's less the encapsulation).
         #[arg(long)]
         mtu: Option<u32>,
         /// Encrypt traffic between hosts (WireGuard).
         #[arg(long)]
         encrypted: bool,
     },
+    /// List the networks.
     #[command(alias = "list")]
     Ls,
+    /// Show one network: subnet, VNI, blocks per host, endpoints.
     Inspect {
+        /// The network's name.
         name: String,
     },
+    /// Remove a network from every host.
     #[command(alias = "remove")]
     Rm {
+        /// The network's name.
         name: String,
         /// Remove even while endpoints are attached (they are detached everywhere).
         #[arg(long)]
@@ -177,10 +196,38 @@ impl Cli {
         };
         let reply = client::call(&self.socket, &request).await?;
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&reply)?);
+            println!("{}", serde_json::to_string_pretty(&reply.content())?);
         } else {
-            print!("{}", commands::render(&request, reply)?);
+            print!("{}", commands::render(&request, reply));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every argument says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let here = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && !path.is_empty() {
+                missing.push(here.clone());
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = ["help", "version"].contains(&arg.get_id().as_str());
+                if arg.get_help().is_none() && !builtin {
+                    missing.push(format!("{here} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:?}");
     }
 }

@@ -6,9 +6,9 @@ use anyhow::{anyhow, Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::api::{Reply, Request};
+use crate::api::{Reply, Request, Response};
 
-pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+pub async fn call(socket: &Path, req: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
             "cannot reach the agent at {}; is it running? (systemctl status netagent, or give --socket)",
@@ -24,8 +24,10 @@ pub async fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
         .next_line()
         .await?
         .ok_or_else(|| anyhow!("the agent closed the connection without a reply"))?;
-    match serde_json::from_str::<Reply>(&reply)? {
-        Reply::Ok(v) => Ok(v),
+    match serde_json::from_str::<Reply>(&reply)
+        .context("the agent's reply is not one this CLI reads (a different version?)")?
+    {
+        Reply::Ok(v) => Ok(*v),
         Reply::Error(e) => Err(anyhow!(e)),
     }
 }

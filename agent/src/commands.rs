@@ -8,9 +8,7 @@ use anyhow::{bail, Result};
 use netagent_overlay::{Host, NetnsRef};
 use tracing::{info, warn};
 
-use crate::api::{
-    EndpointInfo, MeshPeerInfo, NetworkInfo, PeerInfo, Reply, Request, ServiceInfo, Status,
-};
+use crate::api::{MeshPeerInfo, Reply, Request, Response};
 use crate::config::{Config, StoreConfig, DEFAULT_PATH};
 use crate::daemon::{bind_api, serve_api, serve_requests, Agent};
 use crate::model;
@@ -62,11 +60,12 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
         _ = tokio::signal::ctrl_c() => return Ok(()),
         _ = term.recv() => return Ok(()),
     };
-    tokio::spawn(serve_api(agent, listener));
+    tokio::spawn(serve_api(agent.clone(), listener));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    agent.stop().await;
     // The kernel keeps forwarding and the lease lives on for its TTL: a restart
     // within it is invisible to the other hosts.
     let _ = std::fs::remove_file(&socket);
@@ -165,11 +164,10 @@ fn bytes(n: u64) -> String {
     }
 }
 
-/// A person's view of an API reply.
-pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
-    Ok(match request {
-        Request::Status => {
-            let s: Status = serde_json::from_value(reply)?;
+/// A person's view of an API reply (the request says which verb it answers).
+pub fn render(request: &Request, response: Response) -> String {
+    match response {
+        Response::Status(s) => {
             let reach = if s.store.connected {
                 "connected".to_owned()
             } else {
@@ -217,8 +215,7 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             out
         }
-        Request::NetworkList => {
-            let nets: Vec<NetworkInfo> = serde_json::from_value(reply)?;
+        Response::Networks(nets) => {
             let mut t = Table::new(&["NAME", "SUBNET", "VNI", "ENCRYPTED", "HOSTS", "ENDPOINTS"]);
             for n in nets {
                 t.row(vec![
@@ -232,10 +229,7 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             t.render()
         }
-        Request::NetworkCreate(_)
-        | Request::NetworkInspect { .. }
-        | Request::NetworkRemove { .. } => {
-            let n: NetworkInfo = serde_json::from_value(reply)?;
+        Response::Network(n) => {
             let verb = match request {
                 Request::NetworkCreate(_) => "created ",
                 Request::NetworkRemove { .. } => "removed ",
@@ -251,8 +245,7 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             s
         }
-        Request::Attach(_) | Request::Detach { .. } => {
-            let e: EndpointInfo = serde_json::from_value(reply)?;
+        Response::Endpoint(e) => {
             let verb = if matches!(request, Request::Attach(_)) {
                 "attached"
             } else {
@@ -266,8 +259,7 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
                 or_dash(e.name)
             )
         }
-        Request::Peers => {
-            let peers: Vec<PeerInfo> = serde_json::from_value(reply)?;
+        Response::Peers(peers) => {
             let mut t = Table::new(&[
                 "PEER",
                 "UNDERLAY",
@@ -287,7 +279,7 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
                 t.row(vec![
                     p.name.clone(),
                     p.underlay.to_string(),
-                    p.state.clone(),
+                    p.state.to_string(),
                     p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}ms")),
                     p.endpoints.to_string(),
                     p.networks.join(","),
@@ -303,12 +295,8 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             t.render()
         }
-        Request::RotateKey => format!(
-            "new public key: {}\n",
-            reply["public_key"].as_str().unwrap_or("?")
-        ),
-        Request::Services { .. } => {
-            let services: Vec<ServiceInfo> = serde_json::from_value(reply)?;
+        Response::Key(k) => format!("new public key: {}\n", k.public_key),
+        Response::Services(services) => {
             let mut t = Table::new(&["NETWORK", "SERVICE", "REPLICAS", "ADDRESSES", "HOSTS"]);
             for s in services {
                 t.row(vec![
@@ -325,8 +313,7 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             t.render()
         }
-        Request::Endpoints => {
-            let eps: Vec<EndpointInfo> = serde_json::from_value(reply)?;
+        Response::Endpoints(eps) => {
             let mut t = Table::new(&[
                 "NETWORK", "ADDRESS", "NODE", "STATE", "NAME", "SERVICE", "ALIASES",
             ]);
@@ -335,7 +322,7 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
                     e.network,
                     e.address.to_string(),
                     e.node,
-                    e.state,
+                    e.state.to_string(),
                     or_dash(e.name),
                     or_dash(e.service),
                     if e.aliases.is_empty() {
@@ -347,5 +334,5 @@ pub fn render(request: &Request, reply: serde_json::Value) -> Result<String> {
             }
             t.render()
         }
-    })
+    }
 }

@@ -112,7 +112,7 @@ impl DnsServer {
 
     /// Serves a UDP socket until the task is aborted: batches of queries in one
     /// `recvmmsg`, their local answers in one `sendmmsg`. Forwarded queries run in
-    /// tasks of their own (at most [`Limits::udp_forwards`]) so one slow upstream
+    /// tasks of their own (at most `Limits::udp_forwards`) so one slow upstream
     /// never holds up local answers; aborting the task aborts them too.
     pub fn serve_udp(self: &Arc<Self>, socket: UdpSocket, scope: Scope) -> JoinHandle<()> {
         tokio::spawn(udp::serve(self.clone(), socket, scope))

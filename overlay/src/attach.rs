@@ -17,7 +17,7 @@ use crate::netns::Netns;
 use crate::spec::{Endpoint, NetworkSpec};
 
 impl Host {
-    /// Attaches a namespace to a network already ensured on this host, with the MTU
+    /// Attaches a namespace to a network already applied on this host, with the MTU
     /// of the network's device (which apply computed for its path: underlay or mesh).
     pub async fn attach(&self, spec: &NetworkSpec, ep: &Endpoint) -> Result<()> {
         spec.validate_endpoint_address(ep.address)?;

@@ -45,7 +45,7 @@ pub enum Error {
         holder: String,
     },
 
-    #[error("network {network:?} (VNI {vni}) is not set up on this host; apply it with ensure_network first")]
+    #[error("network {network:?} (VNI {vni}) is not set up on this host; apply it first")]
     UnknownNetwork { network: String, vni: u32 },
 
     #[error("underlay interface for {address} not found in namespace {ns}; give underlay_interface or add the address")]

@@ -4,10 +4,11 @@
 //! them apart. Each of a network's interfaces (its VXLAN device and every endpoint's
 //! host veth) carries the network's VNI as its interface group, so the rules stay the
 //! same size however many endpoints there are: a packet may be forwarded between two
-//! of our interfaces only when both are in the same group; from outside into a network only replies pass (as with
-//! Docker's bridge); traffic leaving the overlay for the outside is masqueraded. The
-//! table is rendered from the networks (pure, unit-tested) and replaced in one nft
-//! transaction; a hash in the table's comment lets a re-apply of the same state skip it.
+//! of our interfaces only when both are in the same group; from outside into a
+//! network only replies pass (as with Docker's bridge); traffic leaving the overlay
+//! for the outside is masqueraded. The table is rendered from the networks (pure,
+//! unit-tested) and replaced in one nft transaction; a hash in the table's comment
+//! lets a re-apply of the same state skip it.
 //!
 //! A Docker host adds a second filter: dockerd sets the FORWARD policy of its own
 //! iptables table to DROP. A drop in any base chain is final, so our accept alone does
@@ -25,18 +26,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::Ipv4Net;
 
+use crate::constants::{
+    ENCRYPTED_VXLAN_PORT, FIREWALL_TABLE, FORWARD_MARK, MESH_INTERFACE, VXLAN_PORT,
+};
 use crate::error::{Error, Result};
-use crate::host::{ENCRYPTED_VXLAN_PORT, VXLAN_PORT};
 use crate::netns::Netns;
 use crate::spec::{HostState, NetworkSpec};
-use crate::wireguard::MESH_INTERFACE;
-
-/// Name of our table (family `ip`).
-pub const TABLE: &str = "netagent";
-
-/// The packet-mark bit our forward chain sets on what it accepts. One bit, outside
-/// the ones kube-proxy (0x4000, 0x8000) and Weave (0x20000, 0x40000) use.
-pub const FORWARD_MARK: u32 = 0x0100_0000;
 
 /// What the table is made from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,7 +71,7 @@ pub fn render(spec: &FirewallSpec) -> String {
     let mut h = DefaultHasher::new();
     body.hash(&mut h);
     format!(
-        "table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n\tcomment \"{}\"\n{body}}}\n",
+        "table ip {FIREWALL_TABLE}\ndelete table ip {FIREWALL_TABLE}\ntable ip {FIREWALL_TABLE} {{\n\tcomment \"{}\"\n{body}}}\n",
         marker(h.finish())
     )
 }
@@ -298,7 +293,7 @@ pub(crate) async fn sync(ns: &Netns, spec: &FirewallSpec, last: &Arc<LastApplied
 
 /// Our table as the kernel lists it, in [`canonical`] form (called inside the namespace).
 pub(crate) fn list_table(ns: &str) -> Result<String> {
-    nft(ns, &["list", "table", "ip", TABLE], None).map(|l| canonical(&l))
+    nft(ns, &["list", "table", "ip", FIREWALL_TABLE], None).map(|l| canonical(&l))
 }
 
 /// A listing with its whitespace collapsed and each set's elements sorted: a hash set
@@ -337,14 +332,14 @@ pub(crate) async fn remove(ns: &Netns, last: &Arc<LastApplied>) -> Result<()> {
         let mut last = last.lock();
         *last = None;
         if list_table(&name).is_ok() {
-            nft(&name, &["delete", "table", "ip", TABLE], None)?;
+            nft(&name, &["delete", "table", "ip", FIREWALL_TABLE], None)?;
         }
         Ok(())
     })
     .await
 }
 
-/// What [`open_docker_forward`] found.
+/// What [`Host::open_docker_forward`](crate::Host::open_docker_forward) found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DockerForward {
     /// No `DOCKER-USER` chain: no dockerd manages iptables here.
@@ -369,7 +364,7 @@ fn docker_rule(verb: &str) -> Vec<String> {
         "-m",
         "comment",
         "--comment",
-        TABLE,
+        FIREWALL_TABLE,
         "-j",
         "ACCEPT",
     ]

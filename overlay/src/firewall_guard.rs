@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::constants::FIREWALL_TABLE;
 use crate::error::{Error, Result};
-use crate::firewall::{apply_ruleset, list_table, LastApplied, TABLE};
+use crate::firewall::{apply_ruleset, list_table, LastApplied};
 use crate::netns::Netns;
 
 /// `nfnetlink` subsystem of nftables, and the message types we read.
@@ -33,7 +34,7 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 const QUIET: Duration = Duration::from_millis(15);
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
-/// Watching while held; dropping it stops the watch (within [`QUIET`]).
+/// Watching while held; dropping it stops the watch (within `QUIET`, 15 ms).
 pub struct FirewallGuard {
     stop: Arc<AtomicBool>,
 }
@@ -144,7 +145,10 @@ fn watch(fd: &std::os::fd::OwnedFd, ns: &str, last: &LastApplied, stop: &AtomicB
     let mut buf = vec![0u8; 1 << 16];
     // (first event of the burst, latest event)
     let mut pending: Option<(Instant, Instant)> = None;
-    debug!(ns, "watching nftables for changes to table {TABLE}");
+    debug!(
+        ns,
+        "watching nftables for changes to table {FIREWALL_TABLE}"
+    );
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: reads into our own buffer, at most its length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -184,7 +188,7 @@ fn restore_if_changed(ns: &str, last: &LastApplied, since: Instant) {
             applied.listing = listing;
             info!(
                 ns,
-                table = TABLE,
+                table = FIREWALL_TABLE,
                 after_ms = since.elapsed().as_millis() as u64,
                 "firewall table {why} by another program; restored"
             );
@@ -207,7 +211,7 @@ fn touches_our_table(mut datagram: &[u8]) -> bool {
             && kind & 0xff != NFT_MSG_NEWGEN
             && message.len() >= 4
             && message[0] == NFPROTO_IPV4
-            && table_name(&message[4..]) == Some(TABLE.as_bytes())
+            && table_name(&message[4..]) == Some(FIREWALL_TABLE.as_bytes())
         {
             touched = true;
         }
@@ -263,15 +267,19 @@ mod tests {
     fn our_table_is_recognised_among_events() {
         const DELTABLE: u16 = 2;
         const NEWRULE: u16 = 6;
-        assert!(touches_our_table(&event(DELTABLE, NFPROTO_IPV4, TABLE)));
+        assert!(touches_our_table(&event(
+            DELTABLE,
+            NFPROTO_IPV4,
+            FIREWALL_TABLE
+        )));
         assert!(!touches_our_table(&event(DELTABLE, NFPROTO_IPV4, "filter")));
         // inet and ip6 tables of the same name are not ours.
-        assert!(!touches_our_table(&event(NEWRULE, 1, TABLE)));
-        assert!(!touches_our_table(&event(NEWRULE, 10, TABLE)));
+        assert!(!touches_our_table(&event(NEWRULE, 1, FIREWALL_TABLE)));
+        assert!(!touches_our_table(&event(NEWRULE, 10, FIREWALL_TABLE)));
         let mut burst = event(NEWRULE, NFPROTO_IPV4, "filter");
         burst.extend(event(NEWRULE, NFPROTO_IPV4, "netagent2"));
         assert!(!touches_our_table(&burst));
-        burst.extend(event(NEWRULE, NFPROTO_IPV4, TABLE));
+        burst.extend(event(NEWRULE, NFPROTO_IPV4, FIREWALL_TABLE));
         assert!(touches_our_table(&burst));
         assert!(!touches_our_table(&burst[..burst.len() - 3]));
         assert!(!touches_our_table(&[]));

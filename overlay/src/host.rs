@@ -1,34 +1,31 @@
-//! One host's overlay, driven by intent: `apply` a whole desired state, or the single
-//! operations it is made of (`ensure_network`, `set_peers`, `attach`, `detach`,
-//! `remove_network`). Everything is idempotent and adopts what an earlier process left.
+//! One host's overlay, driven by intent: `apply` a whole desired state, or attach
+//! and detach one endpoint (`attach`). Everything is idempotent and adopts what an
+//! earlier process left. Reading the kernel back is `observe`'s, removing all of
+//! ours `reset`'s.
 
-use std::collections::{BTreeSet, HashMap};
+mod observe;
+mod reset;
+
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use tracing::{debug, info};
 
+use crate::constants::{
+    ENCRYPTED_VXLAN_PORT, MAX_MESH_MTU, MESH_INTERFACE, VXLAN_OVERHEAD, VXLAN_PORT,
+    WIREGUARD_OVERHEAD,
+};
 use crate::error::{Error, Result};
 use crate::firewall::{self, FirewallSpec, LastApplied};
 use crate::firewall_guard::{self, FirewallGuard};
-use crate::naming::{host_veth_address, vxlan_name, Mac};
+use crate::naming::{vxlan_name, Mac};
 use crate::netlink::{Link, Netlink, Route};
 use crate::netns::{Netns, NetnsRef};
 use crate::plan::{desired_objects, plan, Object};
-use crate::spec::{HostState, NetworkSpec, NetworkState, Peer};
-use crate::wireguard::{
-    KeyPair, Mesh, MeshOptions, OnFailure, MAX_MESH_MTU, MESH_INTERFACE, WIREGUARD_OVERHEAD,
-};
-
-/// VXLAN over IPv4 adds 50 bytes (outer IP 20, UDP 8, VXLAN 8, inner Ethernet 14).
-pub const VXLAN_OVERHEAD: u32 = 50;
-/// VXLAN's port for plain networks, on the underlay.
-pub const VXLAN_PORT: u16 = 4789;
-/// VXLAN's port for encrypted networks, inside the mesh only: a socket of its own,
-/// so a plaintext packet to 4789 can never reach an encrypted network's device, and
-/// anything to 4790 that did not come out of the mesh is dropped by the firewall.
-pub const ENCRYPTED_VXLAN_PORT: u16 = 4790;
+use crate::spec::{HostState, NetworkSpec, NetworkState};
+use crate::wireguard::{KeyPair, Mesh, MeshOptions, OnFailure};
 
 fn vxlan_port(spec: &NetworkSpec) -> u16 {
     if spec.encrypted {
@@ -70,14 +67,6 @@ impl Underlay {
     pub fn overlay_mtu(&self) -> u32 {
         self.mtu.saturating_sub(VXLAN_OVERHEAD)
     }
-}
-
-/// What is in the kernel now, as plan objects plus the raw links for lookups.
-pub(crate) struct Observed {
-    objects: BTreeSet<Object>,
-    links: HashMap<String, Link>,
-    /// Our host veths that are not complete endpoints (crash mid-attach): removed.
-    orphans: Vec<Link>,
 }
 
 /// A host's network namespace with a netlink socket inside it.
@@ -198,80 +187,6 @@ impl Host {
         Ok(report)
     }
 
-    /// Reads back every object we own in this namespace.
-    pub(crate) async fn observe(&self) -> Result<Observed> {
-        let links: HashMap<String, Link> = self
-            .nl
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| (l.name.clone(), l))
-            .collect();
-        let addresses = self.nl.addresses().await?;
-        let routes = self.nl.routes(true).await?;
-        let neighbours = self.nl.permanent_neighbours().await?;
-        let fdb = self.nl.vxlan_fdb().await?;
-        let mut objects = BTreeSet::new();
-        let mut orphans = Vec::new();
-        for link in links.values() {
-            if let (Some(vni), Some(vx)) = (vni_of(&link.name, "nax"), &link.vxlan) {
-                let sound = vx.vni == vni
-                    && (vx.port == VXLAN_PORT || vx.port == ENCRYPTED_VXLAN_PORT)
-                    && !vx.learning
-                    && link.group == vni;
-                let local = vx.local.filter(|_| sound).unwrap_or(Ipv4Addr::UNSPECIFIED);
-                objects.insert(Object::Vxlan { vni, local });
-                for (_, address) in addresses.iter().filter(|(i, _)| *i == link.index) {
-                    objects.insert(Object::Gateway {
-                        vni,
-                        address: *address,
-                    });
-                }
-                for (_, mac, underlay) in fdb.iter().filter(|(i, ..)| *i == link.index) {
-                    objects.insert(Object::PeerFdb {
-                        vni,
-                        mac: *mac,
-                        underlay: *underlay,
-                    });
-                }
-                for (_, ip, mac) in neighbours.iter().filter(|(i, ..)| *i == link.index) {
-                    objects.insert(Object::PeerNeighbour {
-                        vni,
-                        ip: *ip,
-                        mac: *mac,
-                    });
-                }
-                for r in routes.iter().filter(|r| r.oif == Some(link.index)) {
-                    objects.insert(Object::PeerRoute {
-                        vni,
-                        block: r.destination,
-                    });
-                }
-            } else if let Some(address) = host_veth_address(&link.name) {
-                // Complete = tagged with its id (the last attach step), up, in a network's
-                // group, and routed; anything less is a leftover of an interrupted attach.
-                let routed = routes
-                    .iter()
-                    .any(|r| r.oif == Some(link.index) && r.destination == Ipv4Net::from(address));
-                match (&link.alias, link.up && routed && link.group != 0) {
-                    (Some(id), true) => {
-                        objects.insert(Object::Endpoint {
-                            vni: link.group,
-                            address,
-                            id: id.clone(),
-                        });
-                    }
-                    _ => orphans.push(link.clone()),
-                }
-            }
-        }
-        Ok(Observed {
-            objects,
-            links,
-            orphans,
-        })
-    }
-
     async fn create_object(
         &self,
         object: &Object,
@@ -370,87 +285,6 @@ impl Host {
         }
     }
 
-    // ---- single intent operations ----
-
-    /// VXLAN device and gateway of one network (no peers, no endpoints).
-    pub async fn ensure_network(&self, underlay: &Underlay, spec: &NetworkSpec) -> Result<()> {
-        spec.validate()?;
-        self.ns.write_sysctl("net.ipv4.ip_forward", "1").await?;
-        self.reconcile_part(underlay, spec, &[], |o| {
-            matches!(o, Object::Vxlan { .. } | Object::Gateway { .. })
-        })
-        .await
-    }
-
-    /// Programs exactly `peers` for a network: one route, neighbour and FDB entry each.
-    pub async fn set_peers(
-        &self,
-        underlay: &Underlay,
-        spec: &NetworkSpec,
-        peers: &[Peer],
-    ) -> Result<()> {
-        self.reconcile_part(underlay, spec, peers, |o| {
-            matches!(
-                o,
-                Object::PeerFdb { .. } | Object::PeerNeighbour { .. } | Object::PeerRoute { .. }
-            )
-        })
-        .await
-    }
-
-    /// Reconciles only the objects of one network that `part` selects.
-    async fn reconcile_part(
-        &self,
-        underlay: &Underlay,
-        spec: &NetworkSpec,
-        peers: &[Peer],
-        part: fn(&Object) -> bool,
-    ) -> Result<()> {
-        let net = NetworkState {
-            network: spec.clone(),
-            peers: peers.to_vec(),
-            endpoints: vec![],
-        };
-        let state = HostState {
-            underlay_address: underlay.address,
-            underlay_interface: None,
-            networks: vec![net.clone()],
-            mesh_address: spec.encrypted.then_some(underlay.address),
-            protected: Vec::new(),
-        };
-        let mut observed = self.observe().await?;
-        let wanted: BTreeSet<Object> = desired_objects(&state).into_iter().filter(part).collect();
-        let mine: BTreeSet<Object> = observed
-            .objects
-            .iter()
-            .filter(|o| o.vni() == spec.vni && part(o))
-            .cloned()
-            .collect();
-        let p = plan(&wanted, &mine);
-        for o in &p.remove {
-            self.remove_object(o, &observed.links).await?;
-        }
-        for o in &p.create {
-            self.create_object(o, &net, underlay, &mut observed.links)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Removes a network's endpoints, its device and everything on it.
-    pub async fn remove_network(&self, vni: u32) -> Result<()> {
-        let observed = self.observe().await?;
-        let mut errors = Vec::new();
-        for o in observed.objects.iter().rev().filter(|o| o.vni() == vni) {
-            if matches!(o, Object::Endpoint { .. } | Object::Vxlan { .. }) {
-                if let Err(e) = self.remove_object(o, &observed.links).await {
-                    errors.push(e);
-                }
-            }
-        }
-        Error::collect(errors)
-    }
-
     /// Starts the encrypted mesh here: the device with `address/prefix`, its MTU the
     /// underlay's less WireGuard's overhead, no ARP (every peer is reached through the
     /// datapath, which reads frames addressed to the device itself), and the datapath
@@ -485,7 +319,7 @@ impl Host {
             .ok_or_else(|| Error::Mesh {
                 message: format!("{MESH_INTERFACE} vanished after creation"),
             })?;
-        let net = ipnet::Ipv4Net::new(address, prefix).map_err(|e| Error::Mesh {
+        let net = Ipv4Net::new(address, prefix).map_err(|e| Error::Mesh {
             message: e.to_string(),
         })?;
         self.nl.set_mtu(link.index, MESH_INTERFACE, mtu).await?;
@@ -507,30 +341,6 @@ impl Host {
     pub async fn open_docker_forward(&self) -> Result<firewall::DockerForward> {
         firewall::open_docker_forward(&self.ns).await
     }
-
-    /// Removes every device and rule we own here (uninstall, tests); reports every error.
-    pub async fn reset(&self) -> Result<()> {
-        let observed = self.observe().await?;
-        let mut errors = Vec::new();
-        let ours =
-            |l: &&Link| vni_of(&l.name, "nax").is_some() || host_veth_address(&l.name).is_some();
-        for link in observed.links.values().filter(ours) {
-            if let Err(e) = self.nl.delete_link(link.index, &link.name).await {
-                errors.push(e);
-            }
-        }
-        if let Err(e) = firewall::remove(&self.ns, &self.firewall).await {
-            errors.push(e);
-        }
-        if let Err(e) = firewall::close_docker_forward(&self.ns).await {
-            errors.push(e);
-        }
-        Error::collect(errors)
-    }
-}
-
-fn vni_of(name: &str, prefix: &str) -> Option<u32> {
-    name.strip_prefix(prefix)?.parse().ok()
 }
 
 fn index_of(links: &HashMap<String, Link>, name: &str) -> Result<u32> {

@@ -9,6 +9,7 @@
 //! netlink or namespaces.
 
 mod attach;
+mod constants;
 mod error;
 mod firewall;
 mod firewall_guard;
@@ -22,16 +23,27 @@ mod probe;
 mod spec;
 mod wireguard;
 
+pub use constants::{
+    ENCRYPTED_VXLAN_PORT, FIREWALL_TABLE, FORWARD_MARK, MAX_VNI, MESH_INTERFACE, VXLAN_OVERHEAD,
+    VXLAN_PORT, WIREGUARD_OVERHEAD,
+};
 pub use error::{Error, Result};
-pub use firewall::{DockerForward, FORWARD_MARK, TABLE as FIREWALL_TABLE};
+pub use firewall::DockerForward;
 pub use firewall_guard::FirewallGuard;
-pub use host::{ApplyReport, Host, Underlay, ENCRYPTED_VXLAN_PORT, VXLAN_OVERHEAD, VXLAN_PORT};
+pub use host::{ApplyReport, Host, Underlay};
 pub use naming::{host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};
 pub use pinned::{rewrite_in_root, PinnedProcess, Rewrite, MAX_CONTAINER_FILE};
 pub use plan::{desired_objects, plan, Object, Plan};
 pub use probe::overlay_rtt;
-pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer, MAX_VNI};
-pub use wireguard::{
-    KeyPair, Mesh, MeshOptions, MeshPeer, OnFailure, PeerStats, MESH_INTERFACE, WIREGUARD_OVERHEAD,
-};
+pub use spec::{block_gateway, Endpoint, HostState, NetworkSpec, NetworkState, Peer};
+pub use wireguard::{KeyPair, Mesh, MeshOptions, MeshPeer, OnFailure, PeerStats};
+
+/// The offload splitter and coalescer, for the crate's benchmarks only: not part of
+/// the API, may change with any release.
+#[doc(hidden)]
+pub mod bench_support {
+    pub use crate::wireguard::offload::{
+        split, Coalescer, Malformed, VnetHeader, ETH_LEN, FRAME_HEADROOM, VNET_HDR_LEN,
+    };
+}

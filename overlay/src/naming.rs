@@ -15,6 +15,11 @@ pub fn vxlan_name(vni: u32) -> String {
     format!("nax{vni}")
 }
 
+/// The VNI encoded in a VXLAN device name, if it is one of ours.
+pub fn vxlan_vni(name: &str) -> Option<u32> {
+    name.strip_prefix("nax")?.parse().ok()
+}
+
 /// Host side of an endpoint's veth pair: the endpoint's address in hex, unique on the
 /// host because subnets of different networks never overlap.
 pub fn host_veth_name(address: Ipv4Addr) -> String {
@@ -29,9 +34,6 @@ pub fn host_veth_address(name: &str) -> Option<Ipv4Addr> {
         .flatten()
         .map(Ipv4Addr::from)
 }
-
-/// Route protocol number stamped on the routes we add, so we can tell ours apart.
-pub const ROUTE_PROTOCOL: u8 = 78;
 
 /// A 48-bit Ethernet address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,6 +104,8 @@ mod tests {
     #[test]
     fn names_fit_ifnamsiz_and_round_trip() {
         assert!(vxlan_name(16_777_215).len() <= 15);
+        assert_eq!(vxlan_vni(&vxlan_name(300)), Some(300));
+        assert_eq!(vxlan_vni("nav644003c8"), None);
         let ip = Ipv4Addr::new(100, 64, 3, 200);
         let name = host_veth_name(ip);
         assert_eq!(name, "nav644003c8");

@@ -18,8 +18,9 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
+use crate::constants::ROUTE_PROTOCOL;
 use crate::error::{Error, Result};
-use crate::naming::{Mac, ROUTE_PROTOCOL};
+use crate::naming::Mac;
 
 const EEXIST: i32 = libc::EEXIST;
 const RT_TABLE_MAIN: u8 = 254;
@@ -157,8 +158,6 @@ impl Netlink {
     /// A veth pair whose peer is born inside the namespace `peer_ns_fd` (one message, so
     /// the pair never exists with both ends here). "Name taken" (in either namespace)
     /// is `Ok(false)` so the caller can pick another peer name.
-    /// Reports "name taken" (in either namespace) as `Ok(false)`
-    /// so the caller can pick another peer name.
     #[allow(clippy::too_many_arguments)]
     pub async fn try_create_veth(
         &self,

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::constants::MAX_VNI;
 use crate::error::{Error, Result};
 use crate::naming::Mac;
 use crate::netns::NetnsRef;
@@ -58,7 +59,8 @@ pub struct NetworkSpec {
     pub vni: u32,
     /// The whole network's subnet, spanning all hosts.
     pub subnet: Ipv4Net,
-    /// This host's block of `subnet`; its first address is the gateway on the bridge.
+    /// This host's block of `subnet`; its first address is the gateway, held by the
+    /// network's VXLAN device.
     pub block: Ipv4Net,
     /// MTU asked for the network; the underlay's MTU less VXLAN's overhead caps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,9 +124,6 @@ impl Endpoint {
         self.mac.unwrap_or_else(|| Mac::for_ip(self.address))
     }
 }
-
-/// Largest VNI VXLAN can carry.
-pub const MAX_VNI: u32 = (1 << 24) - 1;
 
 impl NetworkSpec {
     pub fn validate(&self) -> Result<()> {

@@ -6,6 +6,7 @@
 # Usage: dns.sh [SECONDS]   Last line: key=value figures.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib.sh
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 secs=${1:-5}
 scripts/deps.sh
@@ -13,6 +14,7 @@ for p in dnsperf dnsmasq-base; do
   dpkg-query -W -f='${Status}' $p 2>/dev/null | grep -q "ok installed" || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $p >/dev/null
 done
 cargo build --release --workspace --bins >&2
+bin_dir=$(release_dir)
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -46,7 +48,7 @@ run_dnsperf() {
 }
 
 # netagent
-target/release/netagent-testbed dns-serve 127.0.0.1:5301 > "$work/na.log" 2>&1 &
+"$bin_dir/netagent-testbed" dns-serve 127.0.0.1:5301 > "$work/na.log" 2>&1 &
 na=$!; pids+=("$na"); sleep 0.5
 # dnsmasq, same names from a hosts file
 cat > "$work/hosts" <<H

@@ -4,7 +4,9 @@
 # Last line: overlay_gbps=.. vxlan_gbps=.. underlay_gbps=.. ratio=.. (ratio = overlay/underlay, -P1)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib.sh
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 scripts/deps.sh
 cargo build --release --workspace --bins >&2
-exec target/release/netagent-testbed bench-overlay "${1:-10}"
+bin_dir=$(release_dir)
+exec "$bin_dir/netagent-testbed" bench-overlay "${1:-10}"

@@ -11,15 +11,17 @@
 #            [wireguard_go_modern_gbps=.. vs_wireguard_go_modern=..]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib.sh
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 scripts/deps.sh
 for p in wireguard-go wireguard-tools; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
 done
-tools=target/bench-tools
+tools=$(target_dir)/bench-tools
 [ -x "$tools/bin/boringtun-cli" ] || cargo install --quiet --locked boringtun-cli --root "$tools" >&2
 cargo build --release --workspace --bins >&2
 modern=${WIREGUARD_GO_MODERN:-../shared/anchors/wireguard-go-modern}
 [ -x "$modern" ] || { echo "no modern wireguard-go at $modern: that column is skipped" >&2; modern=; }
-exec "${CARGO_TARGET_DIR:-target}/release/netagent-testbed" bench-wireguard "${1:-5}" "$tools/bin/boringtun-cli" ${modern:+"$(realpath "$modern")"}
+bin_dir=$(release_dir)
+exec "$bin_dir/netagent-testbed" bench-wireguard "${1:-5}" "$tools/bin/boringtun-cli" ${modern:+"$(realpath "$modern")"}

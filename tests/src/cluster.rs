@@ -30,17 +30,17 @@ pub struct Cluster {
     pub lease_ttl: u64,
     etcd: Option<u32>,
     agents: Vec<Option<u32>>,
-    /// Extra lines for every agent's [dns] table.
+    /// Extra lines for every agent's `[dns]` table.
     pub dns_extra: String,
     /// No etcd: agents use the embedded local store.
     local_store: bool,
     /// Per host: the Docker engine its agent follows (None: integration off).
     pub docker_sockets: Vec<Option<PathBuf>>,
-    /// Per host: lines for its agent's [mesh] table.
+    /// Per host: lines for its agent's `[mesh]` table.
     pub mesh_config: Vec<String>,
     /// etcd's CA and certificates (None: plaintext etcd or the local store).
     pub pki: Option<Pki>,
-    /// Per host: the [store] keys after `etcd = [...]` and `lease_ttl_secs`, in place
+    /// Per host: the `[store]` keys after `etcd = [...]` and `lease_ttl_secs`, in place
     /// of the cluster's own credentials (None: the cluster's).
     pub store_keys: Vec<Option<String>>,
 }
@@ -294,6 +294,7 @@ impl Cluster {
         let Some(pid) = self.agents[host - 1].take() else {
             return String::new();
         };
+        // SAFETY: kill takes no pointers; the pid is a child this test bed started.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         let mut child = self.bed.take(pid).expect("agent process");
         child.wait().expect("agent exits");

@@ -115,6 +115,7 @@ impl DockerHost {
     /// Stops dockerd (SIGTERM, as systemctl stop does; it stops its containers).
     pub fn stop_engine(&mut self) {
         if let Some(mut child) = self.dockerd.take() {
+            // SAFETY: kill takes no pointers; the pid is our own child, not yet reaped.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while child.try_wait().unwrap().is_none() {
@@ -276,6 +277,7 @@ fn remove_stale() {
         let dir = entry.path();
         if let Ok(pid) = std::fs::read_to_string(dir.join("dockerd.pid")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: kill takes no pointers; the pid is a dockerd this test bed started.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
                 for _ in 0..200 {
                     if !Path::new(&format!("/proc/{pid}")).exists() {

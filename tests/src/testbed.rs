@@ -250,6 +250,7 @@ fn remove_netns(ns: &str) {
     let pids = sh(&format!("ip netns pids {ns} 2>/dev/null"));
     for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
         if let Ok(pid) = pid.parse::<i32>() {
+            // SAFETY: kill takes no pointers; the pid is a process started in this test bed.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
@@ -287,6 +288,8 @@ where
     let file = std::fs::File::open(netns_path(netns))
         .unwrap_or_else(|e| panic!("open netns {netns}: {e}"));
     std::thread::spawn(move || {
+        // SAFETY: the fd is an open namespace file owned by `file` for the whole call;
+        // setns changes only this (dedicated) thread's namespace.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         work()

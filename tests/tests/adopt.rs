@@ -3,13 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use netagent_tests::{netagent_bin, require_root, write_state, Mesh, Testbed};
+use netagent_tests::{netagent_bin, root_test, write_state, Mesh, Testbed};
 
 #[test]
 fn killing_and_replacing_the_controller_loses_no_packet() {
-    if !require_root("killing_and_replacing_the_controller_loses_no_packet") {
-        return;
-    }
+    root_test!();
     let bin = netagent_bin();
     let bin = bin.to_str().unwrap();
     let mut bed = Testbed::new(2);

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use netagent_tests::cluster::{resolve, wait_for, Cluster};
-use netagent_tests::{require_root, tcp_transfer};
+use netagent_tests::{root_test, tcp_transfer};
 
 fn sorted(v: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
     let mut v = v.to_vec();
@@ -16,9 +16,7 @@ fn sorted(v: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
 
 #[test]
 fn replicas_on_other_hosts_resolve_rotated_and_take_tcp() {
-    if !require_root("replicas_on_other_hosts_resolve_rotated_and_take_tcp") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(3, 3);
     c.create_network("app-net", "100.64.0.0/16");
     let client = c.bed.container("client");
@@ -81,9 +79,7 @@ fn with_client(c: &mut Cluster) -> String {
 
 #[test]
 fn detached_or_vanished_replicas_leave_every_answer() {
-    if !require_root("detached_or_vanished_replicas_leave_every_answer") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(3, 3);
     let client1 = with_client(&mut c);
     let client3 = c.bed.container("client3");
@@ -125,9 +121,7 @@ fn detached_or_vanished_replicas_leave_every_answer() {
 
 #[test]
 fn a_dead_host_leaves_the_answers_and_comes_back_with_the_same_addresses() {
-    if !require_root("a_dead_host_leaves_the_answers_and_comes_back_with_the_same_addresses") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(3, 3);
     let client = with_client(&mut c);
     let a2 = c.bed.container("a2");
@@ -164,9 +158,7 @@ fn a_dead_host_leaves_the_answers_and_comes_back_with_the_same_addresses() {
 
 #[test]
 fn a_partitioned_host_rejoins_by_itself() {
-    if !require_root("a_partitioned_host_rejoins_by_itself") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(3, 2);
     let client = with_client(&mut c);
     let a2 = c.bed.container("a2");
@@ -200,9 +192,7 @@ fn a_partitioned_host_rejoins_by_itself() {
 
 #[test]
 fn restarting_an_agent_loses_no_ping() {
-    if !require_root("restarting_an_agent_loses_no_ping") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(2, 3);
     let client = with_client(&mut c);
     let server = c.bed.container("server");
@@ -234,9 +224,7 @@ fn restarting_an_agent_loses_no_ping() {
 
 #[test]
 fn concurrent_attaches_on_three_hosts_get_distinct_addresses() {
-    if !require_root("concurrent_attaches_on_three_hosts_get_distinct_addresses") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(3, 3);
     c.create_network("app-net", "100.64.0.0/16");
     let per_host: Vec<Vec<String>> = (1..=3)
@@ -297,9 +285,7 @@ fn concurrent_attaches_on_three_hosts_get_distinct_addresses() {
 
 #[test]
 fn with_etcd_down_names_and_traffic_go_on_and_attach_says_why() {
-    if !require_root("with_etcd_down_names_and_traffic_go_on_and_attach_says_why") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(2, 3);
     let client = with_client(&mut c);
     let server = c.bed.container("server");
@@ -339,9 +325,7 @@ fn with_etcd_down_names_and_traffic_go_on_and_attach_says_why() {
 
 #[test]
 fn the_local_store_keeps_addresses_across_restarts() {
-    if !require_root("the_local_store_keeps_addresses_across_restarts") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::local();
     c.start_agent(1);
     c.create_network("solo", "100.64.0.0/24");
@@ -365,9 +349,7 @@ fn the_local_store_keeps_addresses_across_restarts() {
 
 #[test]
 fn bad_input_is_refused_with_the_fix() {
-    if !require_root("bad_input_is_refused_with_the_fix") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(1, 3);
     c.create_network("app-net", "100.64.0.0/16");
     let err = |out: std::process::Output| {
@@ -422,9 +404,7 @@ fn bad_input_is_refused_with_the_fix() {
 
 #[test]
 fn a_namespace_gone_while_its_agent_was_down_is_removed_at_start() {
-    if !require_root("a_namespace_gone_while_its_agent_was_down_is_removed_at_start") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(2, 3);
     let client = with_client(&mut c);
     let kept = c.bed.container("kept");

@@ -3,13 +3,11 @@
 use std::net::Ipv4Addr;
 
 use netagent_overlay::{Endpoint, Host, NetnsRef, NetworkSpec};
-use netagent_tests::{apply, require_root, testbed::netns_path, Mesh, Testbed};
+use netagent_tests::{apply, root_test, testbed::netns_path, Mesh, Testbed};
 
 #[test]
 fn bad_attaches_are_refused_and_leave_nothing() {
-    if !require_root("bad_attaches_are_refused_and_leave_nothing") {
-        return;
-    }
+    root_test!();
     let mut bed = Testbed::new(1);
     let c1 = bed.container("a1");
     let c2 = bed.container("a2");
@@ -114,9 +112,7 @@ fn bad_attaches_are_refused_and_leave_nothing() {
 
 #[test]
 fn a_namespace_that_vanishes_is_reported_and_the_rest_applies() {
-    if !require_root("a_namespace_that_vanishes_is_reported_and_the_rest_applies") {
-        return;
-    }
+    root_test!();
     let mut bed = Testbed::new(1);
     let c1 = bed.container("a1");
     let mut mesh = Mesh::new(&bed).network("a", 100, "100.64.0.0/16");

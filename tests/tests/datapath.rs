@@ -1,7 +1,7 @@
 //! End-to-end tests of the overlay datapath on the test bed: real namespaces, real
 //! kernel VXLAN, bridges, veths and nftables.
 
-use netagent_tests::{apply, block, require_root, tcp_transfer, Mesh, Testbed, OUTSIDE_ADDRESS};
+use netagent_tests::{apply, block, root_test, tcp_transfer, Mesh, Testbed, OUTSIDE_ADDRESS};
 
 fn mesh_ab(bed: &Testbed) -> Mesh {
     Mesh::new(bed)
@@ -17,9 +17,7 @@ fn apply_all(bed: &Testbed, mesh: &Mesh) {
 
 #[test]
 fn namespaces_on_different_hosts_talk_at_full_mtu() {
-    if !require_root("namespaces_on_different_hosts_talk_at_full_mtu") {
-        return;
-    }
+    root_test!();
     let mut bed = Testbed::new(3);
     let c1 = bed.container("a1");
     let c3 = bed.container("a3");
@@ -44,9 +42,7 @@ fn namespaces_on_different_hosts_talk_at_full_mtu() {
 
 #[test]
 fn networks_are_isolated_on_one_host_and_across_hosts() {
-    if !require_root("networks_are_isolated_on_one_host_and_across_hosts") {
-        return;
-    }
+    root_test!();
     let mut bed = Testbed::new(3);
     let a1 = bed.container("a1");
     let a3 = bed.container("a3");
@@ -81,9 +77,7 @@ fn networks_are_isolated_on_one_host_and_across_hosts() {
 
 #[test]
 fn reapply_changes_nothing_and_removal_is_exact() {
-    if !require_root("reapply_changes_nothing_and_removal_is_exact") {
-        return;
-    }
+    root_test!();
     let mut bed = Testbed::new(3);
     let c1 = bed.container("a1");
     let c2 = bed.container("a2");
@@ -163,9 +157,7 @@ fn reapply_changes_nothing_and_removal_is_exact() {
 
 #[test]
 fn egress_reaches_the_outside_through_the_host() {
-    if !require_root("egress_reaches_the_outside_through_the_host") {
-        return;
-    }
+    root_test!();
     let mut bed = Testbed::new(2);
     let c = bed.container("e");
     let mut mesh = mesh_ab(&bed);

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use netagent_dns::{DnsServer, EndpointRecord, Forwarder, SnapshotBuilder};
-use netagent_tests::{in_netns, require_root, upstream, Testbed};
+use netagent_tests::{in_netns, root_test, upstream, Testbed};
 
 fn ep(network: &str, ip: [u8; 4], name: &str, service: &str) -> EndpointRecord {
     EndpointRecord {
@@ -107,9 +107,7 @@ fn lines(s: &str) -> Vec<String> {
 
 #[test]
 fn real_clients_resolve_services_names_and_outside_names() {
-    if !require_root("real_clients_resolve_services_names_and_outside_names") {
-        return;
-    }
+    root_test!();
     let mut bed = Testbed::new(0);
     let c = bed.container("dns");
     let quiet = bed.container("quiet");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{wait_for, Cluster};
-use netagent_tests::{in_netns, require_root, upstream, OUTSIDE_ADDRESS};
+use netagent_tests::{in_netns, root_test, upstream, OUTSIDE_ADDRESS};
 
 /// The agent's open descriptors.
 fn fds(pid: u32) -> usize {
@@ -52,9 +52,7 @@ fn two_containers(c: &mut Cluster) -> (String, String, Ipv4Addr) {
 
 #[test]
 fn a_thousand_stalled_tcp_connections_hold_no_more_than_a_few_descriptors() {
-    if !require_root("a_thousand_stalled_tcp_connections_hold_no_more_than_a_few_descriptors") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::local();
     let (flood, victim, db) = two_containers(&mut c);
     let pid = c.agent_pid(1).expect("agent pid");
@@ -121,9 +119,7 @@ fn a_thousand_stalled_tcp_connections_hold_no_more_than_a_few_descriptors() {
 
 #[test]
 fn a_udp_flood_of_stalled_forwards_leaves_the_others_their_upstream() {
-    if !require_root("a_udp_flood_of_stalled_forwards_leaves_the_others_their_upstream") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::local();
     // The upstream answers every zone but flood.test, which it takes and never answers.
     upstream::serve_udp_silent_for_in(

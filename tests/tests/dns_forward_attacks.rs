@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{resolve, wait_for, Cluster};
-use netagent_tests::{in_netns, require_root, upstream, OUTSIDE_ADDRESS};
+use netagent_tests::{in_netns, root_test, upstream, OUTSIDE_ADDRESS};
 
 /// The flood test measures the agent's descriptors; the others must not add load
 /// on two cores meanwhile.
@@ -53,9 +53,7 @@ fn dig(c: &Cluster, ns: &str, args: &str) -> String {
 
 #[test]
 fn a_dotted_label_from_one_network_does_not_poison_the_name_for_another() {
-    if !require_root("a_dotted_label_from_one_network_does_not_poison_the_name_for_another") {
-        return;
-    }
+    root_test!();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = host();
     let (a, _) = container(&mut c, "alpha", "neta", &[]);
@@ -97,9 +95,7 @@ fn open_fds(pid: u32) -> usize {
 
 #[test]
 fn a_query_flood_to_a_dead_zone_holds_descriptors_and_local_names_answer() {
-    if !require_root("a_query_flood_to_a_dead_zone_holds_descriptors_and_local_names_answer") {
-        return;
-    }
+    root_test!();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = host();
     let (flooder, _) = container(&mut c, "flood", "neta", &[]);
@@ -190,9 +186,7 @@ fn a_query_flood_to_a_dead_zone_holds_descriptors_and_local_names_answer() {
 
 #[test]
 fn forged_upstream_answers_are_not_accepted() {
-    if !require_root("forged_upstream_answers_are_not_accepted") {
-        return;
-    }
+    root_test!();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut c = host();
     let (a, _) = container(&mut c, "alpha", "neta", &[]);

@@ -8,8 +8,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use netagent_tests::cluster::{wait_for, Cluster};
-use netagent_tests::docker::{require_docker, resolve_in, DockerHost};
-use netagent_tests::{sh_ok, upstream, OUTSIDE_ADDRESS};
+use netagent_tests::docker::{resolve_in, DockerHost};
+use netagent_tests::{docker_test, sh_ok, upstream, OUTSIDE_ADDRESS};
 
 const NET: &str = "netagent.network=app";
 const ECHO: &str = "com.docker.compose.service=echo_api";
@@ -83,9 +83,7 @@ fn interfaces(d: &DockerHost, container: &str) -> Vec<String> {
 
 #[test]
 fn compose_services_across_two_docker_hosts() {
-    if !require_docker("compose_services_across_two_docker_hosts") {
-        return;
-    }
+    docker_test!();
     let t = DockerCluster::new(2);
     let (c, h1, h2) = (&t.c, &t.engines[0], &t.engines[1]);
     // The test bed's Docker hosts drop forwarded traffic by default, as real ones do.
@@ -265,9 +263,7 @@ fn compose_services_across_two_docker_hosts() {
 
 #[test]
 fn containers_follow_agent_restarts_and_engine_outages() {
-    if !require_docker("containers_follow_agent_restarts_and_engine_outages") {
-        return;
-    }
+    docker_test!();
     let mut t = DockerCluster::new(2);
     t.c.create_network("app", "100.64.0.0/16");
     t.engines[0].run("client", &[NET], &[], &["sleep", "3600"]);

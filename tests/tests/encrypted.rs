@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{wait_for, Cluster};
 use netagent_tests::vxlan::{forged_vxlan, listen_once, vxlan_mac};
-use netagent_tests::{in_netns, require_root, sh, sh_ok, tcp_transfer};
+use netagent_tests::{in_netns, root_test, sh, sh_ok, tcp_transfer};
 
 const MIB10: usize = 10 << 20;
 
@@ -56,9 +56,7 @@ fn read_capture(file: &str, filter: &str) -> Vec<String> {
 
 #[test]
 fn encrypted_and_plain_networks_side_by_side() {
-    if !require_root("encrypted_and_plain_networks_side_by_side") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::new(3, 3);
     // Host 2 runs its mesh packet by packet, as a kernel before 6.17 does: hosts with
     // and without bursts work together (bursts never leave a host).
@@ -211,9 +209,7 @@ fn encrypted_and_plain_networks_side_by_side() {
 
 #[test]
 fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
-    if !require_root("plaintext_vxlan_for_an_encrypted_network_is_dropped") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(2, 3);
     c.create_network("plain", "100.64.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
@@ -306,9 +302,7 @@ fn plaintext_vxlan_for_an_encrypted_network_is_dropped() {
 
 #[test]
 fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
-    if !require_root("encrypted_traffic_resumes_after_agent_restart_and_key_rotation") {
-        return;
-    }
+    root_test!();
     let (mut c, s1, _s2, ip_s2) = Cluster::encrypted_pair(2);
     let once = |c: &Cluster| {
         c.bed
@@ -386,9 +380,7 @@ fn encrypted_traffic_resumes_after_agent_restart_and_key_rotation() {
 
 #[test]
 fn encrypted_network_over_a_jumbo_frame_underlay() {
-    if !require_root("encrypted_network_over_a_jumbo_frame_underlay") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::new(2, 3);
     // An underlay with 9000-byte frames (as many cloud networks have), set before the
     // agents start: they take the MTU from it.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{wait_for, Cluster, ETCD_ADDRESS};
 use netagent_tests::vxlan::{address_on, forged_vxlan, listen_once, vxlan_mac};
-use netagent_tests::{in_netns, require_root, sh, tcp_transfer, OUTSIDE_ADDRESS};
+use netagent_tests::{in_netns, root_test, sh, tcp_transfer, OUTSIDE_ADDRESS};
 
 /// A port some host service listens on (sshd's stand-in).
 const SERVICE_PORT: u16 = 2222;
@@ -73,9 +73,7 @@ fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
 
 #[test]
 fn containers_reach_no_host_store_or_mesh_but_the_outside() {
-    if !require_root("containers_reach_no_host_store_or_mesh_but_the_outside") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(2, 3);
     c.create_network("app", "100.64.0.0/16");
     c.create_encrypted_network("secure", "100.66.0.0/16");
@@ -155,9 +153,7 @@ fn send_from(netns: &str, packet: Vec<u8>, to: SocketAddr) {
 
 #[test]
 fn a_container_cannot_inject_vxlan_into_another_network() {
-    if !require_root("a_container_cannot_inject_vxlan_into_another_network") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(2, 3);
     c.create_network("a", "100.64.0.0/16");
     c.create_network("b", "100.65.0.0/16");
@@ -245,9 +241,7 @@ fn a_container_cannot_inject_vxlan_into_another_network() {
 
 #[test]
 fn a_flushed_ruleset_is_restored_within_a_second() {
-    if !require_root("a_flushed_ruleset_is_restored_within_a_second") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(1, 3);
     c.create_network("a", "100.64.0.0/16");
     c.create_network("b", "100.65.0.0/16");

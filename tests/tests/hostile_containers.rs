@@ -6,8 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use netagent_tests::cluster::{wait_for, Cluster};
-use netagent_tests::docker::{require_docker, DockerHost};
-use netagent_tests::require_root;
+use netagent_tests::docker::DockerHost;
+use netagent_tests::{docker_test, root_test};
 
 const NET: &str = "netagent.network=app";
 
@@ -33,9 +33,7 @@ fn trap(d: &DockerHost, name: &str, labels: &[&str], trap: &str) {
 
 #[test]
 fn resolv_conf_traps_leave_host_files_and_the_event_loop_alone() {
-    if !require_docker("resolv_conf_traps_leave_host_files_and_the_event_loop_alone") {
-        return;
-    }
+    docker_test!();
     let mut c = Cluster::new(1, 3);
     let dir = std::env::temp_dir().join(format!("{}-docker-vfs", c.bed.id));
     let engine = DockerHost::start_with(&c.bed.hosts[0].netns, &dir, &["--storage-driver", "vfs"]);
@@ -112,9 +110,7 @@ fn resolv_conf_traps_leave_host_files_and_the_event_loop_alone() {
 
 #[test]
 fn the_host_namespace_cannot_join_a_network() {
-    if !require_root("the_host_namespace_cannot_join_a_network") {
-        return;
-    }
+    root_test!();
     let c = Cluster::running(1, 3);
     c.create_network("app", "100.64.0.0/16");
     // The agent's host, by its path; and init's namespace (which a sandbox may not
@@ -132,9 +128,7 @@ fn the_host_namespace_cannot_join_a_network() {
 
 #[test]
 fn a_container_gets_no_ipv6_path_to_its_host() {
-    if !require_root("a_container_gets_no_ipv6_path_to_its_host") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(1, 3);
     c.create_network("app", "100.64.0.0/16");
     let ns = c.bed.container("probe");
@@ -160,9 +154,7 @@ fn a_container_gets_no_ipv6_path_to_its_host() {
 
 #[test]
 fn the_api_socket_is_private_and_refuses_huge_requests() {
-    if !require_root("the_api_socket_is_private_and_refuses_huge_requests") {
-        return;
-    }
+    root_test!();
     let c = Cluster::running(1, 3);
     let socket = c.socket(1);
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
@@ -185,9 +177,7 @@ fn the_api_socket_is_private_and_refuses_huge_requests() {
 
 #[test]
 fn a_bad_store_record_takes_out_only_itself() {
-    if !require_root("a_bad_store_record_takes_out_only_itself") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::running(2, 3);
     c.create_network("app", "100.64.0.0/16");
     c.create_network("other", "100.65.0.0/16");

@@ -12,7 +12,7 @@ use blake2::digest::consts::U16;
 use blake2::digest::{Digest, KeyInit, Mac};
 use netagent_tests::cluster::{wait_for, Cluster};
 use netagent_tests::vxlan::{address_on, forged_vxlan, listen_once, vxlan_mac};
-use netagent_tests::{in_netns, require_root};
+use netagent_tests::{in_netns, root_test};
 
 const MESH_PORT: u16 = 51820;
 /// Where the attacker on the underlay sends from (etcd's machine).
@@ -102,9 +102,7 @@ fn send_all(netns: &str, from: Ipv4Addr, to: SocketAddr, packets: Vec<Vec<u8>>) 
 
 #[test]
 fn forged_handshake_responses_do_not_move_a_peer() {
-    if !require_root("forged_handshake_responses_do_not_move_a_peer") {
-        return;
-    }
+    root_test!();
     let (c, s1, _s2, ip_s2) = Cluster::encrypted_pair(2);
     let victim = public_key(&c, 1);
     let before = peer_endpoint(&c, 1, "host2");
@@ -134,9 +132,7 @@ fn forged_handshake_responses_do_not_move_a_peer() {
 
 #[test]
 fn a_handshake_flood_does_not_stop_encrypted_traffic() {
-    if !require_root("a_handshake_flood_does_not_stop_encrypted_traffic") {
-        return;
-    }
+    root_test!();
     let (c, s1, _s2, ip_s2) = Cluster::encrypted_pair(2);
     let victim = public_key(&c, 2);
     // Garbage initiations and initiations with a valid mac1 (anyone with the public
@@ -191,9 +187,7 @@ fn a_handshake_flood_does_not_stop_encrypted_traffic() {
 
 #[test]
 fn a_mesh_peer_cannot_send_into_a_network_it_is_no_part_of() {
-    if !require_root("a_mesh_peer_cannot_send_into_a_network_it_is_no_part_of") {
-        return;
-    }
+    root_test!();
     // "secure" on hosts 1 and 2; "other" on hosts 2 and 3: host 3 is host 2's mesh
     // peer, with no block of "secure".
     let (mut c, s1, s2, ip_s2) = Cluster::encrypted_pair(3);

@@ -1,13 +1,11 @@
 //! Scale: 1,000 namespaces on one host in a 5-host mesh, with the kernel's default
 //! neighbour-table limits. Kernel tables grow with hosts, not with containers.
 
-use netagent_tests::{apply, require_root, sh, Mesh, Testbed};
+use netagent_tests::{apply, root_test, sh, Mesh, Testbed};
 
 #[test]
 fn a_thousand_namespaces_on_one_host_reach_other_hosts() {
-    if !require_root("a_thousand_namespaces_on_one_host_reach_other_hosts") {
-        return;
-    }
+    root_test!();
     const N: usize = 1000;
     let mut bed = Testbed::new(5);
     let local = bed.containers("s", N);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::{wait_for, Cluster, ETCD_ADDRESS};
 use netagent_tests::pki::Pki;
-use netagent_tests::{netagent_bin, require_root, sh, Testbed};
+use netagent_tests::{netagent_bin, root_test, sh, Testbed};
 
 fn text(out: &std::process::Output) -> String {
     format!(
@@ -18,9 +18,7 @@ fn text(out: &std::process::Output) -> String {
 
 #[test]
 fn etcd_refuses_clients_without_a_client_certificate() {
-    if !require_root("etcd_refuses_clients_without_a_client_certificate") {
-        return;
-    }
+    root_test!();
     let c = Cluster::new(1, 3);
     let pki = c.pki.clone().expect("a TLS cluster");
     let put = c.etcdctl("put /probe kept");
@@ -62,9 +60,7 @@ fn etcd_refuses_clients_without_a_client_certificate() {
 
 #[test]
 fn an_https_endpoint_without_ca_file_stops_the_agent_at_start() {
-    if !require_root("an_https_endpoint_without_ca_file_stops_the_agent_at_start") {
-        return;
-    }
+    root_test!();
     // In a host namespace of its own: an agent that took this config would start.
     let bed = Testbed::new(1);
     let dir = std::env::temp_dir().join(format!("netagent-store-tls-{}", std::process::id()));
@@ -97,9 +93,7 @@ fn an_https_endpoint_without_ca_file_stops_the_agent_at_start() {
 
 #[test]
 fn an_agent_with_the_cluster_certificate_stores_and_says_so() {
-    if !require_root("an_agent_with_the_cluster_certificate_stores_and_says_so") {
-        return;
-    }
+    root_test!();
     let c = Cluster::running(1, 3);
     c.create_network("tls-net", "100.64.0.0/16");
     let status: serde_json::Value =
@@ -122,9 +116,7 @@ fn an_agent_with_the_cluster_certificate_stores_and_says_so() {
 
 #[test]
 fn a_foreign_certificate_or_ca_is_refused_and_status_says_why() {
-    if !require_root("a_foreign_certificate_or_ca_is_refused_and_status_says_why") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::new(2, 3);
     let pki = c.pki.clone().expect("a TLS cluster");
     let other = Pki::generate(&c.dir.join("other"), "other-ca", ETCD_ADDRESS);
@@ -199,9 +191,7 @@ fn a_foreign_certificate_or_ca_is_refused_and_status_says_why() {
 
 #[test]
 fn a_plaintext_store_works_but_is_shown_insecure() {
-    if !require_root("a_plaintext_store_works_but_is_shown_insecure") {
-        return;
-    }
+    root_test!();
     let mut c = Cluster::plaintext(1, 3);
     c.start_agent(1);
     let status: serde_json::Value =

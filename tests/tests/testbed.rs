@@ -1,13 +1,11 @@
 //! The test bed's own tests: hosts reach each other over the underlay, and nothing of
 //! a test bed survives its teardown.
 
-use netagent_tests::{require_root, sh_ok, Testbed};
+use netagent_tests::{root_test, sh_ok, Testbed};
 
 #[test]
 fn hosts_ping_each_other_over_the_underlay() {
-    if !require_root("hosts_ping_each_other_over_the_underlay") {
-        return;
-    }
+    root_test!();
     let bed = Testbed::new(3);
     for a in &bed.hosts {
         for b in &bed.hosts {
@@ -25,9 +23,7 @@ fn hosts_ping_each_other_over_the_underlay() {
 
 #[test]
 fn teardown_leaves_no_namespace_link_or_process() {
-    if !require_root("teardown_leaves_no_namespace_link_or_process") {
-        return;
-    }
+    root_test!();
     let links_before = sh_ok("ip -o link show | wc -l");
     let (namespaces, pid) = {
         let mut bed = Testbed::new(2);
@@ -57,9 +53,7 @@ fn teardown_leaves_no_namespace_link_or_process() {
 
 #[test]
 fn panicking_test_still_tears_down() {
-    if !require_root("panicking_test_still_tears_down") {
-        return;
-    }
+    root_test!();
     let names = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = names.clone();
     let result = std::panic::catch_unwind(move || {
@@ -81,9 +75,7 @@ fn panicking_test_still_tears_down() {
 
 #[test]
 fn leftovers_of_a_killed_run_are_removed_by_the_next() {
-    if !require_root("leftovers_of_a_killed_run_are_removed_by_the_next") {
-        return;
-    }
+    root_test!();
     // A namespace named as a test bed of a process that no longer exists (a PID above
     // pid_max cannot be alive), with a process still running inside it.
     let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")

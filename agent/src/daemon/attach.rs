@@ -1,6 +1,8 @@
-//! Attach and detach: the kernel and the store change together under this host's
-//! lock, in an order that leaves nothing half-done (kernel first, then the store;
-//! if the store refuses, the kernel change is undone).
+//! Attach, detach and removal: the kernel and the store change together under the
+//! agent's `changes` lock, in an order that leaves nothing half-done (attach: kernel
+//! first, then the store, and if the store refuses the kernel change is undone;
+//! detach: the store first, so a refused detach changes nothing). A detach asked for,
+//! a container's death and a namespace gone all end in [`Agent::retire`].
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -8,17 +10,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use netagent_overlay::{Endpoint, NetnsRef, PinnedProcess};
+use netagent_overlay::{NetnsRef, PinnedProcess};
 use tracing::{info, warn};
 
+use super::cluster_view::{Claim, ClaimError};
+use super::datapath::Datapath;
 use super::liveness::endpoint_id;
-use super::{network_spec, Agent, LocalEndpoint, LocalState};
-use crate::api::{AttachRequest, EndpointInfo};
+use super::local::LocalEndpoint;
+use super::reconcile::network_spec;
+use super::Agent;
+use crate::api::{AttachRequest, EndpointInfo, EndpointState};
 use crate::docker::{labels, resolv_conf, Container, Engine};
 use crate::ipam;
 use crate::model::{self, BlockRecord, EndpointRecord};
 use crate::names::check_dns_name;
-use crate::store::{Change, Compare, Store, Txn};
+use crate::store::{Compare, Store, Txn};
 
 /// How often a block allocation is retried when another host took the same block.
 const BLOCK_RETRIES: usize = 8;
@@ -33,15 +39,6 @@ pub(super) struct Target {
     /// The container's first process, held so its pid names no other process while
     /// the attach (and the resolv.conf rewrite after it) runs.
     pub pinned: Option<Arc<PinnedProcess>>,
-}
-
-/// The identity of a namespace (a `stat`, off the runtime's workers).
-async fn identity(netns: &NetnsRef) -> Result<u64> {
-    let probe = netns.clone();
-    tokio::task::spawn_blocking(move || probe.identity())
-        .await
-        .context("identity check panicked")?
-        .map_err(Into::into)
 }
 
 /// A running container's namespace, reached through its first process: pinned by a
@@ -70,20 +67,6 @@ pub(super) async fn container_target(engine: &Engine, c: Container) -> Result<Ta
         container: Some(c),
         pinned: Some(Arc::new(pinned)),
     })
-}
-
-/// Identities of the host's own network namespaces: the agent's host's and init's
-/// (the same on a real host; init's may be unreadable in a sandbox).
-pub(super) async fn host_namespaces(host: &netagent_overlay::Host) -> Vec<u64> {
-    let host = host.netns().reference().clone();
-    tokio::task::spawn_blocking(move || {
-        [host, NetnsRef::Pid(1)]
-            .iter()
-            .filter_map(|n| n.identity().ok())
-            .collect()
-    })
-    .await
-    .unwrap_or_default()
 }
 
 /// How long the resolv.conf rewrite may take. It runs beside the attach, never in
@@ -129,12 +112,12 @@ fn point_resolver_at_embedded_dns(c: &Container, pinned: Arc<PinnedProcess>) {
     });
 }
 
-impl<S: Store> Agent<S> {
+impl<S: Store, D: Datapath> Agent<S, D> {
     /// A namespace as the user named it: a path, `pid:N`, or a Docker container.
     pub(super) async fn resolve_target(&self, target: &str) -> Result<Target> {
         if target.starts_with('/') || target.starts_with("pid:") {
             let netns = NetnsRef::parse(target)?;
-            let ino = identity(&netns).await?;
+            let ino = self.datapath.identity(&netns).await?;
             return Ok(Target {
                 netns,
                 ino,
@@ -207,18 +190,12 @@ impl<S: Store> Agent<S> {
         {
             check_dns_name(kind, n).map_err(|e| anyhow!(e))?;
         }
-        let mut network = self
-            .cluster
-            .read()
-            .unwrap()
-            .networks
-            .get(&req.network)
-            .cloned();
+        let lookup = |c: &model::Cluster| c.networks.get(&req.network).cloned();
+        let mut network = self.view.read(lookup);
         if network.is_none() {
             // Created on another host a moment ago? The watch may not have said yet.
-            if let Ok(loaded) = self.store.load().await {
-                let fresh = model::Cluster::from_loaded(&loaded);
-                network = fresh.networks.get(&req.network).cloned();
+            if self.view.reload().await.is_ok() {
+                network = self.view.read(lookup);
             }
         }
         let network = network.ok_or_else(|| {
@@ -236,27 +213,28 @@ impl<S: Store> Agent<S> {
         } = target;
         self.refuse_host_namespace(&req.target, ino)?;
         let id = endpoint_id(ino);
-        let mut state = self.local.lock().await;
-        if let Some(existing) = state
-            .endpoints
-            .values()
-            .find(|e| e.record.id == id && e.record.network == network.name)
-        {
+        let _changes = self.changes.lock().await;
+        let existing = self.local.read(|endpoints| {
+            endpoints
+                .values()
+                .find(|e| e.record.id == id && e.record.network == network.name)
+                .map(|e| e.record.clone())
+        });
+        if let Some(existing) = existing {
             info!(
                 target = req.target,
                 network = network.name,
                 "already attached"
             );
-            return Ok(self.endpoint_info(&existing.record));
+            return Ok(self.endpoint_info(&existing));
         }
         let block = self.own_block(&network).await?;
-        let taken: BTreeSet<Ipv4Addr> = {
-            let c = self.cluster.read().unwrap();
-            c.endpoints_of(&network.name)
-                .map(|e| e.address)
-                .chain(state.endpoints.values().map(|e| e.record.address))
-                .collect()
-        };
+        let mut taken: BTreeSet<Ipv4Addr> = self
+            .view
+            .read(|c| c.endpoints_of(&network.name).map(|e| e.address).collect());
+        self.local.read(|endpoints| {
+            taken.extend(endpoints.values().map(|e| e.record.address));
+        });
         let address = ipam::free_address(block, &taken).ok_or_else(|| {
             anyhow!(
                 "network {:?}: this host's block {block} is full; create a network with larger blocks (--block-size)",
@@ -281,32 +259,22 @@ impl<S: Store> Agent<S> {
         };
         let spec = network_spec(&network, block);
         // First endpoint of this network here: its device and peers come first.
-        let known = state
-            .applied
-            .as_ref()
-            .is_some_and(|a| a.networks.iter().any(|n| n.network == spec));
-        if !known {
-            self.ensure_network_here(&mut state, &network.name).await?;
+        if !self.reconciler.has_network(&spec) {
+            self.ensure_network_here(&network.name).await?;
         }
-        let endpoint = Endpoint {
-            id: id.clone(),
-            netns: netns.clone(),
-            address,
-            mac: None,
-            identity: Some(ino),
-        };
-        self.host
+        let local = LocalEndpoint { record, netns, ino };
+        let endpoint = local.kernel_endpoint();
+        self.datapath
             .attach(&spec, &endpoint)
             .await
             .with_context(|| format!("attaching {} to {:?}", req.target, network.name))?;
         let key = model::endpoint_key(&network.name, address);
-        let bytes = model::encode(&record);
         let txn = Txn::default()
             .when(Compare::Absent(key.clone()))
-            .put(key.clone(), bytes.clone());
-        let stored = self.store.txn(txn).await;
+            .put(key.clone(), model::encode(&local.record));
+        let stored = self.view.commit(txn).await;
         if !matches!(stored, Ok(true)) {
-            if let Err(e) = self.host.detach(address).await {
+            if let Err(e) = self.datapath.detach(address).await {
                 warn!(error = %e, %address, "undoing the attach failed; the next reconcile removes it");
             }
             return Err(match stored {
@@ -316,167 +284,140 @@ impl<S: Store> Agent<S> {
                 _ => anyhow!("address {address} was taken in the store meanwhile; try again"),
             });
         }
-        state.endpoints.insert(
-            key.clone(),
-            LocalEndpoint {
-                record: record.clone(),
-                netns,
-                ino,
-            },
-        );
-        if let Some(applied) = state.applied.as_mut() {
-            if let Some(n) = applied.networks.iter_mut().find(|n| n.network == spec) {
-                n.endpoints.push(endpoint);
-            }
-        }
-        self.cluster.write().unwrap().apply(&[Change {
-            key,
-            value: Some(bytes),
-        }]);
-        self.refresh_dns();
-        self.local_endpoints_changed(&mut state).await;
+        let info = self.endpoint_info(&local.record);
+        self.local.insert(key, local);
+        self.reconciler.attached(&spec, endpoint);
+        self.publish_dns();
+        self.local_endpoints_changed().await;
         info!(target = req.target, network = network.name, %address, "attached");
-        Ok(self.endpoint_info(&record))
+        Ok(info)
     }
 
     pub async fn detach(&self, target: &str, network: &str) -> Result<EndpointInfo> {
         let id = endpoint_id(self.resolve_target(target).await?.ino);
-        let mut state = self.local.lock().await;
-        let (key, ep) = state
-            .endpoints
-            .iter()
-            .find(|(_, e)| e.record.id == id && e.record.network == network)
-            .map(|(k, e)| (k.clone(), e.clone()))
+        let _changes = self.changes.lock().await;
+        let (key, record) = self
+            .local
+            .read(|endpoints| {
+                endpoints
+                    .iter()
+                    .find(|(_, e)| e.record.id == id && e.record.network == network)
+                    .map(|(k, e)| (k.clone(), e.record.clone()))
+            })
             .ok_or_else(|| {
                 anyhow!("{target} is not attached to network {network:?} on this host")
             })?;
-        self.store
-            .txn(Txn::default().delete(key.clone()))
-            .await
-            .map_err(|e| anyhow!("{e}; nothing was detached"))?;
-        self.drop_local(&mut state, &key).await;
-        info!(target, network, address = %ep.record.address, "detached");
-        Ok(self.endpoint_info(&ep.record))
+        self.retire(&key, "detached", Retire::StoreFirst).await?;
+        info!(target, network, address = %record.address, "detached");
+        Ok(self.endpoint_info(&record))
     }
 
-    /// Removes an endpoint of this host from the kernel, the DNS and the local view.
-    /// The store record is the caller's business.
-    pub(super) async fn drop_local(&self, state: &mut LocalState, key: &str) {
-        let Some(ep) = state.endpoints.remove(key) else {
+    /// Removes endpoints of this host everywhere (kernel, DNS, local view, store)
+    /// because their container died or their namespace is gone.
+    pub(super) async fn remove_endpoints(&self, keys: Vec<String>, why: &str) {
+        if keys.is_empty() {
             return;
-        };
-        if let Err(e) = self.host.detach(ep.record.address).await {
-            warn!(error = %e, key, "detach from the kernel failed; the next reconcile retries");
         }
-        if let Some(applied) = state.applied.as_mut() {
-            for n in &mut applied.networks {
-                n.endpoints.retain(|e| {
-                    e.address != ep.record.address || n.network.name != ep.record.network
-                });
+        let _changes = self.changes.lock().await;
+        for key in keys {
+            info!(key, why, "removing an endpoint");
+            let _ = self.retire(&key, why, Retire::KernelFirst).await;
+        }
+    }
+
+    /// Takes one endpoint of this host away: from the store, the kernel, the DNS and
+    /// the local view. The caller holds `changes`.
+    async fn retire(&self, key: &str, why: &str, order: Retire) -> Result<()> {
+        if order == Retire::StoreFirst {
+            self.view
+                .commit(Txn::default().delete(key))
+                .await
+                .map_err(|e| anyhow!("{e}; nothing was detached"))?;
+        }
+        if let Some(ep) = self.local.remove(key) {
+            if let Err(e) = self.datapath.detach(ep.record.address).await {
+                warn!(error = %e, key, why, "detach from the kernel failed; the next reconcile retries");
             }
+            self.reconciler
+                .detached(&ep.record.network, ep.record.address);
         }
-        self.cluster.write().unwrap().apply(&[Change {
-            key: key.to_owned(),
-            value: None,
-        }]);
-        self.refresh_dns();
-        self.local_endpoints_changed(state).await;
+        if order == Retire::KernelFirst {
+            self.view.delete_or_owe(key).await;
+        }
+        self.publish_dns();
+        self.local_endpoints_changed().await;
+        Ok(())
     }
 
     /// This host's block of a network, taken from the subnet if it has none yet. The
     /// store's create-if-absent decides between hosts racing for the same block.
     async fn own_block(&self, network: &model::NetworkRecord) -> Result<ipnet::Ipv4Net> {
-        for _ in 0..BLOCK_RETRIES {
-            let (mine, taken) = {
-                let c = self.cluster.read().unwrap();
-                let mine = c
-                    .blocks_of(&network.name)
-                    .find(|b| b.node == self.node.name)
-                    .map(|b| b.block);
+        let node = &self.node;
+        let claimed = self
+            .view
+            .claim(BLOCK_RETRIES, |c| {
+                if let Some(b) = c.blocks_of(&network.name).find(|b| b.node == node.name) {
+                    return Ok(Claim::Held(b.block));
+                }
                 let taken: BTreeSet<ipnet::Ipv4Net> =
                     c.blocks_of(&network.name).map(|b| b.block).collect();
-                (mine, taken)
-            };
-            if let Some(b) = mine {
-                return Ok(b);
+                let block = ipam::free_block(network, &taken).ok_or_else(|| {
+                    anyhow!(
+                        "network {:?}: every /{} block of {} is held by a host; no room for this one",
+                        network.name,
+                        network.block_prefix,
+                        network.subnet
+                    )
+                })?;
+                let record = BlockRecord {
+                    network: network.name.clone(),
+                    block,
+                    node: node.name.clone(),
+                    underlay: node.underlay,
+                };
+                Ok(Claim::Write {
+                    key: model::block_key(&network.name, block),
+                    bytes: model::encode(&record),
+                    only_if_absent: true,
+                    value: block,
+                })
+            })
+            .await;
+        match claimed {
+            Ok(block) => Ok(block),
+            Err(ClaimError::Refused(e)) => Err(e),
+            Err(ClaimError::Store(e)) => Err(anyhow!("{e}; nothing was attached")),
+            Err(e @ ClaimError::Contended(_)) => {
+                bail!("network {:?}: could not take a block: {e}", network.name)
             }
-            let block = ipam::free_block(network, &taken).ok_or_else(|| {
-                anyhow!(
-                    "network {:?}: every /{} block of {} is held by a host; no room for this one",
-                    network.name,
-                    network.block_prefix,
-                    network.subnet
-                )
-            })?;
-            let record = BlockRecord {
-                network: network.name.clone(),
-                block,
-                node: self.node.name.clone(),
-                underlay: self.node.underlay,
-            };
-            let key = model::block_key(&network.name, block);
-            let bytes = model::encode(&record);
-            let txn = Txn::default()
-                .when(Compare::Absent(key.clone()))
-                .put(key.clone(), bytes.clone());
-            if self
-                .store
-                .txn(txn)
-                .await
-                .map_err(|e| anyhow!("{e}; nothing was attached"))?
-            {
-                info!(network = network.name, %block, "took a block");
-                self.cluster.write().unwrap().apply(&[Change {
-                    key,
-                    value: Some(bytes),
-                }]);
-                return Ok(block);
-            }
-            // Another host won this block: read the store again and pick another.
-            let loaded = self.store.load().await?;
-            *self.cluster.write().unwrap() = model::Cluster::from_loaded(&loaded);
         }
-        bail!(
-            "network {:?}: could not take a block after {BLOCK_RETRIES} tries (hosts racing); try again",
-            network.name
-        )
     }
 
     /// Sets up a network's device and peers on this host before its first endpoint.
-    async fn ensure_network_here(&self, state: &mut LocalState, network: &str) -> Result<()> {
+    async fn ensure_network_here(&self, network: &str) -> Result<()> {
         self.ensure_mesh().await;
-        let desired = self.applicable_host_state(state);
-        if let Some((_, why)) = self
-            .networks_left_out
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(n, _)| n == network)
-        {
+        let desired = self.desired_state();
+        if let Some(why) = self.reconciler.why_left_out(network) {
             bail!("network {network:?} cannot be set up on this host: {why}");
         }
         if !desired.networks.iter().any(|n| n.network.name == network) {
-            if self.mesh_address().is_none()
-                && self
-                    .cluster
-                    .read()
-                    .unwrap()
-                    .networks
-                    .get(network)
-                    .is_some_and(|n| n.encrypted)
-            {
+            let encrypted = self
+                .view
+                .read(|c| c.networks.get(network).is_some_and(|n| n.encrypted));
+            if encrypted && self.mesh.address().is_none() {
                 bail!("network {network:?} is encrypted and this host's mesh is not up (see the agent's log)");
             }
             bail!("network {network:?} has no block on this host");
         }
         // Device, gateway, peers and the firewall's view of the new network at once.
-        self.host.apply(&desired).await?;
-        state.applied = Some(desired);
-        Ok(())
+        self.reconciler
+            .apply(&self.datapath, desired, true)
+            .await
+            .map_err(Into::into)
     }
 
     pub(super) fn endpoint_info(&self, e: &EndpointRecord) -> EndpointInfo {
-        let alive = self.cluster.read().unwrap().is_alive(&e.node);
+        let alive = self.view.read(|c| c.is_alive(&e.node));
         EndpointInfo {
             network: e.network.clone(),
             address: e.address,
@@ -485,13 +426,22 @@ impl<S: Store> Agent<S> {
             service: e.service.clone(),
             aliases: e.aliases.clone(),
             state: match (alive, e.in_service) {
-                (false, _) => "down",
-                (true, true) => "up",
-                (true, false) => "unhealthy",
-            }
-            .into(),
+                (false, _) => EndpointState::Down,
+                (true, true) => EndpointState::Up,
+                (true, false) => EndpointState::Unhealthy,
+            },
             netns: (e.node == self.node.name).then(|| e.netns.clone()),
             container: e.container.clone(),
         }
     }
+}
+
+/// Which goes first when an endpoint is retired.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retire {
+    /// A detach asked for: the store must agree first, or nothing changes.
+    StoreFirst,
+    /// The namespace is gone: the kernel and DNS let go at once, and the store
+    /// deletion is retried while the store is away.
+    KernelFirst,
 }

@@ -14,19 +14,19 @@ const FILE: &str = "attached.json";
 
 /// One attached namespace, by the store key of its endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Attached {
+pub struct Attached {
     pub netns: String,
     pub ino: u64,
 }
 
-pub(super) type AttachedList = BTreeMap<String, Attached>;
+pub type AttachedList = BTreeMap<String, Attached>;
 
-pub(super) fn path(state_dir: &Path) -> PathBuf {
+pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
 /// The list, or `None` when there is none yet (an agent that never saved one).
-pub(super) async fn load(path: &Path) -> std::io::Result<Option<AttachedList>> {
+pub async fn load(path: &Path) -> std::io::Result<Option<AttachedList>> {
     match tokio::fs::read(path).await {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
@@ -37,7 +37,7 @@ pub(super) async fn load(path: &Path) -> std::io::Result<Option<AttachedList>> {
 }
 
 /// Replaces the list whole (written beside it, then renamed over it).
-pub(super) async fn save(path: &Path, list: &AttachedList) -> std::io::Result<()> {
+pub async fn save(path: &Path, list: &AttachedList) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(list).expect("list serializes");
     let staged = path.with_extension("json.new");
     let target = path.to_owned();
@@ -58,31 +58,6 @@ pub(super) async fn save(path: &Path, list: &AttachedList) -> std::io::Result<()
     })
     .await
     .map_err(std::io::Error::other)?
-}
-
-/// Saves the list of `state`'s endpoints unless it is what was saved last.
-pub(super) async fn save_if_changed(state_dir: &Path, state: &mut super::LocalState) {
-    let list: AttachedList = state
-        .endpoints
-        .iter()
-        .map(|(key, e)| {
-            let attached = Attached {
-                netns: e.record.netns.clone(),
-                ino: e.ino,
-            };
-            (key.clone(), attached)
-        })
-        .collect();
-    if state.saved.as_ref() == Some(&list) {
-        return;
-    }
-    let path = path(state_dir);
-    match save(&path, &list).await {
-        Ok(()) => state.saved = Some(list),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot save the list of attached namespaces")
-        }
-    }
 }
 
 #[cfg(test)]

@@ -15,11 +15,12 @@ use netagent_overlay::DockerForward;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::{liveness, Agent};
+use super::datapath::Datapath;
+use super::Agent;
 use crate::api::{AttachRequest, ContainerProblem, DockerStatus};
 use crate::docker::{labels, DockerError, Engine, Event};
 use crate::model;
-use crate::store::{Change, Store, Txn};
+use crate::store::{Store, Txn};
 
 /// How often an unreachable engine is tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -119,7 +120,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-impl<S: Store> Agent<S> {
+impl<S: Store, D: Datapath> Agent<S, D> {
     /// The engine, or why there is none (for messages that go on with "and ...").
     pub(super) fn docker_engine(&self) -> Result<Engine, String> {
         let Some(link) = &self.docker else {
@@ -188,7 +189,7 @@ impl<S: Store> Agent<S> {
 
     /// Lets overlay traffic through dockerd's FORWARD chain (policy DROP).
     pub(super) async fn open_docker_forward(&self) {
-        match self.host.open_docker_forward().await {
+        match self.datapath.open_docker_forward().await {
             Ok(DockerForward::Opened) => {
                 info!("overlay traffic let through Docker's FORWARD chain (DOCKER-USER)")
             }
@@ -229,15 +230,14 @@ impl<S: Store> Agent<S> {
                     continue;
                 }
             };
-            let attached = {
-                let state = self.local.lock().await;
+            let attached = self.local.read(|endpoints| {
                 wanted.networks.iter().all(|n| {
-                    state.endpoints.values().any(|e| {
+                    endpoints.values().any(|e| {
                         e.record.container.as_deref() == Some(c.id.as_str())
                             && &e.record.network == n
                     })
                 })
-            };
+            });
             if attached {
                 self.set_in_service(&c.id, !c.unhealthy).await;
             } else {
@@ -279,15 +279,14 @@ impl<S: Store> Agent<S> {
                 return Ok(());
             }
         };
-        let missing: Vec<String> = {
-            let cluster = self.cluster.read().unwrap();
+        let missing: Vec<String> = self.view.read(|cluster| {
             wanted
                 .networks
                 .iter()
                 .filter(|n| !cluster.networks.contains_key(*n))
                 .cloned()
                 .collect()
-        };
+        });
         if let Some(n) = missing.first() {
             link.problem(
                 &c.id,
@@ -334,50 +333,48 @@ impl<S: Store> Agent<S> {
     /// namespace is gone: a restarted container's new namespace may already be on.
     async fn container_died(&self, link: &DockerLink, id: &str) {
         link.clear_problem(id);
-        let watched: Vec<(String, netagent_overlay::NetnsRef, u64)> = {
-            let state = self.local.lock().await;
-            state
-                .endpoints
-                .iter()
-                .filter(|(_, e)| e.record.container.as_deref() == Some(id))
-                .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
-                .collect()
-        };
-        self.remove_endpoints(liveness::gone(watched).await, "container died")
-            .await;
+        let watched: Vec<(String, netagent_overlay::NetnsRef, u64)> =
+            self.local.read(|endpoints| {
+                endpoints
+                    .iter()
+                    .filter(|(_, e)| e.record.container.as_deref() == Some(id))
+                    .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
+                    .collect()
+            });
+        let gone = self.datapath.gone(watched).await;
+        self.remove_endpoints(gone, "container died").await;
     }
 
     /// Takes a container's endpoints out of service answers (unhealthy) or back.
     async fn set_in_service(&self, id: &str, healthy: bool) {
-        let mut state = self.local.lock().await;
-        let mut changed = Vec::new();
-        for (key, ep) in state.endpoints.iter_mut().filter(|(_, e)| {
-            e.record.container.as_deref() == Some(id) && e.record.in_service != healthy
-        }) {
-            let mut record = ep.record.clone();
-            record.in_service = healthy;
-            let bytes = model::encode(&record);
-            match self
-                .store
-                .txn(Txn::default().put(key.clone(), bytes.clone()))
-                .await
-            {
+        let _changes = self.changes.lock().await;
+        let changed: Vec<(String, model::EndpointRecord)> = self.local.read(|endpoints| {
+            endpoints
+                .iter()
+                .filter(|(_, e)| {
+                    e.record.container.as_deref() == Some(id) && e.record.in_service != healthy
+                })
+                .map(|(k, e)| {
+                    let mut record = e.record.clone();
+                    record.in_service = healthy;
+                    (k.clone(), record)
+                })
+                .collect()
+        });
+        if changed.is_empty() {
+            return;
+        }
+        for (key, record) in changed {
+            let txn = Txn::default().put(key.clone(), model::encode(&record));
+            match self.view.commit(txn).await {
                 Ok(_) => {
                     info!(key, healthy, "container health changed");
-                    ep.record = record;
-                    changed.push(Change {
-                        key: key.clone(),
-                        value: Some(bytes),
-                    });
+                    self.local.update_record(&key, record);
                 }
                 // The next pass over the containers (on reconnection) tries again.
                 Err(e) => warn!(key, error = %e, "cannot record the container's health"),
             }
         }
-        drop(state);
-        if !changed.is_empty() {
-            self.cluster.write().unwrap().apply(&changed);
-            self.refresh_dns();
-        }
+        self.publish_dns();
     }
 }

@@ -1,111 +1,80 @@
-//! The encrypted mesh as the agent runs it. This host's WireGuard key lives in the
-//! state directory (mode 0600) and nowhere else: not in a log, the API or the store;
-//! the store has the public key, the mesh address (taken create-if-absent, like a
-//! block) and the endpoint. The datapath starts when this host first holds a block
-//! of an encrypted network, and its peer set follows the other hosts' records.
+//! The encrypted mesh as the agent runs it. The store has this host's public key,
+//! mesh address (claimed like a block) and endpoint; the private key stays in the
+//! state directory (`keys.rs`). The datapath starts when this host first holds a
+//! block of an encrypted network, and its peer set follows the other hosts' records.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
-use anyhow::{anyhow, bail, Context, Result};
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
+use anyhow::{anyhow, Context, Result};
 use netagent_overlay::{KeyPair, MeshPeer};
 use tracing::{info, warn};
 
+use super::cluster_view::{Claim, ClaimError};
+use super::datapath::{Datapath, MeshDatapath};
+use super::keys::{decode_key, encode_key, key_path, write_key};
 use super::Agent;
+use crate::api::KeyInfo;
 use crate::model::{self, MeshRecord};
-use crate::store::{Change, Compare, Store, Txn};
+use crate::store::Store;
 
-const KEY_FILE: &str = "wireguard.key";
-
-pub fn key_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(KEY_FILE)
+/// The mesh's state on this host.
+pub struct MeshState {
+    /// This host's key pair (private half: here and in its file only).
+    keys: Mutex<KeyPair>,
+    running: Mutex<Option<Box<dyn MeshDatapath>>>,
+    /// Attach and reconcile may both start it; one does.
+    starting: tokio::sync::Mutex<()>,
+    /// Started again: the next reconcile applies in full (the VXLAN devices of
+    /// encrypted networks went with the old device).
+    restarted: AtomicBool,
 }
 
-/// This host's key pair: read from the state directory, or made and saved on the
-/// first start.
-pub(super) async fn load_or_create_key(state_dir: &Path) -> Result<KeyPair> {
-    let path = key_path(state_dir);
-    match tokio::fs::read_to_string(&path).await {
-        Ok(text) => {
-            tighten_key_mode(&path).await?;
-            let bytes = decode_key(text.trim()).ok_or_else(|| {
-                    anyhow!(
-                        "{} is not a WireGuard private key (base64 of 32 bytes); remove it to have a new one made",
-                        path.display()
-                    )
-                })?;
-            Ok(KeyPair::from_private(bytes))
+impl MeshState {
+    pub fn new(keys: KeyPair) -> Self {
+        MeshState {
+            keys: Mutex::new(keys),
+            running: Mutex::new(None),
+            starting: tokio::sync::Mutex::new(()),
+            restarted: AtomicBool::new(false),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let keys = KeyPair::generate().context("cannot make a WireGuard key")?;
-            write_key(&path, &keys).await?;
-            info!(path = %path.display(), "made this host's WireGuard key");
-            Ok(keys)
+    }
+
+    /// This host's mesh address while the mesh runs.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.running.lock().unwrap().as_ref().map(|m| m.address())
+    }
+
+    pub fn public_key(&self) -> String {
+        encode_key(&self.keys.lock().unwrap().public())
+    }
+
+    /// Whether the mesh was started again since the last call.
+    pub fn take_restarted(&self) -> bool {
+        self.restarted.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> Vec<netagent_overlay::PeerStats> {
+        self.running
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.stats())
+            .unwrap_or_default()
+    }
+
+    fn set_peers(&self, peers: &[MeshPeer]) {
+        if let Some(mesh) = self.running.lock().unwrap().as_ref() {
+            mesh.set_peers(peers);
         }
-        Err(e) => bail!("cannot read {}: {e}", path.display()),
     }
-}
-
-/// A key file that others may read (copied in, or restored from a backup) is made
-/// root's alone again, with a warning: the key may have leaked and can be rotated.
-async fn tighten_key_mode(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = tokio::fs::metadata(path)
-        .await
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        warn!(
-            path = %path.display(),
-            mode = format!("{mode:o}"),
-            "WireGuard key file was readable by others; made 0600 (rotate it with: netagent rotate-key)"
-        );
-        tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .await
-            .with_context(|| format!("cannot make {} mode 0600", path.display()))?;
-    }
-    Ok(())
-}
-
-/// Writes the private key readable by root alone, replacing the file whole.
-async fn write_key(path: &Path, keys: &KeyPair) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("new");
-    let _ = tokio::fs::remove_file(&tmp).await;
-    let mut f = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .await
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    tokio::io::AsyncWriteExt::write_all(&mut f, B64.encode(keys.private_bytes()).as_bytes())
-        .await?;
-    f.sync_all().await?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(())
-}
-
-pub fn encode_key(key: &[u8; 32]) -> String {
-    B64.encode(key)
-}
-
-fn decode_key(text: &str) -> Option<[u8; 32]> {
-    B64.decode(text).ok()?.try_into().ok()
 }
 
 /// Every other host's mesh record as a peer of `node`, with the VNIs of the encrypted
 /// networks that both hold a block of.
-fn mesh_peers(c: &model::Cluster, node: &str) -> Vec<MeshPeer> {
+pub(super) fn mesh_peers(c: &model::Cluster, node: &str) -> Vec<MeshPeer> {
     let holds = |network: &str, host: &str| c.blocks_of(network).any(|b| b.node == host);
     let shared: Vec<(&str, u32)> = c
         .networks
@@ -131,33 +100,27 @@ fn mesh_peers(c: &model::Cluster, node: &str) -> Vec<MeshPeer> {
         .collect()
 }
 
-impl<S: Store> Agent<S> {
-    /// This host's mesh address while the mesh runs.
-    pub(super) fn mesh_address(&self) -> Option<Ipv4Addr> {
-        self.mesh.lock().unwrap().as_ref().map(|m| m.address)
-    }
-
+impl<S: Store, D: Datapath> Agent<S, D> {
     /// Starts the mesh when this host holds a block of an encrypted network, and
-    /// keeps its peers in line with the store (`mesh_address` tells whether it runs).
+    /// keeps its peers in line with the store (`MeshState::address` tells whether
+    /// it runs).
     pub(super) async fn ensure_mesh(&self) {
         self.drop_failed_mesh().await;
-        if self.mesh_address().is_some() {
+        if self.mesh.address().is_some() {
             self.sync_mesh_peers();
             return;
         }
-        let needed = {
-            let c = self.cluster.read().unwrap();
+        let needed = self.view.read(|c| {
             c.networks
                 .values()
                 .filter(|n| n.encrypted)
                 .any(|n| c.blocks_of(&n.name).any(|b| b.node == self.node.name))
-        };
+        });
         if !needed {
             return;
         }
-        // Attach and reconcile may both get here first; one starts it.
-        let _starting = self.mesh_starting.lock().await;
-        if self.mesh_address().is_some() {
+        let _starting = self.mesh.starting.lock().await;
+        if self.mesh.address().is_some() {
             return;
         }
         if let Err(e) = self.start_mesh().await {
@@ -171,46 +134,44 @@ impl<S: Store> Agent<S> {
     /// A datapath that stopped by itself (its device deleted under it, a thread's
     /// panic) is taken down here, so that `ensure_mesh` starts a new one.
     async fn drop_failed_mesh(&self) {
-        let failure = self.mesh.lock().unwrap().as_ref().and_then(|m| m.failure());
-        let Some(why) = failure else {
+        let failed = |m: &MeshState| m.running.lock().unwrap().as_ref().and_then(|m| m.failure());
+        if failed(&self.mesh).is_none() {
+            return;
+        }
+        let _starting = self.mesh.starting.lock().await;
+        let Some(why) = failed(&self.mesh) else {
             return;
         };
-        let _starting = self.mesh_starting.lock().await;
-        let Some(old) = self.mesh.lock().unwrap().take() else {
+        let Some(old) = self.mesh.running.lock().unwrap().take() else {
             return;
         };
         warn!(
             reason = why,
             "encrypted mesh datapath stopped; starting it again"
         );
-        // Dropping joins the datapath threads: not on a runtime thread.
-        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
-        self.mesh_restarted
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.datapath.stop_mesh(old).await;
+        self.mesh.restarted.store(true, Ordering::Relaxed);
     }
 
     async fn start_mesh(&self) -> Result<()> {
         let record = self.publish_mesh_record().await?;
-        let keys = self.keys.lock().unwrap().clone();
+        let keys = self.mesh.keys.lock().unwrap().clone();
+        let reconcile = self.reconcile.clone();
         let mesh = self
-            .host
+            .datapath
             .start_mesh(
                 keys,
-                &self.underlay,
                 record.address,
                 model::mesh_subnet().prefix_len(),
                 netagent_overlay::MeshOptions {
                     listen_port: self.cfg.mesh_port,
                     tunnel_offload: self.cfg.mesh_tunnel_offload,
                 },
-                {
-                    let reconcile = self.reconcile.clone();
-                    std::sync::Arc::new(move || reconcile.notify_one())
-                },
+                std::sync::Arc::new(move || reconcile.notify_one()),
             )
             .await?;
         info!(address = %record.address, public_key = record.public_key, listen = %record.endpoint, "encrypted mesh up");
-        *self.mesh.lock().unwrap() = Some(mesh);
+        *self.mesh.running.lock().unwrap() = Some(mesh);
         self.sync_mesh_peers();
         Ok(())
     }
@@ -218,55 +179,49 @@ impl<S: Store> Agent<S> {
     /// Puts this host's mesh record (address, public key, endpoint) in the store,
     /// taking a free mesh address the first time.
     async fn publish_mesh_record(&self) -> Result<MeshRecord> {
-        let public_key = encode_key(&self.keys.lock().unwrap().public());
+        let public_key = self.mesh.public_key();
         let endpoint = SocketAddrV4::new(self.node.underlay, self.cfg.mesh_port);
-        for _ in 0..8 {
-            let (mine, taken) = {
-                let c = self.cluster.read().unwrap();
-                let taken: BTreeSet<Ipv4Addr> = c.mesh.values().map(|m| m.address).collect();
-                (c.mesh_of(&self.node.name).cloned(), taken)
-            };
-            let record = match &mine {
-                Some(m) => MeshRecord {
-                    public_key: public_key.clone(),
-                    endpoint,
-                    ..m.clone()
-                },
-                None => MeshRecord {
-                    node: self.node.name.clone(),
-                    address: model::mesh_subnet()
-                        .hosts()
-                        .find(|a| !taken.contains(a))
-                        .ok_or_else(|| anyhow!("the mesh's addresses are all taken"))?,
-                    public_key: public_key.clone(),
-                    endpoint,
-                },
-            };
-            if mine.as_ref() == Some(&record) {
-                return Ok(record);
-            }
-            let key = model::mesh_key(record.address);
-            let bytes = model::encode(&record);
-            let mut txn = Txn::default().put(key.clone(), bytes.clone());
-            if mine.is_none() {
-                txn = txn.when(Compare::Absent(key.clone()));
-            }
-            if self
-                .store
-                .txn(txn)
-                .await
-                .map_err(|e| anyhow!("{e}; the mesh record cannot be published"))?
-            {
-                self.cluster.write().unwrap().apply(&[Change {
-                    key,
-                    value: Some(bytes),
-                }]);
-                return Ok(record);
-            }
-            let loaded = self.store.load().await?;
-            *self.cluster.write().unwrap() = model::Cluster::from_loaded(&loaded);
-        }
-        bail!("could not take a mesh address after 8 tries (hosts racing); retrying later")
+        let node = &self.node.name;
+        let claimed = self
+            .view
+            .claim(8, |c| {
+                let mine = c.mesh_of(node).cloned();
+                let record = match &mine {
+                    Some(m) => MeshRecord {
+                        public_key: public_key.clone(),
+                        endpoint,
+                        ..m.clone()
+                    },
+                    None => {
+                        let taken: BTreeSet<Ipv4Addr> =
+                            c.mesh.values().map(|m| m.address).collect();
+                        MeshRecord {
+                            node: node.clone(),
+                            address: model::mesh_subnet()
+                                .hosts()
+                                .find(|a| !taken.contains(a))
+                                .ok_or_else(|| anyhow!("the mesh's addresses are all taken"))?,
+                            public_key: public_key.clone(),
+                            endpoint,
+                        }
+                    }
+                };
+                if mine.as_ref() == Some(&record) {
+                    return Ok(Claim::Held(record));
+                }
+                Ok(Claim::Write {
+                    key: model::mesh_key(record.address),
+                    bytes: model::encode(&record),
+                    only_if_absent: mine.is_none(),
+                    value: record,
+                })
+            })
+            .await;
+        claimed.map_err(|e| match e {
+            ClaimError::Refused(e) => e,
+            ClaimError::Store(e) => anyhow!("{e}; the mesh record cannot be published"),
+            e @ ClaimError::Contended(_) => anyhow!("mesh address: {e}"),
+        })
     }
 
     /// Every other host's mesh record becomes a peer (a changed key or endpoint is
@@ -274,36 +229,25 @@ impl<S: Store> Agent<S> {
     /// networks both hosts hold a block of: a network gaining or losing a host's block
     /// widens or narrows what that host may send here on the next store change.
     pub(super) fn sync_mesh_peers(&self) {
-        let peers: Vec<MeshPeer> = {
-            let c = self.cluster.read().unwrap();
-            mesh_peers(&c, &self.node.name)
-        };
-        if let Some(mesh) = self.mesh.lock().unwrap().as_ref() {
-            mesh.set_peers(&peers);
-        }
+        let peers = self.view.read(|c| mesh_peers(c, &self.node.name));
+        self.mesh.set_peers(&peers);
     }
 
     /// Replaces this host's key: saved first, then used, then published; peers take
     /// the new public key from the store and handshake again.
-    pub async fn rotate_key(&self) -> Result<serde_json::Value> {
+    pub async fn rotate_key(&self) -> Result<KeyInfo> {
         let keys = KeyPair::generate().context("cannot make a WireGuard key")?;
         write_key(&key_path(&self.cfg.state_dir), &keys).await?;
-        *self.keys.lock().unwrap() = keys.clone();
-        if let Some(mesh) = self.mesh.lock().unwrap().as_ref() {
+        *self.mesh.keys.lock().unwrap() = keys.clone();
+        if let Some(mesh) = self.mesh.running.lock().unwrap().as_ref() {
             mesh.set_keys(keys.clone());
         }
         let public_key = encode_key(&keys.public());
-        let published = self
-            .cluster
-            .read()
-            .unwrap()
-            .mesh_of(&self.node.name)
-            .is_some();
-        if published {
+        if self.view.read(|c| c.mesh_of(&self.node.name).is_some()) {
             self.publish_mesh_record().await?;
         }
         info!(public_key, "WireGuard key rotated");
-        Ok(serde_json::json!({ "public_key": public_key }))
+        Ok(KeyInfo { public_key })
     }
 }
 
@@ -311,26 +255,6 @@ impl<S: Store> Agent<S> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_key_file_others_can_read_is_made_root_only_and_still_loads() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("netagent-key-mode-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let first = load_or_create_key(&dir).await.unwrap();
-        let path = key_path(&dir);
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let again = load_or_create_key(&dir).await.unwrap();
-        assert_eq!(again.public(), first.public());
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
     use model::{BlockRecord, Cluster, NetworkRecord};
 
     fn network(c: &mut Cluster, name: &str, vni: u32, encrypted: bool, nodes: &[&str]) {

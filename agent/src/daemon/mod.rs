@@ -1,120 +1,122 @@
 //! The agent: keeps this host's datapath and DNS in line with the cluster store.
 //!
-//! Data flows one way. The store's watch feeds [`Cluster`] (what every host has
-//! published); from it the DNS snapshot is derived at once (no kernel work on that
+//! Data flows one way. The store's watch feeds the [`ClusterView`] (what every host
+//! has published); from it the DNS snapshot is derived at once (no kernel work on that
 //! path, so a name resolves on other hosts within milliseconds of an attach), and a
-//! reconcile pass brings the kernel in line (networks this host holds a block of,
-//! their peers, the namespaces attached here). Attach and detach change the kernel
-//! and the store under one host-local lock; nothing needs a cluster-wide lock.
+//! reconcile pass brings the kernel in line ([`reconcile::desired_host_state`]:
+//! networks this host holds a block of, their peers, the namespaces attached here).
+//!
+//! The agent is made of parts that each own their state: the cluster view, this
+//! host's endpoints, the reconciler, the DNS publisher and listeners, the mesh, the
+//! Docker link; the kernel is reached only through a [`Datapath`]. Changes to this
+//! host's endpoints (attach, detach, removal, a reconcile pass) are serialised by one
+//! lock, `changes`, held across the kernel and store calls of one change: an attach
+//! picks a free address, programs the kernel and claims the address in the store as
+//! one step, and a second change interleaved with it could pick the same address or
+//! undo its kernel work. No other lock is held across an await.
 
 mod attach;
 mod attached_file;
+mod cluster_view;
 mod containers;
+mod datapath;
+mod dns_publish;
+mod keys;
 mod listeners;
 mod liveness;
+mod local;
 mod mesh;
 mod networks;
 mod protected;
+mod reconcile;
 mod server;
 mod views;
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use netagent_dns::{DnsServer, Forwarder, Snapshot};
-use netagent_overlay::{
-    Endpoint, Host, HostState, NetnsRef, NetworkSpec, NetworkState, Peer, Underlay,
-};
+use netagent_dns::{DnsServer, Forwarder};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::model::{self, Cluster, EndpointRecord, NodeRecord};
-use crate::store::{Store, StoreEvent};
+use crate::model::{self, EndpointRecord, NodeRecord};
+use crate::store::{Store, StoreEvent, Txn};
+
+use cluster_view::ClusterView;
+use datapath::{Datapath, KernelDatapath};
+use dns_publish::DnsPublisher;
+use listeners::Listeners;
+use local::{LocalEndpoint, LocalEndpoints};
+use mesh::MeshState;
+use reconcile::{HostFacts, Reconciler};
 
 pub use server::{bind_api, serve_api, serve_requests};
 
 /// How often the whole datapath is compared with the kernel even without a change.
 const RESYNC: Duration = Duration::from_secs(15);
 
-/// An endpoint attached on this host.
-#[derive(Clone, Debug)]
-struct LocalEndpoint {
-    record: EndpointRecord,
-    netns: NetnsRef,
-    /// Identity of the namespace at attach time (see `NetnsRef::identity`).
-    ino: u64,
-}
-
-/// What only this host knows, changed only under its lock.
-#[derive(Default)]
-struct LocalState {
-    /// By store key.
-    endpoints: BTreeMap<String, LocalEndpoint>,
-    /// DNS listeners, one per attached namespace (by identity).
-    listeners: HashMap<u64, listeners::Listener>,
-    /// The last state applied to the kernel.
-    applied: Option<HostState>,
-    /// What `attached.json` last said (saved again when the endpoints differ).
-    saved: Option<attached_file::AttachedList>,
-}
-
-pub struct Agent<S: Store> {
+pub struct Agent<S: Store, D: Datapath = KernelDatapath> {
     cfg: Config,
-    store: S,
-    host: Host,
-    underlay: Underlay,
+    datapath: D,
     node: NodeRecord,
     started: Instant,
-    cluster: RwLock<Cluster>,
-    local: Mutex<LocalState>,
-    dns: Arc<DnsServer>,
-    /// The DNS records last published, and the snapshot they make.
-    dns_records: StdMutex<(BTreeMap<String, netagent_dns::EndpointRecord>, Snapshot)>,
-    /// Keys of this host's endpoints that someone deleted in the store.
-    deleted_here: StdMutex<Vec<String>>,
-    /// Store deletions that failed while the store was away; retried.
-    pending_deletes: StdMutex<BTreeSet<String>>,
-    /// Shared with the mesh's datapath threads, which wake the reconciler when the
-    /// datapath stops by itself.
-    reconcile: Arc<Notify>,
-    rtt: StdMutex<HashMap<String, f64>>,
+    view: ClusterView<S>,
+    local: LocalEndpoints,
+    reconciler: Reconciler,
+    dns: DnsPublisher,
+    listeners: Listeners,
+    mesh: MeshState,
     /// None: Docker integration is off.
     docker: Option<containers::DockerLink>,
-    /// This host's WireGuard key pair (private half: here and in its file only).
-    keys: StdMutex<netagent_overlay::KeyPair>,
-    /// The encrypted mesh, once this host holds a block of an encrypted network.
-    mesh: StdMutex<Option<netagent_overlay::Mesh>>,
-    mesh_starting: Mutex<()>,
+    /// Serialises changes to this host's endpoints (see the module's comment).
+    changes: Mutex<()>,
+    /// Keys of this host's endpoints that someone deleted in the store.
+    deleted_here: StdMutex<Vec<String>>,
+    /// Wakes the reconciler; shared with the mesh's datapath threads, which call it
+    /// when the datapath stops by itself.
+    reconcile: Arc<Notify>,
+    rtt: StdMutex<HashMap<String, f64>>,
     /// The store's addresses, kept from containers by the firewall.
     store_addresses: Vec<Ipv4Addr>,
     /// Identities of the host's own network namespaces (the agent's and init's),
     /// which no endpoint may be: they never change, so they are read once.
     host_namespaces: Vec<u64>,
-    /// Restores the firewall table when another program removes it; held for life.
-    _firewall_guard: netagent_overlay::FirewallGuard,
-    /// The mesh was started again: the next reconcile applies in full (its device's
-    /// VXLAN devices went with the old one).
-    mesh_restarted: std::sync::atomic::AtomicBool,
-    /// Networks the last reconcile left out of the datapath (their records clash), with why.
-    networks_left_out: StdMutex<Vec<(String, String)>>,
+    /// The agent's own tasks, aborted by [`Agent::stop`].
+    tasks: StdMutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl<S: Store> Agent<S> {
+    /// Starts the agent on this host's kernel.
     pub async fn start(cfg: Config, store: S) -> Result<Arc<Self>> {
-        let host = Host::open(&NetnsRef::Current).await?;
         let address = match cfg.underlay_address {
             Some(a) => a,
             None => detect_underlay().context(
                 "no underlay_address in the config and none found from the routing table; set underlay_address = \"A.B.C.D\"",
             )?,
         };
-        let underlay = host
-            .underlay(address, cfg.underlay_interface.as_deref())
-            .await?;
+        let datapath = KernelDatapath::open(address, cfg.underlay_interface.as_deref()).await?;
+        Agent::start_with(cfg, store, datapath, address).await
+    }
+}
+
+impl<S: Store, D: Datapath> Agent<S, D> {
+    /// Starts the agent on `datapath`, at underlay `address`: reads the store,
+    /// adopts this host's endpoints, reconciles once, then follows the store.
+    pub async fn start_with(
+        cfg: Config,
+        store: S,
+        datapath: D,
+        address: Ipv4Addr,
+    ) -> Result<Arc<Self>> {
         let upstreams = if cfg.dns_upstream.is_empty() {
             let text = tokio::fs::read_to_string("/etc/resolv.conf")
                 .await
@@ -125,7 +127,6 @@ impl<S: Store> Agent<S> {
         };
         // Bound here, in the host namespace: upstream sockets never live in a container.
         let forwarder = Forwarder::new(upstreams).context("cannot forward DNS queries")?;
-        let dns = DnsServer::new(forwarder, cfg.dns_ttl);
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -135,55 +136,46 @@ impl<S: Store> Agent<S> {
             version: env!("CARGO_PKG_VERSION").into(),
             started: started_unix,
         };
-        let cfg_docker = cfg.docker_socket.clone();
-        let keys = mesh::load_or_create_key(&cfg.state_dir).await?;
+        let keys = keys::load_or_create_key(&cfg.state_dir).await?;
         let store_addresses = protected::store_addresses(&cfg).await;
-        let host_namespaces = attach::host_namespaces(&host).await;
-        let firewall_guard = host
-            .guard_firewall()
-            .await
-            .context("cannot watch the firewall for reloads")?;
+        let host_namespaces = datapath.host_namespaces().await;
         let agent = Arc::new(Agent {
-            cfg,
-            store,
-            host,
-            underlay,
-            node,
-            started: Instant::now(),
-            cluster: RwLock::new(Cluster::default()),
-            local: Mutex::new(LocalState::default()),
-            dns,
-            dns_records: StdMutex::new(Default::default()),
+            view: ClusterView::new(store, &node.name),
+            local: LocalEndpoints::new(&cfg.state_dir),
+            reconciler: Reconciler::default(),
+            dns: DnsPublisher::new(DnsServer::new(forwarder, cfg.dns_ttl)),
+            listeners: Listeners::default(),
+            mesh: MeshState::new(keys),
+            docker: cfg.docker_socket.clone().map(containers::DockerLink::new),
+            changes: Mutex::new(()),
             deleted_here: StdMutex::new(Vec::new()),
-            pending_deletes: StdMutex::new(BTreeSet::new()),
             reconcile: Arc::new(Notify::new()),
             rtt: StdMutex::new(HashMap::new()),
-            docker: cfg_docker.map(containers::DockerLink::new),
-            networks_left_out: StdMutex::new(Vec::new()),
-            keys: StdMutex::new(keys),
-            mesh: StdMutex::new(None),
-            mesh_starting: Mutex::new(()),
             store_addresses,
             host_namespaces,
-            _firewall_guard: firewall_guard,
-            mesh_restarted: std::sync::atomic::AtomicBool::new(false),
+            tasks: StdMutex::new(Vec::new()),
+            datapath,
+            node,
+            started: Instant::now(),
+            cfg,
         });
         let ttl = match &agent.cfg.store {
             crate::config::StoreConfig::Etcd { lease_ttl, .. } => *lease_ttl,
             crate::config::StoreConfig::Local => Duration::from_secs(5),
         };
-        agent.store.register(
+        let store = agent.view.store();
+        store.register(
             model::node_key(&agent.node.name),
             model::encode(&agent.node),
             ttl,
         );
-        let mut events = agent.store.watch();
+        let mut events = store.watch();
         info!(node = %agent.node.name, underlay = %address, "waiting for the cluster store");
         // Nothing is decided before the first full read of the store.
         loop {
             match events.recv().await {
-                Some(StoreEvent::Reset(loaded)) => {
-                    *agent.cluster.write().unwrap() = Cluster::from_loaded(&loaded);
+                Some(event @ StoreEvent::Reset(_)) => {
+                    agent.view.apply_event(event);
                     break;
                 }
                 Some(StoreEvent::Changes(_)) => continue,
@@ -191,29 +183,43 @@ impl<S: Store> Agent<S> {
             }
         }
         agent.adopt().await;
-        agent.refresh_dns();
+        agent.publish_dns();
         agent.reconcile_once(true).await;
         info!(node = %agent.node.name, "agent ready");
-        tokio::spawn(agent.clone().follow_store(events));
-        tokio::spawn(agent.clone().reconcile_loop());
-        tokio::spawn(agent.clone().liveness_loop());
-        tokio::spawn(agent.clone().rtt_loop());
-        tokio::spawn(agent.clone().docker_loop());
+        agent.spawn(agent.clone().follow_store(events));
+        agent.spawn(agent.clone().reconcile_loop());
+        agent.spawn(agent.clone().liveness_loop());
+        agent.spawn(agent.clone().rtt_loop());
+        agent.spawn(agent.clone().docker_loop());
         Ok(agent)
     }
 
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        self.tasks.lock().unwrap().push(handle);
+    }
+
+    /// Stops following the store and the engine and closes the DNS listeners; the
+    /// kernel keeps forwarding, as it does when the process exits.
+    pub async fn stop(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+        self.listeners.close_all().await;
+    }
+
     /// Takes over this host's endpoints as the store lists them: the ones whose
-    /// namespace still exists keep their addresses; the others are removed.
+    /// namespace still exists, and that this host's own list says it attached, keep
+    /// their addresses; the others are removed.
     async fn adopt(&self) {
-        let mine: Vec<(String, EndpointRecord)> = {
-            let c = self.cluster.read().unwrap();
+        let mine: Vec<(String, EndpointRecord)> = self.view.read(|c| {
             c.endpoints
-                .iter()
-                .filter(|(_, e)| e.node == self.node.name)
-                .map(|(_, e)| (model::endpoint_key(&e.network, e.address), e.clone()))
+                .values()
+                .filter(|e| e.node == self.node.name)
+                .map(|e| (model::endpoint_key(&e.network, e.address), e.clone()))
                 .collect()
-        };
-        let list_path = attached_file::path(&self.cfg.state_dir);
+        });
+        let list_path = self.local.file().to_owned();
         let list = match attached_file::load(&list_path).await {
             Ok(list) => list,
             Err(e) => {
@@ -227,57 +233,58 @@ impl<S: Store> Agent<S> {
         let mut found = BTreeMap::new();
         let mut unreadable = Vec::new();
         for (key, record) in mine {
-            let recorded = liveness::recorded_namespace(&record).filter(|(_, ino)| {
-                list.as_ref().is_none_or(|l| {
-                    l.get(&key)
-                        .is_some_and(|a| a.netns == record.netns && a.ino == *ino)
-                })
-            });
-            if recorded.is_none() {
-                warn!(
-                    key,
-                    netns = record.netns,
-                    "store record names this host, but this host did not attach it; removing it"
-                );
-            }
+            let recorded = liveness::recorded_namespace(&record)
+                .filter(|(_, ino)| !self.host_namespaces.contains(ino))
+                .filter(|(_, ino)| {
+                    list.as_ref().is_none_or(|l| {
+                        l.get(&key)
+                            .is_some_and(|a| a.netns == record.netns && a.ino == *ino)
+                    })
+                });
             match recorded {
                 Some((netns, ino)) => {
                     found.insert(key, LocalEndpoint { record, netns, ino });
                 }
-                None => unreadable.push(key),
+                None => {
+                    warn!(
+                        key,
+                        netns = record.netns,
+                        "store record names this host, but this host did not attach it; removing it"
+                    );
+                    unreadable.push(key);
+                }
             }
         }
         let watched = found
             .iter()
             .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
             .collect();
-        let gone = liveness::gone(watched).await;
+        let gone = self.datapath.gone(watched).await;
         for key in gone.into_iter().chain(unreadable) {
             found.remove(&key);
             info!(
                 key,
                 "namespace gone while the agent was down; removing its endpoint"
             );
-            self.forget_in_store(&key).await;
+            self.view.delete_or_owe(&key).await;
         }
-        self.local.lock().await.endpoints = found;
+        self.local.replace(found);
         self.update_own_blocks().await;
     }
 
     /// Blocks record the owner's underlay; a host that moved updates its own.
     async fn update_own_blocks(&self) {
-        let stale: Vec<(String, model::BlockRecord)> = {
-            let c = self.cluster.read().unwrap();
+        let stale: Vec<(String, model::BlockRecord)> = self.view.read(|c| {
             c.blocks
-                .iter()
-                .filter(|(_, b)| b.node == self.node.name && b.underlay != self.node.underlay)
-                .map(|(_, b)| (model::block_key(&b.network, b.block), b.clone()))
+                .values()
+                .filter(|b| b.node == self.node.name && b.underlay != self.node.underlay)
+                .map(|b| (model::block_key(&b.network, b.block), b.clone()))
                 .collect()
-        };
+        });
         for (key, mut block) in stale {
             block.underlay = self.node.underlay;
-            let txn = crate::store::Txn::default().put(key.clone(), model::encode(&block));
-            if let Err(e) = self.store.txn(txn).await {
+            let txn = Txn::default().put(key.clone(), model::encode(&block));
+            if let Err(e) = self.view.commit(txn).await {
                 warn!(key, error = %e, "cannot update this host's underlay on its block");
             }
         }
@@ -285,65 +292,19 @@ impl<S: Store> Agent<S> {
 
     async fn follow_store(self: Arc<Self>, mut events: tokio::sync::mpsc::Receiver<StoreEvent>) {
         while let Some(event) = events.recv().await {
-            match event {
-                StoreEvent::Reset(loaded) => {
-                    *self.cluster.write().unwrap() = Cluster::from_loaded(&loaded);
-                }
-                StoreEvent::Changes(changes) => {
-                    let mut deleted = Vec::new();
-                    {
-                        let mut c = self.cluster.write().unwrap();
-                        for ch in changes.iter().filter(|ch| ch.value.is_none()) {
-                            if ch
-                                .key
-                                .strip_prefix(model::ENDPOINTS)
-                                .and_then(|k| c.endpoints.get(k))
-                                .is_some_and(|e| e.node == self.node.name)
-                            {
-                                deleted.push(ch.key.clone());
-                            }
-                        }
-                        c.apply(&changes);
-                    }
-                    self.deleted_here.lock().unwrap().extend(deleted);
-                }
-            }
+            let deleted = self.view.apply_event(event);
+            self.deleted_here.lock().unwrap().extend(deleted);
             if let Some(link) = &self.docker {
                 link.networks_changed();
             }
-            self.refresh_dns();
+            self.publish_dns();
             self.reconcile.notify_one();
         }
     }
 
-    /// Derives the DNS records from the cluster and publishes the difference.
-    fn refresh_dns(&self) {
-        let wanted: BTreeMap<String, netagent_dns::EndpointRecord> = {
-            let c = self.cluster.read().unwrap();
-            c.endpoints
-                .iter()
-                .filter(|(_, e)| c.is_alive(&e.node) && c.networks.contains_key(&e.network))
-                .map(|(k, e)| (k.clone(), dns_record(e)))
-                .collect()
-        };
-        let mut guard = self.dns_records.lock().unwrap();
-        let (current, snapshot) = &mut *guard;
-        if *current == wanted {
-            return;
-        }
-        let removed: Vec<_> = current
-            .iter()
-            .filter(|(k, r)| wanted.get(*k) != Some(r))
-            .map(|(_, r)| r.clone())
-            .collect();
-        let added: Vec<_> = wanted
-            .iter()
-            .filter(|(k, r)| current.get(*k) != Some(r))
-            .map(|(_, r)| r.clone())
-            .collect();
-        *snapshot = snapshot.apply(&removed, &added);
-        *current = wanted;
-        self.dns.update(snapshot.clone());
+    /// Publishes the DNS records the cluster view gives now.
+    fn publish_dns(&self) {
+        self.dns.publish(self.view.read(dns_publish::dns_records));
     }
 
     async fn reconcile_loop(self: Arc<Self>) {
@@ -358,47 +319,41 @@ impl<S: Store> Agent<S> {
         }
     }
 
+    /// What this host's kernel should hold now, less the networks that clash.
+    fn desired_state(&self) -> netagent_overlay::HostState {
+        let facts = HostFacts {
+            node: &self.node.name,
+            underlay: self.node.underlay,
+            underlay_interface: self.cfg.underlay_interface.as_deref(),
+            mesh_address: self.mesh.address(),
+            store_addresses: &self.store_addresses,
+        };
+        let desired = self.local.read(|endpoints| {
+            self.view
+                .read(|c| reconcile::desired_host_state(c, endpoints, &facts))
+        });
+        self.reconciler.applicable(desired)
+    }
+
     /// Brings the kernel and the DNS listeners in line with the cluster. `full`
     /// applies even when nothing seems to have changed (repairs drift).
     async fn reconcile_once(&self, full: bool) {
         self.ensure_mesh().await;
-        let full = full
-            || self
-                .mesh_restarted
-                .swap(false, std::sync::atomic::Ordering::Relaxed);
-        let mut state = self.local.lock().await;
+        let full = full || self.mesh.take_restarted();
+        let _changes = self.changes.lock().await;
         let deleted: Vec<String> = std::mem::take(&mut *self.deleted_here.lock().unwrap());
-        let networks: BTreeSet<String> = self
-            .cluster
-            .read()
-            .unwrap()
-            .networks
-            .keys()
-            .cloned()
-            .collect();
-        let before = state.endpoints.len();
-        state.endpoints.retain(|key, ep| {
-            let keep = networks.contains(&ep.record.network) && !deleted.contains(key);
-            if !keep {
-                info!(key, "endpoint removed from the store; detaching");
-            }
-            keep
-        });
-        let desired = self.applicable_host_state(&state);
-        if full || state.applied.as_ref() != Some(&desired) || before != state.endpoints.len() {
-            match self.host.apply(&desired).await {
-                Ok(report) if !report.is_empty() => info!(
-                    created = report.created.len(),
-                    removed = report.removed.len(),
-                    "datapath reconciled"
-                ),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "datapath reconcile incomplete; retrying later"),
-            }
-            state.applied = Some(desired);
+        let networks: BTreeSet<String> = self.view.read(|c| c.networks.keys().cloned().collect());
+        for key in self.local.retain(|key, ep| {
+            networks.contains(&ep.record.network) && !deleted.iter().any(|d| d == key)
+        }) {
+            info!(key, "endpoint removed from the store; detaching");
         }
-        self.local_endpoints_changed(&mut state).await;
-        drop(state);
+        let _ = self
+            .reconciler
+            .apply(&self.datapath, self.desired_state(), full)
+            .await;
+        self.local_endpoints_changed().await;
+        drop(_changes);
         if full && self.docker.is_some() {
             // dockerd may have been (re)started since: its FORWARD policy drops.
             self.open_docker_forward().await;
@@ -407,121 +362,12 @@ impl<S: Store> Agent<S> {
 
     /// What follows a change of this host's endpoints: their list on disk (which
     /// adoption trusts) and their DNS listeners.
-    async fn local_endpoints_changed(&self, state: &mut LocalState) {
-        attached_file::save_if_changed(&self.cfg.state_dir, state).await;
-        self.sync_listeners(state).await;
-    }
-
-    /// [`Self::desired_host_state`] less the networks whose records clash (named in
-    /// `status` and the log): one bad network must not stop the others.
-    fn applicable_host_state(&self, state: &LocalState) -> HostState {
-        let (desired, left_out) = self.desired_host_state(state).without_invalid_networks();
-        let left_out: Vec<(String, String)> = left_out
-            .into_iter()
-            .map(|(n, e)| (n, e.to_string()))
-            .collect();
-        let mut known = self.networks_left_out.lock().unwrap();
-        for (network, why) in left_out.iter().filter(|l| !known.contains(l)) {
-            warn!(
-                network,
-                why, "network left out of this host's datapath; the others are applied"
-            );
-        }
-        *known = left_out;
-        desired
-    }
-
-    /// The kernel state this host should have: every network it holds a block of,
-    /// with every other block of it as a peer, and the namespaces attached here.
-    fn desired_host_state(&self, state: &LocalState) -> HostState {
-        let mesh_address = self.mesh_address();
-        let c = self.cluster.read().unwrap();
-        let mut networks = Vec::new();
-        for net in c.networks.values() {
-            let Some(mine) = c.blocks_of(&net.name).find(|b| b.node == self.node.name) else {
-                continue;
-            };
-            if net.encrypted && mesh_address.is_none() {
-                // Waits for the mesh: never plaintext on the underlay.
-                continue;
-            }
-            // Encrypted networks reach their peers at mesh addresses, inside WireGuard.
-            let peers = c
-                .blocks_of(&net.name)
-                .filter(|b| b.node != self.node.name)
-                .filter_map(|b| {
-                    let underlay = if net.encrypted {
-                        c.mesh_of(&b.node)?.address
-                    } else {
-                        b.underlay
-                    };
-                    Some(Peer {
-                        name: b.node.clone(),
-                        underlay,
-                        block: b.block,
-                    })
-                })
-                .collect();
-            let endpoints = state
-                .endpoints
-                .values()
-                .filter(|e| e.record.network == net.name)
-                .map(|e| Endpoint {
-                    id: e.record.id.clone(),
-                    netns: e.netns.clone(),
-                    address: e.record.address,
-                    mac: None,
-                    identity: Some(e.ino),
-                })
-                .collect();
-            networks.push(NetworkState {
-                network: network_spec(net, mine.block),
-                peers,
-                endpoints,
-            });
-        }
-        HostState {
-            underlay_address: self.node.underlay,
-            underlay_interface: self.cfg.underlay_interface.clone(),
-            mesh_address,
-            networks,
-            protected: protected::protected(&c, &self.store_addresses),
-        }
-    }
-
-    /// Deletes a key, or remembers to when the store is away.
-    async fn forget_in_store(&self, key: &str) {
-        let txn = crate::store::Txn::default().delete(key);
-        if let Err(e) = self.store.txn(txn).await {
-            warn!(key, error = %e, "cannot remove the endpoint from the store yet; will retry");
-            self.pending_deletes.lock().unwrap().insert(key.to_owned());
-        }
-    }
-}
-
-pub fn network_spec(net: &model::NetworkRecord, block: ipnet::Ipv4Net) -> NetworkSpec {
-    NetworkSpec {
-        name: net.name.clone(),
-        vni: net.vni,
-        subnet: net.subnet,
-        block,
-        mtu: net.mtu,
-        encrypted: net.encrypted,
-    }
-}
-
-fn dns_record(e: &EndpointRecord) -> netagent_dns::EndpointRecord {
-    netagent_dns::EndpointRecord {
-        network: e.network.clone(),
-        address: e.address,
-        // Every endpoint answers to some name of its own, for PTR.
-        name: e
-            .name
-            .clone()
-            .unwrap_or_else(|| e.address.to_string().replace('.', "-")),
-        service: e.service.clone(),
-        aliases: e.aliases.clone(),
-        in_service: e.in_service,
+    async fn local_endpoints_changed(&self) {
+        self.local.save().await;
+        let endpoints = self.local.snapshot();
+        self.listeners
+            .sync(&self.datapath, self.dns.server(), &endpoints)
+            .await;
     }
 }
 

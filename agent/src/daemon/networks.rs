@@ -5,6 +5,7 @@
 use anyhow::{anyhow, bail, Result};
 use tracing::info;
 
+use super::datapath::Datapath;
 use super::Agent;
 use crate::api::{BlockInfo, NetworkInfo};
 use crate::ipam::{self, NewNetwork};
@@ -13,7 +14,7 @@ use crate::store::{Compare, Store, Txn};
 
 const RETRIES: usize = 5;
 
-impl<S: Store> Agent<S> {
+impl<S: Store, D: Datapath> Agent<S, D> {
     pub async fn create_network(&self, new: &NewNetwork) -> Result<NetworkInfo> {
         for _ in 0..RETRIES {
             let cluster = self.fresh_cluster().await?;
@@ -24,7 +25,7 @@ impl<S: Store> Agent<S> {
                 .when(Compare::Absent(model::network_key(&record.name)))
                 .put(NETWORKS_GUARD, next)
                 .put(model::network_key(&record.name), model::encode(&record));
-            if self.store.txn(txn).await? {
+            if self.view.commit(txn).await? {
                 info!(network = record.name, subnet = %record.subnet, vni = record.vni, "network created");
                 return Ok(network_info(&cluster, &record));
             }
@@ -61,7 +62,7 @@ impl<S: Store> Agent<S> {
                 .delete(model::network_key(name))
                 .delete_prefix(format!("{BLOCKS}{name}/"))
                 .delete_prefix(format!("{ENDPOINTS}{name}/"));
-            if self.store.txn(txn).await? {
+            if self.view.commit(txn).await? {
                 info!(network = name, force, "network removed");
                 return Ok(network_info(&cluster, &record));
             }
@@ -70,24 +71,23 @@ impl<S: Store> Agent<S> {
     }
 
     pub fn list_networks(&self) -> Vec<NetworkInfo> {
-        let c = self.cluster.read().unwrap();
-        c.networks.values().map(|n| network_info(&c, n)).collect()
+        self.view
+            .read(|c| c.networks.values().map(|n| network_info(c, n)).collect())
     }
 
     pub fn inspect_network(&self, name: &str) -> Result<NetworkInfo> {
-        let c = self.cluster.read().unwrap();
-        let n = c.networks.get(name).ok_or_else(|| not_found(name))?;
-        Ok(network_info(&c, n))
+        self.view.read(|c| {
+            let n = c.networks.get(name).ok_or_else(|| not_found(name))?;
+            Ok(network_info(c, n))
+        })
     }
 
     /// The store as it is now (decisions about networks never use a cached view).
     async fn fresh_cluster(&self) -> Result<Cluster> {
-        let loaded = self
-            .store
-            .load()
+        self.view
+            .fresh()
             .await
-            .map_err(|e| anyhow!("{e}; networks cannot be changed while the store is away"))?;
-        Ok(Cluster::from_loaded(&loaded))
+            .map_err(|e| anyhow!("{e}; networks cannot be changed while the store is away"))
     }
 }
 

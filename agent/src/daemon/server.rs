@@ -10,8 +10,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
+use super::datapath::Datapath;
 use super::Agent;
-use crate::api::{Reply, Request};
+use crate::api::{Reply, Request, Response};
 use crate::store::Store;
 
 /// Binds the API socket; refuses when another agent answers on it.
@@ -55,13 +56,13 @@ pub async fn bind_api(path: &Path) -> Result<UnixListener> {
 /// Largest request line the API reads; a longer one is refused and the client cut off.
 const MAX_REQUEST: u64 = 1 << 20;
 
-pub async fn serve_api<S: Store>(agent: Arc<Agent<S>>, listener: UnixListener) {
+pub async fn serve_api<S: Store, D: Datapath>(agent: Arc<Agent<S, D>>, listener: UnixListener) {
     serve_requests(&listener, move |line| {
         let agent = agent.clone();
         async move {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => match agent.handle(req).await {
-                    Ok(v) => Reply::Ok(v),
+                    Ok(v) => Reply::Ok(Box::new(v)),
                     Err(e) => Reply::Error(format!("{e:#}")),
                 },
                 Err(e) => Reply::Error(format!("bad request: {e}")),
@@ -128,26 +129,24 @@ where
     }
 }
 
-impl<S: Store> Agent<S> {
-    pub async fn handle(&self, req: Request) -> Result<serde_json::Value> {
+impl<S: Store, D: Datapath> Agent<S, D> {
+    pub async fn handle(&self, req: Request) -> Result<Response> {
         Ok(match req {
-            Request::Status => json(&self.status().await),
-            Request::NetworkCreate(new) => json(&self.create_network(&new).await?),
-            Request::NetworkList => json(&self.list_networks()),
-            Request::NetworkInspect { name } => json(&self.inspect_network(&name)?),
+            Request::Status => Response::Status(self.status()),
+            Request::NetworkCreate(new) => Response::Network(self.create_network(&new).await?),
+            Request::NetworkList => Response::Networks(self.list_networks()),
+            Request::NetworkInspect { name } => Response::Network(self.inspect_network(&name)?),
             Request::NetworkRemove { name, force } => {
-                json(&self.remove_network(&name, force).await?)
+                Response::Network(self.remove_network(&name, force).await?)
             }
-            Request::Attach(req) => json(&self.attach(req).await?),
-            Request::Detach { target, network } => json(&self.detach(&target, &network).await?),
-            Request::Peers => json(&self.peers()),
-            Request::Services { network } => json(&self.services(network.as_deref())),
-            Request::Endpoints => json(&self.endpoints()),
-            Request::RotateKey => self.rotate_key().await?,
+            Request::Attach(req) => Response::Endpoint(self.attach(req).await?),
+            Request::Detach { target, network } => {
+                Response::Endpoint(self.detach(&target, &network).await?)
+            }
+            Request::Peers => Response::Peers(self.peers()),
+            Request::Services { network } => Response::Services(self.services(network.as_deref())),
+            Request::Endpoints => Response::Endpoints(self.endpoints()),
+            Request::RotateKey => Response::Key(self.rotate_key().await?),
         })
     }
-}
-
-fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).expect("api types serialize")
 }

@@ -1,6 +1,6 @@
-//! The syscalls of the userspace datapath: the mesh device (TAP with offloads), and batched UDP with
-//! recvmmsg/sendmmsg (one call moves up to [`BATCH`] datagrams). Blocking; used only
-//! from the mesh's own threads.
+//! The syscalls of the userspace datapath: the mesh device (TAP with offloads), and
+//! batched UDP with recvmmsg/sendmmsg (one call moves up to [`BATCH`] datagrams).
+//! Blocking; used only from the mesh's own threads.
 
 use std::fs::File;
 use std::io;
@@ -38,6 +38,8 @@ pub struct Device {
 /// virtio-net header on every frame and as many offloads as the kernel offers;
 /// non-blocking. `tunnel_offload` false leaves bursts inside VXLAN to the kernel to cut.
 pub fn open_tap(name: &str, tunnel_offload: bool) -> io::Result<Device> {
+    // SAFETY: the path is a NUL-terminated literal that outlives the call; open
+    // touches no other memory.
     let fd = unsafe {
         libc::open(
             c"/dev/net/tun".as_ptr(),
@@ -47,7 +49,11 @@ pub fn open_tap(name: &str, tunnel_offload: bool) -> io::Result<Device> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: open just returned this descriptor (checked above); nothing else owns
+    // it, so the File may close it.
     let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: `ifreq` is plain C data (integers, arrays, a union of them): all zero
+    // bytes are a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     if name.len() >= ifr.ifr_name.len() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
@@ -57,26 +63,36 @@ pub fn open_tap(name: &str, tunnel_offload: bool) -> io::Result<Device> {
     }
     ifr.ifr_ifru.ifru_flags =
         (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &ifr) } < 0 {
+    // SAFETY: `fd` is open (owned by `file`); TUNSETIFF reads and writes back one
+    // `ifreq`, and `ifr` is one, exclusively borrowed for the call.
+    if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr) } < 0 {
         return Err(io::Error::last_os_error());
     }
     let size = offload::VNET_HDR_LEN as libc::c_int;
+    // SAFETY: `fd` is open; TUNSETVNETHDRSZ reads one int, and `size` is one.
     if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &size) } < 0 {
         return Err(io::Error::last_os_error());
     }
     // The tunnel fields are little-endian whatever the host.
     let on: libc::c_int = 1;
+    // SAFETY: `fd` is open; TUNSETVNETLE reads one int, and `on` is one.
     unsafe { libc::ioctl(fd, libc::TUNSETVNETLE, &on) };
     let plain = TUN_F_CSUM | TUN_F_TSO4;
     let full = plain | TUN_F_UDP_TUNNEL_GSO;
     let tunnel_bursts = tunnel_offload
+        // SAFETY: `fd` is open; TUNSETOFFLOAD takes its flags by value, no memory.
         && unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, full as libc::c_ulong) } == 0;
     if !tunnel_bursts {
+        // SAFETY: as above: flags by value on an open descriptor.
         unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, plain as libc::c_ulong) };
     }
+    // SAFETY: `fd` is open; SIOCGIFHWADDR writes one `ifreq`, and `ifr` is one,
+    // exclusively borrowed for the call.
     if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: SIOCGIFHWADDR succeeded, so the kernel wrote the `ifru_hwaddr` member;
+    // any bytes are a valid `c_char` array anyway.
     let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
     let mut mac = [0u8; 6];
     for (m, b) in mac.iter_mut().zip(hw) {
@@ -89,6 +105,9 @@ pub fn open_tap(name: &str, tunnel_offload: bool) -> io::Result<Device> {
     })
 }
 
+/// Poll timeout of the I/O threads: how quickly they notice `stop`.
+pub const POLL_MS: i32 = 200;
+
 /// Waits until `fd` is readable or `timeout_ms` passes; true when readable.
 pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {
@@ -96,12 +115,15 @@ pub fn wait_readable(fd: RawFd, timeout_ms: i32) -> bool {
         events: libc::POLLIN,
         revents: 0,
     };
+    // SAFETY: one `pollfd`, exclusively borrowed, and a count of 1.
     unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
 }
 
 /// One frame from the device into `buf`; None when none is waiting. An error means
 /// the device is gone (deleted under us).
 pub fn read_frame(dev: &File, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which is
+    // exclusively borrowed for the call; the descriptor is open (borrowed `dev`).
     let n = unsafe { libc::read(dev.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if n >= 0 {
         return Ok((n > 0).then_some(n as usize));
@@ -115,6 +137,8 @@ pub fn read_frame(dev: &File, buf: &mut [u8]) -> io::Result<Option<usize>> {
 
 /// One frame to the device (the kernel takes it as received on the interface).
 pub fn write_frame(dev: &File, frame: &[u8]) {
+    // SAFETY: the kernel reads `frame.len()` bytes from `frame`, borrowed for the
+    // call; the descriptor is open (borrowed `dev`).
     unsafe { libc::write(dev.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
 }
 
@@ -140,12 +164,26 @@ const MAX_SUPER: usize = 65_000;
 const RX_BATCH: usize = 8;
 const RX_BUF: usize = 65_536;
 
+/// Room for the control messages of one datagram, aligned as `struct cmsghdr` must be
+/// (the CMSG macros hand out headers at its start, which Rust then reads and writes).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct ControlBuf([u8; CONTROL_LEN]);
+const CONTROL_LEN: usize = 64;
+const _: () = assert!(std::mem::align_of::<libc::cmsghdr>() <= 8);
+
+impl ControlBuf {
+    const EMPTY: ControlBuf = ControlBuf([0; CONTROL_LEN]);
+}
+
 /// Socket buffers of the WireGuard socket: room for bursts while a thread is busy
 /// writing to the mesh device, instead of drops that TCP inside pays for.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
 /// An integer socket option; best effort (the datapath works without, only slower).
 fn set_option(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: the kernel reads one `c_int` from `value`, a live local, and the
+    // length passed is that of a `c_int`; the socket is open (borrowed).
     unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
@@ -189,7 +227,7 @@ pub struct SendBatch {
     /// Datagrams gathered since the last flush.
     total: usize,
     // sendmmsg's arguments, refilled on each flush without allocating.
-    control: Vec<u8>,
+    control: Vec<ControlBuf>,
     to: Vec<libc::sockaddr_in>,
     iov: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
@@ -262,10 +300,12 @@ impl SendBatch {
         if n == 0 {
             return;
         }
+        // SAFETY: CMSG_SPACE is arithmetic on a length; it touches no memory.
         let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+        debug_assert!(space <= CONTROL_LEN);
         let control = &mut self.control;
         control.clear();
-        control.resize(space * n, 0);
+        control.resize(n, ControlBuf::EMPTY);
         let to = &mut self.to;
         to.clear();
         to.extend(self.runs[..n].iter().map(|r| sockaddr(r.to)));
@@ -278,15 +318,21 @@ impl SendBatch {
         let msgs = &mut self.msgs;
         msgs.clear();
         for i in 0..n {
+            // SAFETY: `mmsghdr` is plain C data (integers and pointers): all zero bytes
+            // (null pointers, zero lengths) are a valid value.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = (&mut to[i] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
             h.msg_hdr.msg_iov = &mut iov[i];
             h.msg_hdr.msg_iovlen = 1;
             if self.runs[i].count > 1 {
-                let c = &mut control[i * space..(i + 1) * space];
-                h.msg_hdr.msg_control = c.as_mut_ptr().cast();
+                h.msg_hdr.msg_control = control[i].0.as_mut_ptr().cast();
                 h.msg_hdr.msg_controllen = space;
+                // SAFETY: `msg_control` points to `space` bytes of a `ControlBuf`
+                // (aligned for `cmsghdr`, larger than `space`), exclusively ours, and
+                // `space` = CMSG_SPACE(2) holds a header and a u16, so CMSG_FIRSTHDR
+                // returns a non-null, aligned header inside it; the u16 is written
+                // unaligned within the same bytes.
                 unsafe {
                     let cmsg = libc::CMSG_FIRSTHDR(&h.msg_hdr);
                     (*cmsg).cmsg_level = libc::SOL_UDP;
@@ -302,6 +348,10 @@ impl SendBatch {
         }
         let mut sent = 0;
         while sent < n {
+            // SAFETY: `msgs[sent..]` holds `n - sent` headers; each points to its own
+            // `to`, `iov` and control entries and the iovec to a run's buffer, all
+            // built above and left untouched (neither moved nor resized) until the
+            // call returns; the socket is open (borrowed).
             let r = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
@@ -333,6 +383,7 @@ fn wait_writable(fd: RawFd) {
         events: libc::POLLOUT,
         revents: 0,
     };
+    // SAFETY: one `pollfd`, exclusively borrowed, and a count of 1.
     unsafe { libc::poll(&mut p, 1, 100) };
 }
 
@@ -340,7 +391,7 @@ fn wait_writable(fd: RawFd) {
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     from: Vec<libc::sockaddr_in>,
-    control: Vec<[u8; 64]>,
+    control: Vec<ControlBuf>,
     lens: Vec<usize>,
     segments: Vec<usize>,
     // recvmmsg's arguments, built once: they point into the heap buffers above,
@@ -353,8 +404,9 @@ impl RecvBatch {
     pub fn new() -> Self {
         let mut b = RecvBatch {
             bufs: vec![vec![0u8; RX_BUF]; RX_BATCH],
+            // SAFETY: `sockaddr_in` is plain C data: all zero bytes are a valid value.
             from: vec![unsafe { std::mem::zeroed() }; RX_BATCH],
-            control: vec![[0u8; 64]; RX_BATCH],
+            control: vec![ControlBuf::EMPTY; RX_BATCH],
             lens: vec![0; RX_BATCH],
             segments: vec![0; RX_BATCH],
             iov: Vec::with_capacity(RX_BATCH),
@@ -367,11 +419,13 @@ impl RecvBatch {
             });
         }
         for i in 0..RX_BATCH {
+            // SAFETY: `mmsghdr` is plain C data (integers and pointers): all zero bytes
+            // (null pointers, zero lengths) are a valid value.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = (&mut b.from[i] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_iov = &mut b.iov[i];
             h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = b.control[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_control = b.control[i].0.as_mut_ptr().cast();
             b.msgs.push(h);
         }
         b
@@ -382,9 +436,14 @@ impl RecvBatch {
         // The kernel shrinks these to what it wrote; give the full room again.
         for h in &mut self.msgs {
             h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-            h.msg_hdr.msg_controllen = 64;
+            h.msg_hdr.msg_controllen = CONTROL_LEN;
         }
         let msgs = &mut self.msgs;
+        // SAFETY: `msgs` holds RX_BATCH headers, each pointing to its own `from`,
+        // `control` and iovec entry (lengths reset above to those entries' sizes) and
+        // the iovec to an RX_BUF-byte buffer; all are heap storage of `self`, built
+        // once and never resized, so they stay put while `self` is exclusively
+        // borrowed for the call; a null timeout is allowed; the socket is open.
         let r = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),
@@ -419,6 +478,10 @@ impl RecvBatch {
 
 /// The segment size the kernel reports for a coalesced receive.
 fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: `h` was just filled by recvmmsg: its control pointer and length
+    // describe a `ControlBuf` (aligned for `cmsghdr`) holding `msg_controllen` bytes
+    // the kernel wrote. CMSG_FIRSTHDR and CMSG_NXTHDR return only headers that lie
+    // wholly inside those bytes (or null), and the value is read unaligned.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(h);
         while !cmsg.is_null() {

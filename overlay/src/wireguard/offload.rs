@@ -2,8 +2,9 @@
 //! 64 KiB, also inside VXLAN) described by a virtio-net header, and takes bursts back
 //! the same way. [`split`] cuts a burst into the packets WireGuard sends; a
 //! [`Coalescer`] joins decrypted packets of one TCP stream into one burst again, so
-//! the kernel runs VXLAN decapsulation, the bridge, the veth hop and the container's
-//! TCP once per burst instead of once per packet. Pure byte work, no syscalls.
+//! the kernel runs VXLAN decapsulation, the routing hop into the container's veth
+//! and the container's TCP once per burst instead of once per packet. Pure byte
+//! work, no syscalls.
 //!
 //! Frames on the device are `[virtio-net header][Ethernet][IPv4 ...]`: the kernel
 //! accepts GSO over a UDP tunnel only from a layer-2 device, so the mesh device is a

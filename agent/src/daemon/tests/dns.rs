@@ -1,0 +1,176 @@
+//! The embedded DNS as a container sees it: real UDP queries to the listener of its
+//! namespace, answering for the networks it is on and no others.
+
+use super::*;
+use crate::api::EndpointState;
+use crate::model::EndpointRecord;
+
+#[tokio::test]
+async fn the_listener_of_an_attached_namespace_answers_its_networks_names() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    let a = h1.attach("a", "app", Some("api")).await.address;
+    let b = h1.attach("b", "app", None).await.address;
+    let listener = h1.listener("a").await;
+    assert_eq!(query_a(listener, "a").await, [a]);
+    assert_eq!(query_a(listener, "b").await, [b]);
+    assert_eq!(query_a(listener, "b.app").await, [b]);
+    assert_eq!(query_a(listener, "api").await, [a]);
+    assert_eq!(query_a(listener, "tasks.api").await, [a]);
+}
+
+#[tokio::test]
+async fn a_namespace_does_not_get_the_names_of_networks_it_is_not_on() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.create_network("db", "100.65.0.0/16").await;
+    let a = h1.attach("a", "app", None).await.address;
+    let d = h1.attach("d", "db", Some("pg")).await.address;
+    let on_app = h1.listener("a").await;
+    let on_db = h1.listener("d").await;
+    assert!(query_a(on_app, "d").await.is_empty());
+    assert!(query_a(on_app, "pg").await.is_empty());
+    assert!(query_a(on_app, "pg.db").await.is_empty());
+    assert!(query_a(on_db, "a").await.is_empty());
+    assert_eq!(query_a(on_db, "pg").await, [d]);
+    assert_eq!(query_a(on_app, "a").await, [a]);
+}
+
+#[tokio::test]
+async fn a_namespace_on_two_networks_has_one_listener_answering_both() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.create_network("db", "100.65.0.0/16").await;
+    h1.attach("a", "app", None).await;
+    h1.attach("a", "db", None).await;
+    let d = h1.attach("d", "db", Some("pg")).await.address;
+    let w = h1.attach("w", "app", Some("web")).await.address;
+    assert_eq!(
+        h1.listener_scope("a").await,
+        Some(vec!["app".to_owned(), "db".to_owned()])
+    );
+    assert_eq!(
+        h1.agent.listeners.scopes().await.len(),
+        3,
+        "one per namespace"
+    );
+    let listener = h1.listener("a").await;
+    assert_eq!(query_a(listener, "pg").await, [d]);
+    assert_eq!(query_a(listener, "web").await, [w]);
+}
+
+#[tokio::test]
+async fn the_listener_closes_when_the_namespaces_last_endpoint_detaches() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.create_network("db", "100.65.0.0/16").await;
+    h1.attach("a", "app", None).await;
+    h1.attach("a", "db", None).await;
+    h1.agent.detach("/run/netns/a", "app").await.unwrap();
+    assert_eq!(h1.listener_scope("a").await, Some(vec!["db".to_owned()]));
+    let listener = h1.listener("a").await;
+    h1.agent.detach("/run/netns/a", "db").await.unwrap();
+    assert_eq!(h1.listener_scope("a").await, None);
+    // Its socket is closed: the port is free again.
+    std::net::UdpSocket::bind(listener).expect("the listener's port is free");
+}
+
+#[tokio::test]
+async fn a_service_answers_every_replica_on_every_host() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    let h2 = bed.host("h2", 12).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    let a = h1.attach("a", "app", Some("api")).await.address;
+    let c = h1.attach("c", "app", Some("api")).await.address;
+    let b = h2.attach("b", "app", Some("api")).await.address;
+    let listener = h1.listener("a").await;
+    let all = sorted(vec![a, b, c]);
+    for _ in 0..500 {
+        if sorted(query_a(listener, "api").await) == all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sorted(query_a(listener, "api").await), all);
+    let services = h1.agent.services(Some("app"));
+    assert_eq!(services.len(), 1);
+    assert_eq!(sorted(services[0].replicas.clone()), all);
+}
+
+#[tokio::test]
+async fn an_unhealthy_replica_leaves_the_service_but_keeps_its_own_name() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    let a = h1.attach("a", "app", Some("api")).await.address;
+    let b = h1.attach("b", "app", Some("api")).await.address;
+    let key = format!("endpoints/app/{b}");
+    let mut record: EndpointRecord = bed.store.get(&key).await.expect("b's record");
+    record.in_service = false;
+    bed.store.put(&key, &record).await;
+    eventually("b leaves the service", || h1.resolve("app", "api") == [a]).await;
+    assert_eq!(h1.resolve("app", "b"), [b]);
+    let listener = h1.listener("a").await;
+    assert_eq!(query_a(listener, "api").await, [a]);
+    assert_eq!(query_a(listener, "b").await, [b]);
+    let state = h1
+        .agent
+        .endpoints()
+        .into_iter()
+        .find(|e| e.address == b)
+        .map(|e| e.state);
+    assert_eq!(state, Some(EndpointState::Unhealthy));
+    assert_eq!(h1.agent.services(None)[0].replicas, [a]);
+    // Still attached: it is only out of the rotation.
+    assert_eq!(h1.kernel.endpoints().len(), 2);
+}
+
+#[tokio::test]
+async fn a_reverse_query_names_the_endpoint_in_its_network() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.attach("a", "app", None).await;
+    let b = h1.attach("b", "app", None).await.address;
+    let listener = h1.listener("a").await;
+    assert_eq!(query_ptr(listener, b).await, ["b.app."]);
+}
+
+#[tokio::test]
+async fn an_endpoint_answers_to_its_given_name_and_aliases() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    let mut req = attach_request("/run/netns/a", "app", None);
+    req.name = Some("frontend".into());
+    req.aliases = vec!["www".into()];
+    h1.kernel.add_namespace("/run/netns/a");
+    let a = h1.agent.attach(req).await.unwrap().address;
+    let listener = h1.listener("a").await;
+    assert_eq!(query_a(listener, "frontend").await, [a]);
+    assert_eq!(query_a(listener, "www.app").await, [a]);
+    assert!(
+        query_a(listener, "a").await.is_empty(),
+        "the path's name is not used"
+    );
+}
+
+#[tokio::test]
+async fn a_service_on_both_networks_of_a_namespace_answers_from_both() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.create_network("db", "100.65.0.0/16").await;
+    h1.attach("c", "app", None).await;
+    h1.attach("c", "db", None).await;
+    let on_app = h1.attach("x", "app", Some("api")).await.address;
+    let on_db = h1.attach("y", "db", Some("api")).await.address;
+    let listener = h1.listener("c").await;
+    assert_eq!(sorted(query_a(listener, "api").await), [on_app, on_db]);
+    assert_eq!(query_a(listener, "api.db").await, [on_db]);
+}

@@ -51,6 +51,9 @@ pub struct AttachRequest {
     pub service: Option<String>,
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// The service's name answers one replica at a time, rotating.
+    #[serde(default)]
+    pub one_per_answer: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -57,6 +57,10 @@ enum Command {
         /// The endpoint's own name (default: the namespace's name).
         #[arg(long)]
         name: Option<String>,
+        /// Answer the service's name with one replica at a time, rotating (for
+        /// clients that sort multi-address answers, such as glibc's getaddrinfo).
+        #[arg(long)]
+        one_per_answer: bool,
     },
     /// Detach a container or namespace from a network.
     Detach {
@@ -180,12 +184,14 @@ impl Cli {
                 service,
                 aliases,
                 name,
+                one_per_answer,
             } => Request::Attach(AttachRequest {
                 target,
                 network,
                 name,
                 service,
                 aliases,
+                one_per_answer,
             }),
             Command::Detach { target, network } => Request::Detach { target, network },
             Command::Peers => Request::Peers,

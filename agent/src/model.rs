@@ -122,6 +122,9 @@ pub struct EndpointRecord {
     /// death and health events concern this endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// Its service's name answers one replica at a time (when any replica says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_per_answer: bool,
 }
 
 fn yes() -> bool {

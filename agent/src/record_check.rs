@@ -226,6 +226,7 @@ mod tests {
             aliases: vec!["a".into()],
             in_service: true,
             container: None,
+            one_per_answer: false,
         };
         assert_eq!(ep.check("app/100.64.1.2"), Ok(()));
         assert!(ep.check("app/100.64.1.3").is_err());
@@ -431,6 +432,7 @@ mod tests {
                                 aliases,
                                 in_service,
                                 container,
+                                one_per_answer: false,
                             })
                         }
                     ),

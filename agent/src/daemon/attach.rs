@@ -256,6 +256,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             aliases: req.aliases.clone(),
             in_service,
             container: container.map(|c| c.id),
+            one_per_answer: req.one_per_answer,
         };
         let spec = network_spec(&network, block);
         // First endpoint of this network here: its device and peers come first.

@@ -314,6 +314,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 name: None,
                 service: wanted.service.clone(),
                 aliases: wanted.aliases.clone(),
+                one_per_answer: wanted.one_per_answer,
             };
             match self.attach_container(req, target.clone()).await {
                 Ok(info) => {

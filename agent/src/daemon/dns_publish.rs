@@ -1,22 +1,38 @@
 //! Cluster view → DNS snapshot. The records are derived from the view as a whole
 //! and only the difference is applied to the snapshot, so publishing after every
-//! change costs what changed, not the cluster's size.
+//! change costs what changed, not the cluster's size. A change in which services
+//! answer one replica at a time rebuilds the snapshot whole (rare: a label).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use netagent_dns::{DnsServer, Snapshot};
+use netagent_dns::{DnsServer, Snapshot, SnapshotBuilder};
 
 use crate::model::{Cluster, EndpointRecord};
 
-/// The name records the cluster gives, by store key: endpoints of live nodes on
-/// networks that exist.
-pub fn dns_records(c: &Cluster) -> BTreeMap<String, netagent_dns::EndpointRecord> {
-    c.endpoints
+/// What the DNS should answer, derived from the cluster view.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DnsRecords {
+    /// By store key: endpoints of live nodes on networks that exist.
+    records: BTreeMap<String, netagent_dns::EndpointRecord>,
+    /// (network, service) answered one replica at a time: any of its endpoints asks.
+    one_per_answer: BTreeSet<(String, String)>,
+}
+
+pub fn dns_records(c: &Cluster) -> DnsRecords {
+    let live = c
+        .endpoints
         .iter()
-        .filter(|(_, e)| c.is_alive(&e.node) && c.networks.contains_key(&e.network))
-        .map(|(k, e)| (k.clone(), dns_record(e)))
-        .collect()
+        .filter(|(_, e)| c.is_alive(&e.node) && c.networks.contains_key(&e.network));
+    let mut out = DnsRecords::default();
+    for (key, e) in live {
+        out.records.insert(key.clone(), dns_record(e));
+        if let (true, Some(service)) = (e.one_per_answer, &e.service) {
+            out.one_per_answer
+                .insert((e.network.clone(), service.clone()));
+        }
+    }
+    out
 }
 
 fn dns_record(e: &EndpointRecord) -> netagent_dns::EndpointRecord {
@@ -37,7 +53,7 @@ fn dns_record(e: &EndpointRecord) -> netagent_dns::EndpointRecord {
 pub struct DnsPublisher {
     server: Arc<DnsServer>,
     /// The records last published, and the snapshot they make.
-    published: Mutex<(BTreeMap<String, netagent_dns::EndpointRecord>, Snapshot)>,
+    published: Mutex<(DnsRecords, Snapshot)>,
 }
 
 impl DnsPublisher {
@@ -53,23 +69,32 @@ impl DnsPublisher {
     }
 
     /// Publishes what `wanted` differs in from the last records published.
-    pub fn publish(&self, wanted: BTreeMap<String, netagent_dns::EndpointRecord>) {
+    pub fn publish(&self, wanted: DnsRecords) {
         let mut guard = self.published.lock().unwrap();
         let (current, snapshot) = &mut *guard;
         if *current == wanted {
             return;
         }
-        let removed: Vec<_> = current
-            .iter()
-            .filter(|(k, r)| wanted.get(*k) != Some(r))
-            .map(|(_, r)| r.clone())
-            .collect();
-        let added: Vec<_> = wanted
-            .iter()
-            .filter(|(k, r)| current.get(*k) != Some(r))
-            .map(|(_, r)| r.clone())
-            .collect();
-        *snapshot = snapshot.apply(&removed, &added);
+        if current.one_per_answer != wanted.one_per_answer {
+            let builder = wanted.one_per_answer.iter().fold(
+                SnapshotBuilder::new().endpoints(wanted.records.values().cloned()),
+                |b, (network, service)| b.one_per_answer(network, service),
+            );
+            *snapshot = builder.build();
+        } else {
+            let (now, next) = (&current.records, &wanted.records);
+            let removed: Vec<_> = now
+                .iter()
+                .filter(|(k, r)| next.get(*k) != Some(r))
+                .map(|(_, r)| r.clone())
+                .collect();
+            let added: Vec<_> = next
+                .iter()
+                .filter(|(k, r)| now.get(*k) != Some(r))
+                .map(|(_, r)| r.clone())
+                .collect();
+            *snapshot = snapshot.apply(&removed, &added);
+        }
         *current = wanted;
         self.server.update(snapshot.clone());
     }

@@ -4,7 +4,8 @@
 //! - `netagent.network=NAME[,NAME...]`: the networks to join (no label: leave alone);
 //! - `netagent.service=NAME`, else Compose's `com.docker.compose.service`: the
 //!   service name all replicas share (`db`, `echo_api`);
-//! - `netagent.aliases=a,b`: more names.
+//! - `netagent.aliases=a,b`: more names;
+//! - `netagent.dns=one-per-answer`: the service's name answers one replica at a time.
 
 use std::collections::HashMap;
 
@@ -14,6 +15,9 @@ use crate::names::check_dns_name;
 pub const NETWORK: &str = "netagent.network";
 pub const SERVICE: &str = "netagent.service";
 pub const ALIASES: &str = "netagent.aliases";
+pub const DNS: &str = "netagent.dns";
+/// The one value of `netagent.dns` (rotation of every replica is the default).
+pub const ONE_PER_ANSWER: &str = "one-per-answer";
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,11 +25,13 @@ pub struct Wanted {
     pub networks: Vec<String>,
     pub service: Option<String>,
     pub aliases: Vec<String>,
+    /// `netagent.dns=one-per-answer`.
+    pub one_per_answer: bool,
 }
 
 /// Whether a label key is one netagent reads.
 pub fn is_ours(key: &str) -> bool {
-    [NETWORK, SERVICE, ALIASES, COMPOSE_SERVICE].contains(&key)
+    [NETWORK, SERVICE, ALIASES, DNS, COMPOSE_SERVICE].contains(&key)
 }
 
 /// The service name a container answers to without any netagent label.
@@ -66,10 +72,20 @@ pub fn wanted(labels: &HashMap<String, String>) -> Result<Option<Wanted>, String
             }
         }
     }
+    let one_per_answer = match labels.get(DNS).map(|v| v.trim()) {
+        None => false,
+        Some(ONE_PER_ANSWER) => true,
+        Some(other) => {
+            return Err(format!(
+                "label {DNS}={other:?}: the only mode is {ONE_PER_ANSWER:?} (leave the label out for every replica per answer)"
+            ))
+        }
+    };
     Ok(Some(Wanted {
         networks,
         service,
         aliases,
+        one_per_answer,
     }))
 }
 
@@ -117,6 +133,11 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(w.service.as_deref(), Some("db"));
+        assert!(!w.one_per_answer);
+        let w = wanted(&labels(&[(NETWORK, "app"), (DNS, " one-per-answer")]))
+            .unwrap()
+            .unwrap();
+        assert!(w.one_per_answer);
     }
 
     #[test]
@@ -137,6 +158,11 @@ mod tests {
         assert!(e.contains("\"app/x\" is not a network name"), "{e}");
         let e = wanted(&labels(&[(NETWORK, "app"), (SERVICE, "my db")])).unwrap_err();
         assert!(e.contains("label netagent.service"), "{e}");
+        let e = wanted(&labels(&[(NETWORK, "app"), (DNS, "round-robin")])).unwrap_err();
+        assert!(
+            e.contains("label netagent.dns=\"round-robin\": the only mode is \"one-per-answer\""),
+            "{e}"
+        );
     }
 
     /// Container labels are written by whoever starts a container: any map of
@@ -185,6 +211,7 @@ mod tests {
                 Just(SERVICE.to_string()),
                 Just(ALIASES.to_string()),
                 Just(COMPOSE_SERVICE.to_string()),
+                Just(DNS.to_string()),
                 Just("netagent.networks".to_string()),
                 any::<String>(),
             ];
@@ -230,6 +257,10 @@ mod tests {
                         unique.sort();
                         unique.dedup();
                         prop_assert_eq!(unique.len(), w.aliases.len());
+                        prop_assert_eq!(
+                            w.one_per_answer,
+                            labels.get(DNS).is_some_and(|v| v.trim() == ONE_PER_ANSWER)
+                        );
                     }
                 }
             }

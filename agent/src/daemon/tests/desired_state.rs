@@ -76,6 +76,7 @@ fn endpoint(network: &str, address: &str, ino: u64) -> (String, LocalEndpoint) {
                 aliases: Vec::new(),
                 in_service: true,
                 container: None,
+                one_per_answer: false,
             },
             netns: NetnsRef::parse(&netns).unwrap(),
             ino,

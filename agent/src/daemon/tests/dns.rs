@@ -174,3 +174,30 @@ async fn a_service_on_both_networks_of_a_namespace_answers_from_both() {
     assert_eq!(sorted(query_a(listener, "api").await), [on_app, on_db]);
     assert_eq!(query_a(listener, "api.db").await, [on_db]);
 }
+
+#[tokio::test]
+async fn a_replica_asking_for_one_per_answer_puts_its_service_in_that_mode() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.attach("a", "app", Some("api")).await;
+    h1.attach("b", "app", Some("api")).await;
+    assert_eq!(
+        h1.resolve("app", "api").len(),
+        2,
+        "every replica by default"
+    );
+    h1.kernel.add_namespace("/run/netns/c");
+    let mut req = attach_request("/run/netns/c", "app", Some("api"));
+    req.one_per_answer = true;
+    h1.agent.attach(req).await.unwrap();
+    let answers: Vec<Vec<Ipv4Addr>> = (0..3).map(|_| h1.resolve("app", "api")).collect();
+    assert!(answers.iter().all(|a| a.len() == 1), "{answers:?}");
+    let seen: std::collections::BTreeSet<Ipv4Addr> = answers.into_iter().flatten().collect();
+    assert_eq!(seen.len(), 3, "each replica in turn");
+    // The container's own name still answers with it alone; the mode ends with the
+    // replica that asked for it.
+    assert_eq!(h1.resolve("app", "c"), [ip("100.64.0.4")]);
+    h1.agent.detach("/run/netns/c", "app").await.unwrap();
+    assert_eq!(h1.resolve("app", "api").len(), 2);
+}

@@ -355,6 +355,7 @@ pub fn attach_request(target: &str, network: &str, service: Option<&str>) -> Att
         name: None,
         service: service.map(str::to_owned),
         aliases: Vec::new(),
+        one_per_answer: false,
     }
 }
 

@@ -56,16 +56,17 @@ pub struct AttachRequest {
     pub one_per_answer: bool,
 }
 
+/// One reply line. The content of `Ok` is the response's content alone (the request
+/// says which kind it is), so scripts read `{"ok": {...}}` with no envelope.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Ok(Box<Response>),
+    Ok(serde_json::Value),
     Error(String),
 }
 
 /// What a request answers with; each request has one kind of response.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+#[derive(Clone, Debug)]
 pub enum Response {
     /// `Status`.
     Status(Status),
@@ -87,7 +88,24 @@ pub enum Response {
 }
 
 impl Response {
-    /// The response's content alone, as `--json` prints it.
+    /// Reads the content of a reply to `request` as its kind of response.
+    pub fn read(request: &Request, content: serde_json::Value) -> serde_json::Result<Response> {
+        use serde_json::from_value as read;
+        Ok(match request {
+            Request::Status => Response::Status(read(content)?),
+            Request::NetworkCreate(_)
+            | Request::NetworkInspect { .. }
+            | Request::NetworkRemove { .. } => Response::Network(read(content)?),
+            Request::NetworkList => Response::Networks(read(content)?),
+            Request::Attach(_) | Request::Detach { .. } => Response::Endpoint(read(content)?),
+            Request::Endpoints => Response::Endpoints(read(content)?),
+            Request::Peers => Response::Peers(read(content)?),
+            Request::Services { .. } => Response::Services(read(content)?),
+            Request::RotateKey => Response::Key(read(content)?),
+        })
+    }
+
+    /// The response's content alone: what the socket carries and `--json` prints.
     pub fn content(&self) -> serde_json::Value {
         let value = match self {
             Response::Status(v) => serde_json::to_value(v),
@@ -274,13 +292,19 @@ mod tests {
     /// Scripts read the socket's JSON: its shape is part of the interface.
     #[test]
     fn replies_and_states_have_a_stable_wire_form() {
-        let reply = Reply::Ok(Box::new(Response::Key(KeyInfo {
+        let key = Response::Key(KeyInfo {
             public_key: "k".into(),
-        })));
-        assert_eq!(
-            serde_json::to_string(&reply).unwrap(),
-            r#"{"ok":{"kind":"key","value":{"public_key":"k"}}}"#
-        );
+        });
+        let reply = Reply::Ok(key.content());
+        let line = serde_json::to_string(&reply).unwrap();
+        assert_eq!(line, r#"{"ok":{"public_key":"k"}}"#);
+        let Reply::Ok(content) = serde_json::from_str(&line).unwrap() else {
+            panic!("an ok reply");
+        };
+        assert!(matches!(
+            Response::read(&Request::RotateKey, content),
+            Ok(Response::Key(k)) if k.public_key == "k"
+        ));
         assert_eq!(
             serde_json::to_string(&Reply::Error("no".into())).unwrap(),
             r#"{"error":"no"}"#

@@ -27,7 +27,8 @@ pub async fn call(socket: &Path, req: &Request) -> Result<Response> {
     match serde_json::from_str::<Reply>(&reply)
         .context("the agent's reply is not one this CLI reads (a different version?)")?
     {
-        Reply::Ok(v) => Ok(*v),
+        Reply::Ok(content) => Response::read(req, content)
+            .context("the agent's reply is not one this CLI reads (a different version?)"),
         Reply::Error(e) => Err(anyhow!(e)),
     }
 }

@@ -60,11 +60,13 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
         _ = tokio::signal::ctrl_c() => return Ok(()),
         _ = term.recv() => return Ok(()),
     };
-    tokio::spawn(serve_api(agent.clone(), listener));
+    let api = tokio::spawn(serve_api(agent.clone(), listener));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    // No request may open a listener again once they are closing.
+    api.abort();
     agent.stop().await;
     // The kernel keeps forwarding and the lease lives on for its TTL: a restart
     // within it is invisible to the other hosts.

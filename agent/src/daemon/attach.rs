@@ -190,12 +190,11 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         {
             check_dns_name(kind, n).map_err(|e| anyhow!(e))?;
         }
-        let lookup = |c: &model::Cluster| c.networks.get(&req.network).cloned();
-        let mut network = self.view.read(lookup);
+        let mut network = self.view.read(|c| c.networks.get(&req.network).cloned());
         if network.is_none() {
             // Created on another host a moment ago? The watch may not have said yet.
-            if self.view.reload().await.is_ok() {
-                network = self.view.read(lookup);
+            if let Ok(fresh) = self.view.fresh().await {
+                network = fresh.networks.get(&req.network).cloned();
             }
         }
         let network = network.ok_or_else(|| {
@@ -235,6 +234,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         self.local.read(|endpoints| {
             taken.extend(endpoints.values().map(|e| e.record.address));
         });
+        // Deleted here, not yet in the store: its record would refuse the address.
+        taken.extend(self.view.owed_addresses(&network.name));
         let address = ipam::free_address(block, &taken).ok_or_else(|| {
             anyhow!(
                 "network {:?}: this host's block {block} is full; create a network with larger blocks (--block-size)",
@@ -314,15 +315,22 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     }
 
     /// Removes endpoints of this host everywhere (kernel, DNS, local view, store)
-    /// because their container died or their namespace is gone.
-    pub(super) async fn remove_endpoints(&self, keys: Vec<String>, why: &str) {
-        if keys.is_empty() {
+    /// because their container died or their namespace is gone. Each is named by
+    /// key and namespace identity, checked again under the lock: the address may
+    /// have gone to a new endpoint since the namespace was found gone.
+    pub(super) async fn remove_endpoints(&self, gone: Vec<(String, u64)>, why: &str) {
+        if gone.is_empty() {
             return;
         }
         let _changes = self.changes.lock().await;
-        for key in keys {
-            info!(key, why, "removing an endpoint");
-            let _ = self.retire(&key, why, Retire::KernelFirst).await;
+        for (key, ino) in gone {
+            let same = self
+                .local
+                .read(|endpoints| endpoints.get(&key).is_some_and(|e| e.ino == ino));
+            if same {
+                info!(key, why, "removing an endpoint");
+                let _ = self.retire(&key, why, Retire::KernelFirst).await;
+            }
         }
     }
 
@@ -389,7 +397,10 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             Err(ClaimError::Refused(e)) => Err(e),
             Err(ClaimError::Store(e)) => Err(anyhow!("{e}; nothing was attached")),
             Err(e @ ClaimError::Contended(_)) => {
-                bail!("network {:?}: could not take a block: {e}", network.name)
+                bail!(
+                    "network {:?}: could not take a block: {e}; try again",
+                    network.name
+                )
             }
         }
     }

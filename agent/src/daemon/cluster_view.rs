@@ -5,6 +5,13 @@
 //! store while it is away (`delete_or_owe`: out of the view at once, and kept out of
 //! every fresh picture until the store has them). Decisions that must not use a
 //! cached view (networks) read the store through `fresh`.
+//!
+//! An endpoint of this host that leaves the view by someone else's hand is only a
+//! suspect: a picture read before this host's own latest write, or a deletion event
+//! older than it, may arrive after that write. The reconcile pass detaches only what
+//! a fresh read confirms (`confirm_deleted`).
+//!
+//! Lock order: `cluster`, then `owed`; no other lock is taken inside either.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, RwLock};
@@ -21,6 +28,9 @@ pub struct ClusterView<S> {
     node: String,
     /// Keys deleted here that the store has not deleted yet (it was away).
     owed: Mutex<BTreeSet<String>>,
+    /// This host's endpoints that left the view by a store event or a fresh picture,
+    /// to be confirmed before they are detached.
+    suspects: Mutex<BTreeSet<String>>,
 }
 
 /// What a claim found in the view: the record is there already, or this write would
@@ -44,7 +54,7 @@ pub enum ClaimError<E> {
     /// The caller's pick refused (no room left, say).
     #[error(transparent)]
     Refused(E),
-    #[error("lost the race for it {0} times (hosts racing); try again")]
+    #[error("lost the race for it {0} times (hosts racing)")]
     Contended(usize),
 }
 
@@ -55,6 +65,7 @@ impl<S: Store> ClusterView<S> {
             cluster: RwLock::new(Cluster::default()),
             node: node.to_owned(),
             owed: Mutex::new(BTreeSet::new()),
+            suspects: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -67,13 +78,19 @@ impl<S: Store> ClusterView<S> {
         f(&self.cluster.read().unwrap())
     }
 
-    /// Applies what the watch delivered; returns the store keys of this host's
-    /// endpoints that someone else deleted (their namespaces must be detached),
-    /// whether the watch says so change by change or in a fresh picture after a
-    /// reconnection.
-    pub fn apply_event(&self, event: StoreEvent) -> Vec<String> {
-        let owed = self.owed.lock().unwrap().clone();
-        let mut c = self.cluster.write().unwrap();
+    /// Applies what the watch delivered.
+    pub fn apply_event(&self, event: StoreEvent) {
+        match event {
+            StoreEvent::Reset(loaded) => {
+                self.change(|c| *c = Cluster::from_loaded(&loaded));
+            }
+            StoreEvent::Changes(changes) => self.change(|c| c.apply(&changes)),
+        }
+    }
+
+    /// Changes the view with `f`, keeps out what this host owes the store, and
+    /// makes suspects of this host's endpoints that left it.
+    fn change(&self, f: impl FnOnce(&mut Cluster)) {
         let mine = |c: &Cluster| -> BTreeSet<String> {
             c.endpoints
                 .iter()
@@ -81,19 +98,56 @@ impl<S: Store> ClusterView<S> {
                 .map(|(k, _)| format!("{}{k}", model::ENDPOINTS))
                 .collect()
         };
+        let mut c = self.cluster.write().unwrap();
         let before = mine(&c);
-        match event {
-            StoreEvent::Reset(loaded) => *c = Cluster::from_loaded(&loaded),
-            StoreEvent::Changes(changes) => c.apply(&changes),
-        }
-        // What this host deleted stays deleted, whatever the store still says.
-        let owed: Vec<Change> = owed
-            .into_iter()
-            .map(|key| Change { key, value: None })
+        f(&mut c);
+        let owed: Vec<Change> = self
+            .owed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|key| Change {
+                key: key.clone(),
+                value: None,
+            })
             .collect();
         c.apply(&owed);
-        let after = mine(&c);
-        before.difference(&after).cloned().collect()
+        let gone: Vec<String> = before.difference(&mine(&c)).cloned().collect();
+        drop(c);
+        self.suspects.lock().unwrap().extend(gone);
+    }
+
+    /// This host's endpoints that left the view since the last call.
+    pub fn take_suspects(&self) -> Vec<String> {
+        std::mem::take(&mut *self.suspects.lock().unwrap())
+            .into_iter()
+            .collect()
+    }
+
+    /// Which of `suspects` the store has indeed deleted. One fresh read decides;
+    /// if it still holds some, the view was behind and becomes that read. When the
+    /// store cannot be read the suspects wait for the next pass.
+    pub async fn confirm_deleted(&self, suspects: Vec<String>) -> Vec<String> {
+        if suspects.is_empty() {
+            return suspects;
+        }
+        let loaded = match self.store.load().await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                warn!(error = %e, "cannot confirm deletions of this host's endpoints yet");
+                self.suspects.lock().unwrap().extend(suspects);
+                return Vec::new();
+            }
+        };
+        let present: BTreeSet<&str> = loaded.pairs.iter().map(|(k, _)| k.as_str()).collect();
+        let (held, deleted): (Vec<String>, Vec<String>) = suspects
+            .into_iter()
+            .partition(|k| present.contains(k.as_str()));
+        if !held.is_empty() {
+            info!(keys = ?held, "a stale store event hid this host's endpoints; reading the store again");
+            self.change(|c| *c = Cluster::from_loaded(&loaded));
+        }
+        deleted
     }
 
     /// Writes `txn` to the store; when it took effect, its puts and deletes are
@@ -124,12 +178,25 @@ impl<S: Store> ClusterView<S> {
     pub async fn delete_or_owe(&self, key: &str) {
         if let Err(e) = self.commit(Txn::default().delete(key)).await {
             warn!(key, error = %e, "cannot remove the record from the store yet; will retry");
+            let mut c = self.cluster.write().unwrap();
             self.owed.lock().unwrap().insert(key.to_owned());
-            self.cluster.write().unwrap().apply(&[Change {
+            c.apply(&[Change {
                 key: key.to_owned(),
                 value: None,
             }]);
         }
+    }
+
+    /// The addresses of `network` whose deletion this host still owes the store:
+    /// not free to hand out yet.
+    pub fn owed_addresses(&self, network: &str) -> Vec<std::net::Ipv4Addr> {
+        let prefix = format!("{}{network}/", model::ENDPOINTS);
+        self.owed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|k| k.strip_prefix(&prefix)?.parse().ok())
+            .collect()
     }
 
     /// Retries the deletions owed to the store, oldest first, until one fails.
@@ -147,10 +214,11 @@ impl<S: Store> ClusterView<S> {
         }
     }
 
-    /// Replaces the view with the store as it is now.
+    /// Replaces the view with the store as it is now (what this host owes the store
+    /// stays out; its endpoints missing from the read become suspects).
     pub async fn reload(&self) -> store::Result<()> {
         let loaded = self.store.load().await?;
-        *self.cluster.write().unwrap() = Cluster::from_loaded(&loaded);
+        self.change(|c| *c = Cluster::from_loaded(&loaded));
         Ok(())
     }
 

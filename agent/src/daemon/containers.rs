@@ -334,12 +334,12 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     /// namespace is gone: a restarted container's new namespace may already be on.
     async fn container_died(&self, link: &DockerLink, id: &str) {
         link.clear_problem(id);
-        let watched: Vec<(String, netagent_overlay::NetnsRef, u64)> =
+        let watched: Vec<((String, u64), netagent_overlay::NetnsRef, u64)> =
             self.local.read(|endpoints| {
                 endpoints
                     .iter()
                     .filter(|(_, e)| e.record.container.as_deref() == Some(id))
-                    .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
+                    .map(|(k, e)| ((k.clone(), e.ino), e.netns.clone(), e.ino))
                     .collect()
             });
         let gone = self.datapath.gone(watched).await;

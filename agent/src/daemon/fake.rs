@@ -46,6 +46,8 @@ pub struct FakeDatapath {
     pub fail_attach: Arc<AtomicBool>,
     /// Mesh starts fail while set.
     pub fail_mesh: Arc<AtomicBool>,
+    /// Applies fail (a netlink error, say) while set, changing nothing.
+    pub fail_apply: Arc<AtomicBool>,
     mesh: Arc<Mutex<Option<Arc<FakeMesh>>>>,
 }
 
@@ -111,6 +113,11 @@ impl FakeDatapath {
 
 impl Datapath for FakeDatapath {
     async fn apply(&self, state: &HostState) -> Result<ApplyReport> {
+        // The real apply refuses a state that does not hold together, before any change.
+        state.validate()?;
+        if self.fail_apply.load(Ordering::Relaxed) {
+            return Err(Error::Worker("apply refused by the fake kernel".into()));
+        }
         let mut m = self.model.lock().unwrap();
         m.calls.push(Call::Apply {
             networks: state
@@ -145,6 +152,11 @@ impl Datapath for FakeDatapath {
             return Err(Error::Worker("attach refused by the fake kernel".into()));
         }
         let mut m = self.model.lock().unwrap();
+        // The real attach opens the namespace expecting the identity it was given.
+        let path = endpoint.netns.to_string();
+        if endpoint.identity.is_some() && m.namespaces.get(&path).copied() != endpoint.identity {
+            return Err(Error::Worker(format!("{path} is another namespace now")));
+        }
         if !m.networks.contains(&network.name) {
             return Err(Error::Worker(format!(
                 "network {} has no device in the fake kernel",
@@ -196,8 +208,19 @@ impl Datapath for FakeDatapath {
         Ok(Box::new(SharedMesh(mesh)))
     }
 
+    /// The encrypted networks' VXLAN devices live on the mesh device: they go with it.
     async fn stop_mesh(&self, mesh: Box<dyn MeshDatapath>) {
         drop(mesh);
+        let mut m = self.model.lock().unwrap();
+        let encrypted: Vec<String> = m
+            .applied
+            .iter()
+            .flat_map(|a| &a.networks)
+            .filter(|n| n.network.encrypted)
+            .map(|n| n.network.name.clone())
+            .collect();
+        m.networks.retain(|n| !encrypted.contains(n));
+        m.endpoints.retain(|_, (n, _)| !encrypted.contains(n));
     }
 
     async fn identity(&self, netns: &NetnsRef) -> Result<u64> {

@@ -94,10 +94,12 @@ impl Listeners {
                         );
                     }
                     Err(e) => {
-                        warn!(netns = %netns, error = %e, "no embedded DNS in this namespace")
+                        warn!(netns = %netns, addr = %DNS_ADDRESS, error = %e, "no embedded DNS in this namespace")
                     }
                 },
-                Err(e) => warn!(netns = %netns, error = %e, "no embedded DNS in this namespace"),
+                Err(e) => {
+                    warn!(netns = %netns, addr = %DNS_ADDRESS, error = %e, "no embedded DNS in this namespace")
+                }
             }
         }
     }

@@ -33,10 +33,10 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         loop {
             tick.tick().await;
             self.view.pay_owed().await;
-            let watched: Vec<(String, NetnsRef, u64)> = self.local.read(|endpoints| {
+            let watched: Vec<((String, u64), NetnsRef, u64)> = self.local.read(|endpoints| {
                 endpoints
                     .iter()
-                    .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
+                    .map(|(k, e)| ((k.clone(), e.ino), e.netns.clone(), e.ino))
                     .collect()
             });
             let gone = self.datapath.gone(watched).await;

@@ -220,7 +220,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         claimed.map_err(|e| match e {
             ClaimError::Refused(e) => e,
             ClaimError::Store(e) => anyhow!("{e}; the mesh record cannot be published"),
-            e @ ClaimError::Contended(_) => anyhow!("mesh address: {e}"),
+            e @ ClaimError::Contended(_) => anyhow!("mesh address: {e}; retrying later"),
         })
     }
 

@@ -79,8 +79,6 @@ pub struct Agent<S: Store, D: Datapath = KernelDatapath> {
     docker: Option<containers::DockerLink>,
     /// Serialises changes to this host's endpoints (see the module's comment).
     changes: Mutex<()>,
-    /// Keys of this host's endpoints that someone deleted in the store.
-    deleted_here: StdMutex<Vec<String>>,
     /// Wakes the reconciler; shared with the mesh's datapath threads, which call it
     /// when the datapath stops by itself.
     reconcile: Arc<Notify>,
@@ -148,7 +146,6 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             mesh: MeshState::new(keys),
             docker: cfg.docker_socket.clone().map(containers::DockerLink::new),
             changes: Mutex::new(()),
-            deleted_here: StdMutex::new(Vec::new()),
             reconcile: Arc::new(Notify::new()),
             rtt: StdMutex::new(HashMap::new()),
             store_addresses,
@@ -292,8 +289,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
 
     async fn follow_store(self: Arc<Self>, mut events: tokio::sync::mpsc::Receiver<StoreEvent>) {
         while let Some(event) = events.recv().await {
-            let deleted = self.view.apply_event(event);
-            self.deleted_here.lock().unwrap().extend(deleted);
+            self.view.apply_event(event);
             if let Some(link) = &self.docker {
                 link.networks_changed();
             }
@@ -328,10 +324,11 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             mesh_address: self.mesh.address(),
             store_addresses: &self.store_addresses,
         };
-        let desired = self.local.read(|endpoints| {
-            self.view
-                .read(|c| reconcile::desired_host_state(c, endpoints, &facts))
-        });
+        // A copy first: the view's lock is never taken inside another.
+        let endpoints = self.local.snapshot();
+        let desired = self
+            .view
+            .read(|c| reconcile::desired_host_state(c, &endpoints, &facts));
         self.reconciler.applicable(desired)
     }
 
@@ -341,7 +338,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         self.ensure_mesh().await;
         let full = full || self.mesh.take_restarted();
         let _changes = self.changes.lock().await;
-        let deleted: Vec<String> = std::mem::take(&mut *self.deleted_here.lock().unwrap());
+        // Someone deleted this host's endpoints in the store: confirmed, they go.
+        let deleted = self.view.confirm_deleted(self.view.take_suspects()).await;
         let networks: BTreeSet<String> = self.view.read(|c| c.networks.keys().cloned().collect());
         for key in self.local.retain(|key, ep| {
             networks.contains(&ep.record.network) && !deleted.iter().any(|d| d == key)

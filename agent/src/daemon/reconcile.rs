@@ -141,7 +141,8 @@ impl Reconciler {
     }
 
     /// Applies `desired` unless it is what was applied last (`full`: regardless, to
-    /// repair drift). A failed apply is retried by the next pass.
+    /// repair drift). Only a complete apply is remembered: after a failure the next
+    /// pass applies again.
     pub async fn apply<D: Datapath>(
         &self,
         datapath: &D,
@@ -161,7 +162,7 @@ impl Reconciler {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "datapath reconcile incomplete; retrying later"),
         }
-        *self.applied.lock().unwrap() = Some(desired);
+        *self.applied.lock().unwrap() = outcome.is_ok().then_some(desired);
         outcome.map(|_| ())
     }
 

@@ -62,7 +62,7 @@ pub async fn serve_api<S: Store, D: Datapath>(agent: Arc<Agent<S, D>>, listener:
         async move {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => match agent.handle(req).await {
-                    Ok(v) => Reply::Ok(Box::new(v)),
+                    Ok(v) => Reply::Ok(v.content()),
                     Err(e) => Reply::Error(format!("{e:#}")),
                 },
                 Err(e) => Reply::Error(format!("bad request: {e}")),

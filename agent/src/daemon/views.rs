@@ -24,6 +24,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let peers = self.peers();
         let docker = self.docker.as_ref().map(|d| d.status());
         let left_out_here = self.reconciler.left_out();
+        let local_endpoints = self.local.len();
         self.view.read(|c| Status {
             node: self.node.name.clone(),
             underlay: self.node.underlay,
@@ -36,7 +37,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             },
             store,
             networks: c.networks.len(),
-            local_endpoints: self.local.len(),
+            local_endpoints,
             endpoints: c.endpoints.len(),
             peers_up: peers.iter().filter(|p| p.state == PeerState::Up).count(),
             peers_down: peers.iter().filter(|p| p.state != PeerState::Up).count(),

@@ -261,3 +261,80 @@ async fn the_list_of_attached_namespaces_follows_the_endpoints() {
         .expect("a list");
     assert!(list.is_empty());
 }
+
+#[tokio::test]
+async fn a_network_whose_setup_failed_is_set_up_again_by_the_next_attach() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.kernel.fail_apply.store(true, Ordering::Relaxed);
+    let e = h1.try_attach("a", "app", None).await.unwrap_err();
+    assert!(format!("{e:#}").contains("apply refused"), "{e:#}");
+    assert!(h1.kernel.networks().is_empty());
+    h1.kernel.fail_apply.store(false, Ordering::Relaxed);
+    assert_eq!(h1.attach("a", "app", None).await.address, ip("100.64.0.2"));
+    assert_eq!(h1.kernel.networks(), ["app".to_owned()].into());
+}
+
+#[tokio::test]
+async fn an_endpoint_is_not_detached_by_a_stale_deletion_of_its_address() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.attach("a", "app", None).await;
+    // A picture read before the attach arrives after it (as an etcd watch may
+    // deliver it): the endpoint seems gone, but the store still has it.
+    let store = bed.store.clone();
+    let mut stale = store.snapshot().await;
+    stale.pairs.retain(|(k, _)| !k.starts_with("endpoints/"));
+    h1.agent
+        .view
+        .apply_event(crate::store::StoreEvent::Reset(stale));
+    h1.agent.reconcile_once(false).await;
+    assert_eq!(h1.kernel.endpoints().len(), 1, "still attached");
+    assert_eq!(
+        h1.resolve("app", "a"),
+        [ip("100.64.0.2")],
+        "and answered again"
+    );
+}
+
+/// Status polling, attaches and store churn at once on several threads: no lock
+/// waits on another in a circle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_attaches_and_store_churn_together_never_deadlock() {
+    let bed = Bed::new().await;
+    let h1 = Arc::new(bed.host("h1", 11).await);
+    h1.create_network("app", "100.64.0.0/16").await;
+    let work = async {
+        let poll = {
+            let h1 = h1.clone();
+            tokio::spawn(async move {
+                for _ in 0..2000 {
+                    let _ = h1.agent.status();
+                    let _ = h1.agent.peers();
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let churn = {
+            let store = bed.store.clone();
+            tokio::spawn(async move {
+                for i in 0..200 {
+                    store
+                        .write(Txn::default().put(format!("nodes/other{i}"), b"{}".to_vec()))
+                        .await;
+                }
+            })
+        };
+        for i in 0..20 {
+            h1.attach(&format!("n{i}"), "app", Some("api")).await;
+        }
+        poll.await.unwrap();
+        churn.await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .expect("finished within 30 s: no deadlock");
+    assert_eq!(h1.kernel.endpoints().len(), 20);
+}

@@ -76,6 +76,11 @@ impl TestStore {
         assert!(self.inner.txn(txn).await.expect("store writes"));
     }
 
+    /// Every key and value, as a watch's fresh picture has them.
+    pub async fn snapshot(&self) -> Loaded {
+        self.inner.load().await.expect("store reads")
+    }
+
     pub async fn keys(&self) -> Vec<String> {
         let loaded = self.inner.load().await.expect("store reads");
         loaded.pairs.into_iter().map(|(k, _)| k).collect()

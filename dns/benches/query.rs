@@ -34,13 +34,7 @@ fn snapshot() -> Snapshot {
 
 /// A recursive query for `name`, type A, class IN, as a stub resolver sends it.
 fn a_query(name: &str) -> Vec<u8> {
-    let mut q = vec![0x4e, 0x41, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
+    netagent_dns::stub_query(0x4e41, name, 1)
 }
 
 fn answer_count(reply: &[u8]) -> u16 {

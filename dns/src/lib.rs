@@ -26,4 +26,4 @@ pub use forward::{
 };
 pub use server::{DnsServer, Scope, DEFAULT_TTL};
 pub use snapshot::{EndpointRecord, Snapshot, SnapshotBuilder};
-pub use wire::{Question, WireError};
+pub use wire::{stub_query, Question, WireError};

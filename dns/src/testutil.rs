@@ -13,15 +13,7 @@ use crate::snapshot::{EndpointRecord, SnapshotBuilder};
 
 /// An A query for `name` with id `id`, recursion desired.
 pub fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = Vec::with_capacity(12 + name.len() + 6);
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
+    crate::wire::stub_query(id, name, 1)
 }
 
 pub fn rcode(response: &[u8]) -> u8 {

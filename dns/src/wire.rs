@@ -83,6 +83,23 @@ pub(crate) fn u16_at(p: &[u8], at: usize) -> Option<u16> {
 }
 
 /// Parses a query. Errors say how to reply: drop, FORMERR or NOTIMP.
+/// A stub resolver's query: id `id`, recursion desired, one question for `name`
+/// (dots between labels, a trailing one optional) of type `qtype`, class IN. For
+/// probes, benchmarks and tests.
+pub fn stub_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::with_capacity(12 + name.len() + 6);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
+    q
+}
+
 pub fn parse(packet: &[u8]) -> Result<Question<'_>, WireError> {
     if packet.len() < 12 {
         return Err(WireError::Drop);

@@ -187,12 +187,5 @@ fn a_udp_flood_of_stalled_forwards_leaves_the_others_their_upstream() {
 
 /// An A query for `name`, recursion desired.
 fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
+    netagent_dns::stub_query(id, name, 1)
 }

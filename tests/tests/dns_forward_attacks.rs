@@ -77,14 +77,7 @@ fn a_dotted_label_from_one_network_does_not_poison_the_name_for_another() {
 
 /// An A query for `name` (labels split at '.') with id `id`.
 fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut p = id.to_be_bytes().to_vec();
-    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        p.push(label.len() as u8);
-        p.extend_from_slice(label.as_bytes());
-    }
-    p.extend_from_slice(&[0, 0, 1, 0, 1]);
-    p
+    netagent_dns::stub_query(id, name, 1)
 }
 
 fn open_fds(pid: u32) -> usize {

@@ -384,24 +384,21 @@ pub fn sorted(mut v: Vec<Ipv4Addr>) -> Vec<Ipv4Addr> {
     v
 }
 
-/// Sends one PTR query for `address` to a listener and returns the names answered.
-pub async fn query_ptr(server: SocketAddr, address: Ipv4Addr) -> Vec<String> {
-    let [a, b, c, d] = address.octets();
-    let name = format!("{d}.{c}.{b}.{a}.in-addr.arpa");
+/// Sends one query to a listener and returns its answer.
+async fn exchange(server: SocketAddr, name: &str, qtype: u16) -> Vec<u8> {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut q = vec![0x43, 0x21, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 12, 0, 1]);
-    socket.send_to(&q, server).await.unwrap();
+    let query = netagent_dns::stub_query(0x1234, name, qtype);
+    socket.send_to(&query, server).await.unwrap();
     let mut buf = [0u8; 1500];
     let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
         .await
         .expect("an answer within 2 s")
         .unwrap();
-    let r = &buf[..n];
+    buf[..n].to_vec()
+}
+
+/// Where each answer record of type `qtype` has its data, and how long it is.
+fn answer_data(r: &[u8], qtype: u16) -> Vec<(usize, usize)> {
     let count = u16::from_be_bytes([r[6], r[7]]) as usize;
     let (_, mut at) = read_name(r, 12);
     at += 4;
@@ -410,12 +407,32 @@ pub async fn query_ptr(server: SocketAddr, address: Ipv4Addr) -> Vec<String> {
         let (_, next) = read_name(r, at);
         let kind = u16::from_be_bytes([r[next], r[next + 1]]);
         let len = u16::from_be_bytes([r[next + 8], r[next + 9]]) as usize;
-        if kind == 12 {
-            out.push(read_name(r, next + 10).0);
+        if kind == qtype {
+            out.push((next + 10, len));
         }
         at = next + 10 + len;
     }
     out
+}
+
+/// Sends one PTR query for `address` to a listener and returns the names answered.
+pub async fn query_ptr(server: SocketAddr, address: Ipv4Addr) -> Vec<String> {
+    let [a, b, c, d] = address.octets();
+    let r = exchange(server, &format!("{d}.{c}.{b}.{a}.in-addr.arpa"), 12).await;
+    answer_data(&r, 12)
+        .into_iter()
+        .map(|(at, _)| read_name(&r, at).0)
+        .collect()
+}
+
+/// Sends one A query to a listener and returns the addresses answered.
+pub async fn query_a(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
+    let r = exchange(server, name, 1).await;
+    answer_data(&r, 1)
+        .into_iter()
+        .filter(|(_, len)| *len == 4)
+        .map(|(at, _)| Ipv4Addr::new(r[at], r[at + 1], r[at + 2], r[at + 3]))
+        .collect()
 }
 
 /// A name at `at` in message `r` (following compression pointers), and where what
@@ -436,53 +453,4 @@ fn read_name(r: &[u8], mut at: usize) -> (String, usize) {
             at += 1 + len;
         }
     }
-}
-
-/// Sends one A query to a listener and returns the addresses answered.
-pub async fn query_a(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    socket.send_to(&q, server).await.unwrap();
-    let mut buf = [0u8; 1500];
-    let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
-        .await
-        .expect("an answer within 2 s")
-        .unwrap();
-    answers_a(&buf[..n])
-}
-
-/// The A records of a response (names compressed to the question, as ours are).
-fn answers_a(r: &[u8]) -> Vec<Ipv4Addr> {
-    let count = u16::from_be_bytes([r[6], r[7]]) as usize;
-    // Past the header and the question.
-    let mut at = 12;
-    while r[at] != 0 {
-        at += 1 + r[at] as usize;
-    }
-    at += 5;
-    let mut out = Vec::new();
-    for _ in 0..count {
-        // Name: a pointer (2 bytes) or labels.
-        if r[at] & 0xc0 == 0xc0 {
-            at += 2;
-        } else {
-            while r[at] != 0 {
-                at += 1 + r[at] as usize;
-            }
-            at += 1;
-        }
-        let kind = u16::from_be_bytes([r[at], r[at + 1]]);
-        let len = u16::from_be_bytes([r[at + 8], r[at + 9]]) as usize;
-        at += 10;
-        if kind == 1 && len == 4 {
-            out.push(Ipv4Addr::new(r[at], r[at + 1], r[at + 2], r[at + 3]));
-        }
-        at += len;
-    }
-    out
 }

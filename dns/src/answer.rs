@@ -82,6 +82,7 @@ pub fn answer(
     }
     let mut addresses: Vec<Ipv4Addr> = Vec::new();
     let mut known = false;
+    let mut one_per_answer = false;
     // Only a query that gets the addresses turns the rotation: the C library asks A
     // and AAAA for every lookup, and if both turned it, a service with two replicas
     // would give every lookup the same first address.
@@ -89,6 +90,7 @@ pub fn answer(
     for network in networks {
         if let Some(set) = snapshot.lookup(network, &q.name) {
             known = true;
+            one_per_answer |= set.is_one_per_answer();
             if wants_addresses {
                 set.rotated(&mut addresses);
             }
@@ -96,6 +98,11 @@ pub fn answer(
     }
     if !known {
         return Answer::Forward;
+    }
+    // A namespace on several networks gets the name from each: one replica still
+    // means one, or the C library would sort the others in front again.
+    if one_per_answer {
+        addresses.truncate(1);
     }
     Answer::Reply(local_reply(&q, &addresses, ttl, limit))
 }

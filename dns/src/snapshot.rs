@@ -111,6 +111,11 @@ impl NameSet {
         }
     }
 
+    /// Whether this name answers one replica at a time.
+    pub fn is_one_per_answer(&self) -> bool {
+        self.one_per_answer
+    }
+
     pub fn is_empty(&self) -> bool {
         self.addresses.as_slice().is_empty()
     }

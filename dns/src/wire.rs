@@ -82,7 +82,6 @@ pub(crate) fn u16_at(p: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*p.get(at)?, *p.get(at + 1)?]))
 }
 
-/// Parses a query. Errors say how to reply: drop, FORMERR or NOTIMP.
 /// A stub resolver's query: id `id`, recursion desired, one question for `name`
 /// (dots between labels, a trailing one optional) of type `qtype`, class IN. For
 /// probes, benchmarks and tests.
@@ -100,6 +99,7 @@ pub fn stub_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     q
 }
 
+/// Parses a query. Errors say how to reply: drop, FORMERR or NOTIMP.
 pub fn parse(packet: &[u8]) -> Result<Question<'_>, WireError> {
     if packet.len() < 12 {
         return Err(WireError::Drop);

@@ -260,16 +260,24 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             one_per_answer: req.one_per_answer,
         };
         let spec = network_spec(&network, block);
-        // First endpoint of this network here: its device and peers come first.
-        if !self.reconciler.has_network(&spec) {
-            self.ensure_network_here(&network.name).await?;
-        }
+        // First endpoint of this network here (or the last apply was not complete):
+        // its device and peers come first.
+        let setup = if self.reconciler.has_network(&spec) {
+            None
+        } else {
+            self.ensure_network_here(&network.name).await?
+        };
         let local = LocalEndpoint { record, netns, ino };
         let endpoint = local.kernel_endpoint();
-        self.datapath
-            .attach(&spec, &endpoint)
-            .await
-            .with_context(|| format!("attaching {} to {:?}", req.target, network.name))?;
+        if let Err(e) = self.datapath.attach(&spec, &endpoint).await {
+            let e = anyhow::Error::new(e);
+            return Err(match setup {
+                // Likely why: say it first.
+                Some(setup) => e.context(format!("setting up the network failed first: {setup}")),
+                None => e,
+            }
+            .context(format!("attaching {} to {:?}", req.target, network.name)));
+        }
         let key = model::endpoint_key(&network.name, address);
         let txn = Txn::default()
             .when(Compare::Absent(key.clone()))
@@ -406,7 +414,10 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     }
 
     /// Sets up a network's device and peers on this host before its first endpoint.
-    async fn ensure_network_here(&self, network: &str) -> Result<()> {
+    /// An apply that fails (possibly for another network's object) is returned for
+    /// the attach to name if its own step fails too; a network that cannot be here
+    /// at all is an error.
+    async fn ensure_network_here(&self, network: &str) -> Result<Option<netagent_overlay::Error>> {
         self.ensure_mesh().await;
         let desired = self.desired_state();
         if let Some(why) = self.reconciler.why_left_out(network) {
@@ -422,10 +433,10 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             bail!("network {network:?} has no block on this host");
         }
         // Device, gateway, peers and the firewall's view of the new network at once.
-        self.reconciler
-            .apply(&self.datapath, desired, true)
-            .await
-            .map_err(Into::into)
+        match self.reconciler.apply(&self.datapath, desired, true).await {
+            Ok(()) => Ok(None),
+            Err(e) => Ok(Some(e)),
+        }
     }
 
     pub(super) fn endpoint_info(&self, e: &EndpointRecord) -> EndpointInfo {

@@ -125,7 +125,7 @@ impl<S: Store> ClusterView<S> {
     }
 
     /// Which of `suspects` the store has indeed deleted. One fresh read decides;
-    /// if it still holds some, the view was behind and becomes that read. When the
+    /// those it still holds as this host's records go back into the view. When the
     /// store cannot be read the suspects wait for the next pass.
     pub async fn confirm_deleted(&self, suspects: Vec<String>) -> Vec<String> {
         if suspects.is_empty() {
@@ -139,15 +139,34 @@ impl<S: Store> ClusterView<S> {
                 return Vec::new();
             }
         };
-        let present: BTreeSet<&str> = loaded.pairs.iter().map(|(k, _)| k.as_str()).collect();
-        let (held, deleted): (Vec<String>, Vec<String>) = suspects
+        // Still this host's record in the store: the event that hid it was stale.
+        let held: Vec<Change> = loaded
+            .pairs
             .into_iter()
-            .partition(|k| present.contains(k.as_str()));
+            .filter(|(k, v)| {
+                suspects.contains(k)
+                    && serde_json::from_slice::<model::EndpointRecord>(v)
+                        .is_ok_and(|e| e.node == self.node)
+            })
+            .map(|(key, value)| Change {
+                key,
+                value: Some(value),
+            })
+            .collect();
         if !held.is_empty() {
-            info!(keys = ?held, "a stale store event hid this host's endpoints; reading the store again");
-            self.change(|c| *c = Cluster::from_loaded(&loaded));
+            let keys: Vec<&str> = held.iter().map(|c| c.key.as_str()).collect();
+            info!(
+                ?keys,
+                "a stale store event hid this host's endpoints; restored"
+            );
+            // Only these keys: the rest of the view may be newer than this read.
+            // They are this host's, written under the lock the caller holds.
+            self.change(|c| c.apply(&held));
         }
-        deleted
+        suspects
+            .into_iter()
+            .filter(|k| !held.iter().any(|c| &c.key == k))
+            .collect()
     }
 
     /// Writes `txn` to the store; when it took effect, its puts and deletes are
@@ -199,7 +218,7 @@ impl<S: Store> ClusterView<S> {
             .collect()
     }
 
-    /// Retries the deletions owed to the store, oldest first, until one fails.
+    /// Retries the deletions owed to the store, in key order, until one fails.
     pub async fn pay_owed(&self) {
         let owed: Vec<String> = self.owed.lock().unwrap().iter().cloned().collect();
         for key in owed {

@@ -340,6 +340,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let _changes = self.changes.lock().await;
         // Someone deleted this host's endpoints in the store: confirmed, they go.
         let deleted = self.view.confirm_deleted(self.view.take_suspects()).await;
+        // A confirmation may have put back what a stale event hid.
+        self.publish_dns();
         let networks: BTreeSet<String> = self.view.read(|c| c.networks.keys().cloned().collect());
         for key in self.local.retain(|key, ep| {
             networks.contains(&ep.record.network) && !deleted.iter().any(|d| d == key)

@@ -131,7 +131,7 @@ impl Reconciler {
         self.left_out.lock().unwrap().clone()
     }
 
-    /// Whether `network` (as specified) is in the state last applied.
+    /// Whether `network` (as specified) is in the state last applied completely.
     pub fn has_network(&self, spec: &NetworkSpec) -> bool {
         self.applied
             .lock()

@@ -269,7 +269,12 @@ async fn a_network_whose_setup_failed_is_set_up_again_by_the_next_attach() {
     h1.create_network("app", "100.64.0.0/16").await;
     h1.kernel.fail_apply.store(true, Ordering::Relaxed);
     let e = h1.try_attach("a", "app", None).await.unwrap_err();
-    assert!(format!("{e:#}").contains("apply refused"), "{e:#}");
+    // The attach's own failure, with the setup failure it follows named first.
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("setting up the network failed first: ") && text.contains("apply refused"),
+        "{text}"
+    );
     assert!(h1.kernel.networks().is_empty());
     h1.kernel.fail_apply.store(false, Ordering::Relaxed);
     assert_eq!(h1.attach("a", "app", None).await.address, ip("100.64.0.2"));
@@ -337,4 +342,18 @@ async fn status_attaches_and_store_churn_together_never_deadlock() {
         .await
         .expect("finished within 30 s: no deadlock");
     assert_eq!(h1.kernel.endpoints().len(), 20);
+}
+
+#[tokio::test]
+async fn another_networks_broken_object_does_not_stop_attaches_to_this_one() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.attach("a", "app", None).await;
+    // Every apply from now on fails (another network's object, say), changing
+    // nothing: the device of "app" is still there.
+    h1.kernel.fail_apply.store(true, Ordering::Relaxed);
+    h1.agent.reconcile_once(true).await;
+    assert_eq!(h1.attach("b", "app", None).await.address, ip("100.64.0.3"));
+    assert_eq!(h1.kernel.endpoints().len(), 2);
 }

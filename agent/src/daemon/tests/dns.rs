@@ -201,3 +201,23 @@ async fn a_replica_asking_for_one_per_answer_puts_its_service_in_that_mode() {
     h1.agent.detach("/run/netns/c", "app").await.unwrap();
     assert_eq!(h1.resolve("app", "api").len(), 2);
 }
+
+#[tokio::test]
+async fn one_per_answer_holds_for_a_namespace_on_two_networks() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    h1.create_network("db", "100.65.0.0/16").await;
+    h1.attach("c", "app", None).await;
+    h1.attach("c", "db", None).await;
+    h1.attach("x", "app", Some("api")).await;
+    h1.attach("y", "db", Some("api")).await;
+    h1.kernel.add_namespace("/run/netns/z");
+    let mut req = attach_request("/run/netns/z", "app", Some("api"));
+    req.one_per_answer = true;
+    h1.agent.attach(req).await.unwrap();
+    let listener = h1.listener("c").await;
+    for _ in 0..3 {
+        assert_eq!(query_a(listener, "api").await.len(), 1);
+    }
+}

@@ -24,6 +24,9 @@ pub struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Seconds to wait for the agent's reply before giving up.
+    #[arg(long, global = true, default_value_t = 10.0, value_parser = positive_seconds)]
+    timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -200,13 +203,23 @@ impl Cli {
             Command::Status => Request::Status,
             Command::RotateKey => Request::RotateKey,
         };
-        let reply = client::call(&self.socket, &request).await?;
+        let deadline = std::time::Duration::from_secs_f64(self.timeout);
+        let reply = client::call(&self.socket, &request, deadline).await?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&reply.content())?);
         } else {
             print!("{}", commands::render(&request, reply));
         }
         Ok(())
+    }
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds between 0 and 86400"
+        )),
     }
 }
 

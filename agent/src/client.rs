@@ -23,6 +23,9 @@ pub async fn call(socket: &Path, req: &Request, deadline: Duration) -> Result<Re
         })
 }
 
+/// Said of a reply line this CLI cannot read.
+const UNREADABLE: &str = "the agent's reply is not one this CLI reads (a different version?)";
+
 async fn exchange(socket: &Path, req: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
@@ -39,11 +42,8 @@ async fn exchange(socket: &Path, req: &Request) -> Result<Response> {
         .next_line()
         .await?
         .ok_or_else(|| anyhow!("the agent closed the connection without a reply"))?;
-    match serde_json::from_str::<Reply>(&reply)
-        .context("the agent's reply is not one this CLI reads (a different version?)")?
-    {
-        Reply::Ok(content) => Response::read(req, content)
-            .context("the agent's reply is not one this CLI reads (a different version?)"),
+    match serde_json::from_str::<Reply>(&reply).context(UNREADABLE)? {
+        Reply::Ok(content) => Response::read(req, content).context(UNREADABLE),
         Reply::Error(e) => Err(anyhow!(e)),
     }
 }

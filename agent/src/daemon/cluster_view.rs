@@ -82,21 +82,31 @@ impl<S: Store> ClusterView<S> {
     pub fn apply_event(&self, event: StoreEvent) {
         match event {
             StoreEvent::Reset(loaded) => {
-                self.change(|c| *c = Cluster::from_loaded(&loaded));
+                self.change(None, |c| *c = Cluster::from_loaded(&loaded));
             }
-            StoreEvent::Changes(changes) => self.change(|c| c.apply(&changes)),
+            StoreEvent::Changes(changes) => self.change(Some(&changes), |c| c.apply(&changes)),
         }
     }
 
     /// Changes the view with `f`, keeps out what this host owes the store, and
-    /// makes suspects of this host's endpoints that left it.
-    fn change(&self, f: impl FnOnce(&mut Cluster)) {
+    /// makes suspects of this host's endpoints that left it. `touched`: the keys `f`
+    /// changes, so only those are compared; None: a whole new picture.
+    fn change(&self, touched: Option<&[Change]>, f: impl FnOnce(&mut Cluster)) {
         let mine = |c: &Cluster| -> BTreeSet<String> {
-            c.endpoints
-                .iter()
-                .filter(|(_, e)| e.node == self.node)
-                .map(|(k, _)| format!("{}{k}", model::ENDPOINTS))
-                .collect()
+            let here = |key: &str| c.endpoints.get(key).is_some_and(|e| e.node == self.node);
+            match touched {
+                Some(changes) => changes
+                    .iter()
+                    .filter(|ch| ch.key.strip_prefix(model::ENDPOINTS).is_some_and(here))
+                    .map(|ch| ch.key.clone())
+                    .collect(),
+                None => c
+                    .endpoints
+                    .iter()
+                    .filter(|(_, e)| e.node == self.node)
+                    .map(|(k, _)| format!("{}{k}", model::ENDPOINTS))
+                    .collect(),
+            }
         };
         let mut c = self.cluster.write().unwrap();
         let before = mine(&c);
@@ -140,13 +150,24 @@ impl<S: Store> ClusterView<S> {
             }
         };
         // Still this host's record in the store: the event that hid it was stale.
-        let held: Vec<Change> = loaded
+        // Read with the view's own size bound and checks.
+        let wanted: BTreeSet<&str> = suspects.iter().map(String::as_str).collect();
+        let candidates = store::Loaded {
+            revision: loaded.revision,
+            pairs: loaded
+                .pairs
+                .into_iter()
+                .filter(|(k, _)| wanted.contains(k.as_str()))
+                .collect(),
+        };
+        let checked = Cluster::from_loaded(&candidates);
+        let held: Vec<Change> = candidates
             .pairs
             .into_iter()
-            .filter(|(k, v)| {
-                suspects.contains(k)
-                    && serde_json::from_slice::<model::EndpointRecord>(v)
-                        .is_ok_and(|e| e.node == self.node)
+            .filter(|(k, _)| {
+                k.strip_prefix(model::ENDPOINTS)
+                    .and_then(|k| checked.endpoints.get(k))
+                    .is_some_and(|e| e.node == self.node)
             })
             .map(|(key, value)| Change {
                 key,
@@ -161,7 +182,7 @@ impl<S: Store> ClusterView<S> {
             );
             // Only these keys: the rest of the view may be newer than this read.
             // They are this host's, written under the lock the caller holds.
-            self.change(|c| c.apply(&held));
+            self.change(Some(&held), |c| c.apply(&held));
         }
         suspects
             .into_iter()
@@ -237,7 +258,7 @@ impl<S: Store> ClusterView<S> {
     /// stays out; its endpoints missing from the read become suspects).
     pub async fn reload(&self) -> store::Result<()> {
         let loaded = self.store.load().await?;
-        self.change(|c| *c = Cluster::from_loaded(&loaded));
+        self.change(None, |c| *c = Cluster::from_loaded(&loaded));
         Ok(())
     }
 

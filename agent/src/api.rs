@@ -39,7 +39,7 @@ pub enum Request {
     RotateKey,
 }
 
-/// `netagent attach TARGET NETWORK [--name] [--service] [--alias]...`; the target is
+/// `netagent attach TARGET NETWORK [--name] [--service] [--alias]... [--port]...`; the target is
 /// a namespace path, `pid:N`, or a running Docker container's name or id.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AttachRequest {
@@ -54,6 +54,14 @@ pub struct AttachRequest {
     /// The service's name answers one replica at a time, rotating.
     #[serde(default)]
     pub one_per_answer: bool,
+    /// Named ports, answered as DNS SRV records (for a container without any: its
+    /// `netagent.ports` label).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::model::Port>,
+    /// The namespace's own DNS servers for names outside its networks (for a
+    /// container without any: its `--dns`); empty: the host's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<std::net::SocketAddr>,
 }
 
 /// One reply line. The content of `Ok` is the response's content alone (the request

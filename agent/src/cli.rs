@@ -64,6 +64,13 @@ enum Command {
         /// clients that sort multi-address answers, such as glibc's getaddrinfo).
         #[arg(long)]
         one_per_answer: bool,
+        /// A named port, answered as DNS SRV `_NAME._tcp.SERVICE` (repeatable).
+        #[arg(long = "port", value_name = "NAME:PORT[/udp]")]
+        ports: Vec<crate::model::Port>,
+        /// This namespace's own DNS server for names outside the networks, instead of
+        /// the host's (repeatable; for a container without any: its `--dns`).
+        #[arg(long = "dns", value_name = "IP[:PORT]", value_parser = parse_dns_server)]
+        dns: Vec<std::net::SocketAddr>,
     },
     /// Detach a container or namespace from a network.
     Detach {
@@ -89,6 +96,16 @@ enum Command {
     /// Remove every kernel object, rule and local state this host's agent made.
     /// Refused while the agent runs.
     Reset(ConfigArg),
+    /// Hold the embedded DNS's sockets across agent restarts (started by the agent).
+    #[command(hide = true)]
+    DnsKeeper {
+        /// Where agents reach the keeper.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Seconds without any agent after which the sockets are let go.
+        #[arg(long)]
+        grace: u64,
+    },
     /// Static mode: make this host's overlay match a desired-state file (TOML).
     Apply {
         /// The desired-state file (TOML: networks, peers, endpoints).
@@ -150,11 +167,36 @@ enum NetworkCommand {
     },
 }
 
+/// A DNS server as `--dns` takes it: an address, port 53 unless given.
+fn parse_dns_server(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| std::net::SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?} is not an address (198.51.100.53 or 198.51.100.53:5353)"))
+}
+
 impl Cli {
+    /// The DNS socket keeper's socket and grace, when this is its command: it runs
+    /// without the async runtime.
+    pub fn keeper(&self) -> Option<(&std::path::Path, std::time::Duration)> {
+        match &self.command {
+            Command::DnsKeeper { socket, grace } => {
+                Some((socket, std::time::Duration::from_secs(*grace)))
+            }
+            _ => None,
+        }
+    }
+
     pub async fn run(self) -> Result<()> {
         let request = match self.command {
             Command::Agent(c) => return commands::run_agent(&c.config).await,
             Command::Reset(c) => return commands::reset(&c.config).await,
+            Command::DnsKeeper { socket, grace } => {
+                let grace = std::time::Duration::from_secs(grace);
+                return tokio::task::block_in_place(|| crate::keeper::run_keeper(&socket, grace));
+            }
             Command::Apply {
                 state,
                 hold,
@@ -188,6 +230,8 @@ impl Cli {
                 aliases,
                 name,
                 one_per_answer,
+                ports,
+                dns,
             } => Request::Attach(AttachRequest {
                 target,
                 network,
@@ -195,6 +239,8 @@ impl Cli {
                 service,
                 aliases,
                 one_per_answer,
+                ports,
+                dns,
             }),
             Command::Detach { target, network } => Request::Detach { target, network },
             Command::Peers => Request::Peers,

@@ -15,6 +15,9 @@ use store::StoreFile;
 pub const DEFAULT_PATH: &str = "/etc/netagent/netagent.toml";
 pub const DEFAULT_SOCKET: &str = "/run/netagent/netagent.sock";
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// How long the DNS sockets are kept after the agent exits: a restart or an upgrade
+/// takes far less; a stopped agent's namespaces are let go after it.
+pub const DEFAULT_KEEP_SOCKETS_SECS: u64 = 60;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +56,8 @@ struct DockerFile {
 struct DnsFile {
     ttl_secs: Option<u32>,
     upstream: Option<Vec<String>>,
+    keep_sockets_secs: Option<u64>,
+    keeper_socket: Option<PathBuf>,
 }
 
 /// The configuration in force, every default filled in.
@@ -68,6 +73,9 @@ pub struct Config {
     pub dns_ttl: u32,
     /// Empty: the host's /etc/resolv.conf.
     pub dns_upstream: Vec<SocketAddr>,
+    /// Where the DNS sockets are kept across restarts, and for how long after the
+    /// last agent left; None: they close with the agent.
+    pub dns_keeper: Option<(PathBuf, std::time::Duration)>,
     /// The Docker engine whose containers join networks by label; None: off.
     pub docker_socket: Option<PathBuf>,
     /// UDP port of the encrypted mesh (WireGuard) on the underlay address.
@@ -125,6 +133,20 @@ impl Config {
                 })?;
             dns_upstream.push(addr);
         }
+        let api_socket = f.api_socket.unwrap_or_else(|| DEFAULT_SOCKET.into());
+        let dns_keeper = match f.dns.keep_sockets_secs.unwrap_or(DEFAULT_KEEP_SOCKETS_SECS) {
+            0 => None,
+            secs if secs > 86_400 => bail!(
+                "{}keep_sockets_secs = {secs} is more than a day",
+                at("keep_sockets_secs")
+            ),
+            secs => Some((
+                f.dns
+                    .keeper_socket
+                    .unwrap_or_else(|| keeper_socket_beside(&api_socket)),
+                std::time::Duration::from_secs(secs),
+            )),
+        };
         let docker_socket = match (f.docker.enabled, f.docker.socket) {
             (Some(false), Some(_)) => bail!(
                 "{}socket is set but enabled = false; remove one of them",
@@ -143,10 +165,11 @@ impl Config {
             underlay_address: f.underlay_address,
             underlay_interface: f.underlay_interface,
             state_dir: f.state_dir.unwrap_or_else(|| "/var/lib/netagent".into()),
-            api_socket: f.api_socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            api_socket,
             store,
             dns_ttl,
             dns_upstream,
+            dns_keeper,
             docker_socket,
             mesh_port: match f.mesh.listen_port {
                 Some(0) => bail!(
@@ -163,6 +186,15 @@ impl Config {
     pub fn local_store_path(&self) -> PathBuf {
         self.state_dir.join("store.json")
     }
+}
+
+/// The keeper's socket next to the API socket: `/run/netagent/netagent-dns-keeper.sock`.
+fn keeper_socket_beside(api_socket: &Path) -> PathBuf {
+    let stem = api_socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "netagent".into());
+    api_socket.with_file_name(format!("{stem}-dns-keeper.sock"))
 }
 
 /// 1-based line where `key = ...` is written, for messages about its value.
@@ -202,6 +234,8 @@ lease_ttl_secs = 3
 [dns]
 ttl_secs = 7
 upstream = ["192.0.2.53", "192.0.2.54:5353"]
+keep_sockets_secs = 30
+keeper_socket = "/tmp/keeper.sock"
 [docker]
 socket = "/run/docker-h1.sock"
 [mesh]
@@ -210,12 +244,25 @@ tunnel_offload = false
 "#,
         )
         .unwrap();
+        assert_eq!(
+            c.dns_keeper,
+            Some(("/tmp/keeper.sock".into(), Duration::from_secs(30)))
+        );
         assert_eq!(c.docker_socket, Some("/run/docker-h1.sock".into()));
         assert_eq!((c.mesh_port, c.mesh_tunnel_offload), (51821, false));
         let off = Config::parse("node = \"h\"\n[docker]\nenabled = false\n").unwrap();
         assert_eq!(off.docker_socket, None);
         let default = Config::parse("node = \"h\"\n").unwrap();
         assert_eq!(default.docker_socket, Some(DEFAULT_DOCKER_SOCKET.into()));
+        assert_eq!(
+            default.dns_keeper,
+            Some((
+                "/run/netagent/netagent-dns-keeper.sock".into(),
+                Duration::from_secs(DEFAULT_KEEP_SOCKETS_SECS)
+            ))
+        );
+        let kept_not = Config::parse("node = \"h\"\n[dns]\nkeep_sockets_secs = 0\n").unwrap();
+        assert_eq!(kept_not.dns_keeper, None);
         assert_eq!(
             (default.mesh_port, default.mesh_tunnel_offload),
             (51820, true)

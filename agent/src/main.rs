@@ -9,6 +9,7 @@ mod config;
 mod daemon;
 mod docker;
 mod ipam;
+mod keeper;
 mod model;
 mod names;
 mod record_check;
@@ -40,6 +41,9 @@ fn run() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some((socket, grace)) = cli.keeper() {
+        return keeper::run_keeper(socket, grace);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -15,12 +15,13 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::str::FromStr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::record_check::{CheckRecord, MAX_RECORD_BYTES};
+use crate::record_check::{check_port, CheckRecord, MAX_RECORD_BYTES};
 use crate::store::{Change, Loaded};
 
 pub const NODES: &str = "nodes/";
@@ -125,6 +126,54 @@ pub struct EndpointRecord {
     /// Its service's name answers one replica at a time (when any replica says so).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub one_per_answer: bool,
+    /// Its named ports, answered as DNS SRV records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+}
+
+/// A named port of an endpoint (`http:8080`, `dns:53/udp`): DNS answers
+/// `_http._tcp.<service>` with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    /// An IANA-style service label: 1 to 15 lowercase letters, digits and '-',
+    /// starting with a letter.
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// How a port is written on the command line and in the `netagent.ports` label.
+pub const PORT_FORM: &str = "NAME:PORT or NAME:PORT/udp, such as http:8080 or dns:53/udp";
+
+impl FromStr for Port {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Port, String> {
+        let bad = || format!("{s:?} is not a port; write {PORT_FORM}");
+        let (name, rest) = s.trim().split_once(':').ok_or_else(bad)?;
+        let (number, protocol) = match rest.split_once('/') {
+            None => (rest, Protocol::Tcp),
+            Some((n, "tcp")) => (n, Protocol::Tcp),
+            Some((n, "udp")) => (n, Protocol::Udp),
+            Some(_) => return Err(bad()),
+        };
+        let port = Port {
+            name: name.to_owned(),
+            port: number.parse().map_err(|_| bad())?,
+            protocol,
+        };
+        check_port(&port)?;
+        Ok(port)
+    }
 }
 
 fn yes() -> bool {

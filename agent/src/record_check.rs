@@ -9,7 +9,9 @@ use ipnet::Ipv4Net;
 use netagent_overlay::MAX_VNI;
 
 use crate::ipam;
-use crate::model::{self, BlockRecord, EndpointRecord, MeshRecord, NetworkRecord, NodeRecord};
+use crate::model::{
+    self, BlockRecord, EndpointRecord, MeshRecord, NetworkRecord, NodeRecord, Port,
+};
 use crate::names::check_dns_name;
 
 /// Largest record value read from the store (a record is a few hundred bytes).
@@ -17,6 +19,46 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 
 /// Most names one endpoint may carry besides its own and its service's.
 pub const MAX_ALIASES: usize = 32;
+
+/// Most named ports one endpoint may carry.
+pub const MAX_PORTS: usize = 16;
+
+/// A port's name is a DNS label under `_` (RFC 6335's service names): 1 to 15
+/// lowercase letters, digits and '-', starting with a letter. Port 0 is no port.
+pub fn check_port(p: &Port) -> Result<(), String> {
+    let n = p.name.as_bytes();
+    ensure(
+        (1..=15).contains(&n.len())
+            && n[0].is_ascii_lowercase()
+            && n.iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'),
+        || {
+            format!(
+                "port name {:?} is not a service name: use 1 to 15 lowercase letters, digits or '-', starting with a letter",
+                p.name
+            )
+        },
+    )?;
+    ensure(p.port != 0, || format!("port {:?} is 0", p.name))
+}
+
+/// An endpoint's ports: at most [`MAX_PORTS`], each valid, each name and protocol
+/// once (one SRV name cannot point at two ports of one endpoint).
+pub fn check_ports(ports: &[Port]) -> Result<(), String> {
+    ensure(ports.len() <= MAX_PORTS, || {
+        format!("{} ports, more than {MAX_PORTS}", ports.len())
+    })?;
+    for (i, p) in ports.iter().enumerate() {
+        check_port(p)?;
+        ensure(
+            !ports[..i]
+                .iter()
+                .any(|q| q.name == p.name && q.protocol == p.protocol),
+            || format!("port {:?} is named twice", p.name),
+        )?;
+    }
+    Ok(())
+}
 
 /// A record type's rules; `key` is the store key without the kind's prefix.
 pub trait CheckRecord {
@@ -133,7 +175,7 @@ impl CheckRecord for EndpointRecord {
         for (kind, n) in names.chain(self.aliases.iter().map(|a| ("alias", a))) {
             check_dns_name(kind, n)?;
         }
-        Ok(())
+        check_ports(&self.ports)
     }
 }
 
@@ -227,6 +269,7 @@ mod tests {
             in_service: true,
             container: None,
             one_per_answer: false,
+            ports: vec!["http:8080".parse().unwrap(), "dns:53/udp".parse().unwrap()],
         };
         assert_eq!(ep.check("app/100.64.1.2"), Ok(()));
         assert!(ep.check("app/100.64.1.3").is_err());
@@ -257,6 +300,98 @@ mod tests {
             ..block
         };
         assert!(everything.check("app/0.0.0.0_0").is_err());
+    }
+
+    #[test]
+    fn endpoints_with_hostile_ports_are_refused() {
+        let ep = EndpointRecord {
+            network: "app".into(),
+            address: "100.64.1.2".parse().unwrap(),
+            node: "h1".into(),
+            id: "ns:1".into(),
+            netns: "pid:5".into(),
+            name: Some("web".into()),
+            service: None,
+            aliases: vec![],
+            in_service: true,
+            container: None,
+            one_per_answer: false,
+            ports: (0..MAX_PORTS)
+                .map(|i| Port {
+                    name: format!("p{i}"),
+                    port: 1000 + i as u16,
+                    protocol: model::Protocol::Tcp,
+                })
+                .collect(),
+        };
+        assert_eq!(ep.check("app/100.64.1.2"), Ok(()));
+        let port = |name: &str, port: u16| Port {
+            name: name.into(),
+            port,
+            protocol: model::Protocol::Tcp,
+        };
+        let mut too_many = ep.clone();
+        too_many.ports.push(port("extra", 1));
+        let e = too_many.check("app/100.64.1.2").unwrap_err();
+        assert!(e.contains("17 ports, more than 16"), "{e}");
+        for bad in [
+            port("HTTP", 80),
+            port("_http", 80),
+            port("http.x", 80),
+            port("1http", 80),
+            port("", 80),
+            port("a-very-long-service", 80),
+            port("http", 0),
+            port("p0", 1),
+        ] {
+            let hostile = EndpointRecord {
+                ports: [&ep.ports[..1], &[bad.clone()][..]].concat(),
+                ..ep.clone()
+            };
+            assert!(hostile.check("app/100.64.1.2").is_err(), "{bad:?}");
+        }
+        // The same name over UDP is another SRV name.
+        let udp = EndpointRecord {
+            ports: vec![
+                port("dns", 53),
+                Port {
+                    protocol: model::Protocol::Udp,
+                    ..port("dns", 53)
+                },
+            ],
+            ..ep
+        };
+        assert_eq!(udp.check("app/100.64.1.2"), Ok(()));
+        // Records from before ports read as records without any.
+        let old =
+            r#"{"network":"app","address":"100.64.1.2","node":"h1","id":"ns:1","netns":"pid:5"}"#;
+        let old: EndpointRecord = serde_json::from_str(old).unwrap();
+        assert!(old.ports.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("ports"));
+    }
+
+    #[test]
+    fn ports_are_written_name_colon_number() {
+        let p: Port = "dns:53/udp".parse().unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.port, p.protocol),
+            ("dns", 53, model::Protocol::Udp)
+        );
+        let p: Port = " http:8080/tcp".parse().unwrap();
+        assert_eq!((p.port, p.protocol), (8080, model::Protocol::Tcp));
+        for bad in [
+            "http",
+            "http:",
+            "http:99999",
+            "http:80/sctp",
+            ":80",
+            "Http:80",
+            "http:0",
+        ] {
+            assert!(bad.parse::<Port>().is_err(), "{bad}");
+        }
+        let e = "http".parse::<Port>().unwrap_err();
+        assert!(e.contains("NAME:PORT"), "{e}");
     }
 
     #[test]
@@ -340,6 +475,24 @@ mod tests {
                 })
         }
 
+        /// Good port names, near misses, and any number.
+        fn port() -> impl Strategy<Value = Port> {
+            let name = prop_oneof![
+                4 => "[a-z][a-z0-9-]{0,14}",
+                1 => prop::sample::select(vec!["", "HTTP", "_x", "1a", "a.b", "sixteen-letters!"])
+                    .prop_map(String::from),
+                1 => any::<String>(),
+            ];
+            let protocol = prop_oneof![Just(model::Protocol::Tcp), Just(model::Protocol::Udp)];
+            (name, prop_oneof![8 => 1u16.., 1 => Just(0u16)], protocol).prop_map(
+                |(name, port, protocol)| Port {
+                    name,
+                    port,
+                    protocol,
+                },
+            )
+        }
+
         fn public_key() -> impl Strategy<Value = String> {
             let b64 = |b: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(b);
             prop_oneof![
@@ -414,12 +567,16 @@ mod tests {
                         ],
                         any::<bool>(),
                         prop::option::of(".{0,140}"),
+                        prop_oneof![
+                            8 => proptest::collection::vec(port(), 0..3),
+                            1 => proptest::collection::vec(port(), 15..18),
+                        ],
                     ),
                 )
                     .prop_map(
                         |(
                             (network, address, node, id, netns),
-                            (n, service, aliases, in_service, container),
+                            (n, service, aliases, in_service, container, ports),
                         )| {
                             to(&EndpointRecord {
                                 network,
@@ -433,6 +590,7 @@ mod tests {
                                 in_service,
                                 container,
                                 one_per_answer: false,
+                                ports,
                             })
                         }
                     ),
@@ -596,6 +754,18 @@ mod tests {
                 prop_assert!(e.id.len() <= 128 && e.netns.len() <= 256);
                 prop_assert!(e.container.as_ref().is_none_or(|c| c.len() <= 128));
                 prop_assert!(e.aliases.len() <= 32);
+                prop_assert!(e.ports.len() <= 16);
+                for (i, p) in e.ports.iter().enumerate() {
+                    let n = p.name.as_bytes();
+                    prop_assert!((1..=15).contains(&n.len()) && n[0].is_ascii_lowercase());
+                    prop_assert!(n
+                        .iter()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'));
+                    prop_assert!(p.port != 0);
+                    prop_assert!(e.ports[..i]
+                        .iter()
+                        .all(|q| (&q.name, q.protocol) != (&p.name, p.protocol)));
+                }
                 let names = e.name.iter().chain(&e.service).chain(&e.aliases);
                 prop_assert!(names.into_iter().all(|n| dns_ok(n)), "{:?}", e);
             }

@@ -21,6 +21,7 @@ fn snapshot() -> Snapshot {
         service: Some(service.into()),
         aliases: vec![],
         in_service: true,
+        ports: vec![],
     };
     SnapshotBuilder::new()
         .endpoints([

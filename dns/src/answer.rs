@@ -1,10 +1,11 @@
 //! The query path: parse, look up in the asking namespace's networks, write. Only
 //! local names are answered here; everything else goes to the forwarder.
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use crate::snapshot::Snapshot;
-use crate::wire::{self, Question, Rdata, WireError};
+use crate::snapshot::{Snapshot, SrvTarget};
+use crate::wire::{self, Glue, Question, Rdata, WireError};
 
 /// How the query arrived: UDP answers are bounded by 512 bytes or the client's EDNS
 /// size; TCP answers by the 64 KiB message limit.
@@ -96,6 +97,20 @@ pub fn answer(
             }
         }
     }
+    // SRV names are looked at only when asked for, or when the name is no address
+    // name: an A query for `_http._tcp.api` is answered here (no data), not upstream.
+    let wants_srv = q.qtype == wire::TYPE_SRV || q.qtype == wire::TYPE_ANY;
+    let mut srv: Vec<&SrvTarget> = Vec::new();
+    if wants_srv || !known {
+        for network in networks {
+            if let Some(set) = snapshot.lookup_srv(network, &q.name) {
+                known = true;
+                if wants_srv {
+                    set.rotated(&mut srv);
+                }
+            }
+        }
+    }
     if !known {
         return Answer::Forward;
     }
@@ -104,18 +119,45 @@ pub fn answer(
     if one_per_answer {
         addresses.truncate(1);
     }
-    Answer::Reply(local_reply(&q, &addresses, ttl, limit))
+    Answer::Reply(local_reply(
+        &q,
+        &addresses,
+        &srv,
+        networks.len() > 1,
+        ttl,
+        limit,
+    ))
 }
 
-/// A local name: its A records for A/ANY; for any other type NOERROR with no answer
+/// A local name: its A records for A/ANY, its SRV records (targets' addresses in
+/// the additional section) for SRV/ANY; for any other type NOERROR with no answer
 /// (never NXDOMAIN, which would make the C library give up on the A answer too).
-fn local_reply(q: &Question<'_>, addresses: &[Ipv4Addr], ttl: u32, limit: usize) -> Vec<u8> {
-    let records: Vec<Rdata<'_>> = if q.qtype == wire::TYPE_A || q.qtype == wire::TYPE_ANY {
-        addresses.iter().map(|a| Rdata::A(*a)).collect()
-    } else {
-        Vec::new()
-    };
-    wire::write_response(q, wire::RCODE_NOERROR, &records, ttl, limit)
+fn local_reply(
+    q: &Question<'_>,
+    addresses: &[Ipv4Addr],
+    srv: &[&SrvTarget],
+    several_networks: bool,
+    ttl: u32,
+    limit: usize,
+) -> Vec<u8> {
+    // `addresses` holds something only for A and ANY.
+    let mut records: Vec<Rdata<'_>> = addresses.iter().map(|a| Rdata::A(*a)).collect();
+    if srv.is_empty() {
+        return wire::write_response(q, wire::RCODE_NOERROR, &records, ttl, limit);
+    }
+    let glue: Vec<Glue<'_>> = srv.iter().map(|e| (&e.target[..], e.address)).collect();
+    // The same replica on two of the asker's networks: one SRV record (the
+    // additional section keeps both addresses of its target).
+    let mut seen = HashSet::new();
+    records.extend(
+        srv.iter()
+            .filter(|e| !several_networks || seen.insert((e.port, &e.target[..])))
+            .map(|e| Rdata::Srv {
+                port: e.port,
+                target: &e.target,
+            }),
+    );
+    wire::write_response_with_glue(q, wire::RCODE_NOERROR, &records, &glue, ttl, limit)
 }
 
 /// `d.c.b.a.in-addr.arpa` → a.b.c.d.

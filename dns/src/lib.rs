@@ -13,6 +13,8 @@ mod forward;
 mod response;
 mod server;
 mod snapshot;
+#[cfg(test)]
+mod srv_tests;
 mod tcp;
 #[cfg(test)]
 mod testutil;
@@ -25,5 +27,5 @@ pub use forward::{
     upstreams_from_resolv_conf, ForwardError, ForwardLimits, Forwarder, FORWARD_DEADLINE,
 };
 pub use server::{DnsServer, Scope, DEFAULT_TTL};
-pub use snapshot::{EndpointRecord, Snapshot, SnapshotBuilder};
+pub use snapshot::{EndpointRecord, PortProtocol, ServicePort, Snapshot, SnapshotBuilder};
 pub use wire::{stub_query, Question, WireError};

@@ -23,8 +23,39 @@ use crate::{tcp, udp, wire};
 /// Default TTL of local answers: short, so caching clients follow replicas.
 pub const DEFAULT_TTL: u32 = 5;
 
-/// The networks whose names a socket's namespace sees.
-pub type Scope = Arc<[String]>;
+/// What one namespace's sockets answer with: the networks whose names it sees, and
+/// where names outside them go (its own upstreams, or the server's).
+#[derive(Clone)]
+pub struct Scope {
+    networks: Arc<[String]>,
+    upstream: Option<Arc<Forwarder>>,
+}
+
+impl Scope {
+    pub fn new(networks: Vec<String>) -> Self {
+        Self {
+            networks: networks.into(),
+            upstream: None,
+        }
+    }
+
+    /// Names outside the networks go to `upstream` (with its own cache) instead of
+    /// the server's forwarder.
+    pub fn with_upstream(mut self, upstream: Arc<Forwarder>) -> Self {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    pub fn networks(&self) -> &[String] {
+        &self.networks
+    }
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.networks.iter()).finish()
+    }
+}
 
 /// What one namespace's listeners may hold at most.
 #[derive(Clone, Debug)]
@@ -90,15 +121,18 @@ impl DnsServer {
         answer(&self.snapshot.load(), networks, packet, transport, self.ttl)
     }
 
-    /// The upstream's answer to a query that is not local.
-    pub(crate) async fn forward(&self, packet: &[u8]) -> Option<Vec<u8>> {
+    /// The upstream's answer to a query that is not local: the namespace's own
+    /// upstreams when it has them, else the server's.
+    pub(crate) async fn forward(&self, scope: &Scope, packet: &[u8]) -> Option<Vec<u8>> {
         let q = wire::parse(packet).ok()?;
-        Some(self.forwarder.forward(packet, &q).await)
+        let forwarder = scope.upstream.as_deref().unwrap_or(&self.forwarder);
+        Some(forwarder.forward(packet, &q).await)
     }
 
     /// Answers one query completely, forwarding when it is not local (TCP's path).
     pub(crate) async fn handle(
         &self,
+        scope: &Scope,
         networks: &[&str],
         packet: &[u8],
         transport: Transport,
@@ -106,7 +140,7 @@ impl DnsServer {
         match self.local(networks, packet, transport) {
             Answer::Reply(bytes) => Some(bytes),
             Answer::Drop => None,
-            Answer::Forward => self.forward(packet).await,
+            Answer::Forward => self.forward(scope, packet).await,
         }
     }
 
@@ -115,7 +149,20 @@ impl DnsServer {
     /// tasks of their own (at most `Limits::udp_forwards`) so one slow upstream
     /// never holds up local answers; aborting the task aborts them too.
     pub fn serve_udp(self: &Arc<Self>, socket: UdpSocket, scope: Scope) -> JoinHandle<()> {
-        tokio::spawn(udp::serve(self.clone(), socket, scope))
+        tokio::spawn(udp::serve(self.clone(), socket, scope, None))
+    }
+
+    /// As [`DnsServer::serve_udp`], until `stop` turns true: then it reads no more
+    /// (what arrives later waits in the socket for whoever holds it next), answers
+    /// the forwarded queries still in flight (for at most the forward deadline) and
+    /// ends. A restart loses no query this way.
+    pub fn serve_udp_until(
+        self: &Arc<Self>,
+        socket: UdpSocket,
+        scope: Scope,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        tokio::spawn(udp::serve(self.clone(), socket, scope, Some(stop)))
     }
 
     /// Serves a TCP listener: each connection may carry many queries (RFC 7766).

@@ -6,6 +6,9 @@
 //! Zones, names and name sets sit behind `Arc`s, so deriving a snapshot copies
 //! pointers of the touched network and rebuilds only the names that changed: an
 //! update of one endpoint among 100,000 does not rebuild the other 99,999.
+//!
+//! Endpoints that name their ports also get SRV names (see [`EndpointRecord::ports`]),
+//! kept apart from the address names so the A path never looks at them.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -29,6 +32,35 @@ pub struct EndpointRecord {
     /// False while a health check fails: left out of service answers, still resolvable
     /// by its own name.
     pub in_service: bool,
+    /// Its named ports, answered as SRV records: `_<port>._<proto>.<service>` (every
+    /// in-service replica with that port), `_<port>._<proto>.<name>` (this endpoint
+    /// alone), and Consul's `<service>.service` (every in-service replica's first TCP
+    /// port). The targets are the endpoints' own names.
+    pub ports: Vec<ServicePort>,
+}
+
+/// One named port of an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// The service label (`http`), without the leading underscore.
+    pub name: String,
+    pub port: u16,
+    pub protocol: PortProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
+}
+
+impl PortProtocol {
+    fn label(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "_tcp",
+            PortProtocol::Udp => "_udp",
+        }
+    }
 }
 
 impl EndpointRecord {
@@ -49,6 +81,55 @@ impl EndpointRecord {
         keys.sort();
         keys.dedup();
         keys
+    }
+
+    /// Every SRV name this record contributes to its zone, each with the record's
+    /// entry under it. Empty (and no allocation) for an endpoint without ports.
+    fn srv_entries(&self) -> Vec<(NameKey, SrvTarget)> {
+        if self.ports.is_empty() {
+            return Vec::new();
+        }
+        let Some(target) = name_key(&self.name).map(|key| {
+            let mut encoded = Vec::with_capacity(key.len() + 2);
+            encode_name(&key, &mut encoded);
+            Arc::<[u8]>::from(encoded)
+        }) else {
+            return Vec::new();
+        };
+        let service = self.service.as_deref().filter(|_| self.in_service);
+        let mut names: Vec<(String, u16)> = Vec::new();
+        for p in &self.ports {
+            let prefix = format!("_{}.{}", p.name, p.protocol.label());
+            names.push((format!("{prefix}.{}", self.name), p.port));
+            if let Some(service) = service {
+                names.push((format!("{prefix}.{service}"), p.port));
+            }
+        }
+        // Consul answers a service with one port per instance: its first TCP one.
+        let first_tcp = self.ports.iter().find(|p| p.protocol == PortProtocol::Tcp);
+        if let (Some(service), Some(p)) = (service, first_tcp) {
+            names.push((format!("{service}.service"), p.port));
+        }
+        let net = &self.network;
+        let mut entries: Vec<(NameKey, SrvTarget)> = names
+            .iter()
+            .flat_map(|(n, port)| {
+                [name_key(n), name_key(&format!("{n}.{net}"))]
+                    .into_iter()
+                    .flatten()
+                    .map(|key| {
+                        let entry = SrvTarget {
+                            target: target.clone(),
+                            port: *port,
+                            address: self.address,
+                        };
+                        (key, entry)
+                    })
+            })
+            .collect();
+        entries.sort();
+        entries.dedup();
+        entries
     }
 
     /// The encoded PTR target `<name>.<network>.`.
@@ -85,6 +166,24 @@ impl Addresses {
     }
 }
 
+/// `items` in this query's order: all of them rotated by one per query, or
+/// (one-per-answer) just the next one, so even clients that sort answers spread out.
+/// The one rotation of every answer that lists replicas (A and SRV).
+fn rotation<'a, T>(
+    items: &'a [T],
+    cursor: &AtomicUsize,
+    one_per_answer: bool,
+) -> impl Iterator<Item = &'a T> {
+    let n = items.len();
+    let (start, take) = if n <= 1 {
+        (0, n)
+    } else {
+        let start = cursor.fetch_add(1, Ordering::Relaxed) % n;
+        (start, if one_per_answer { 1 } else { n })
+    };
+    items[start..].iter().chain(&items[..start]).take(take)
+}
+
 /// The addresses one name resolves to, and where its rotation stands.
 #[derive(Debug)]
 pub struct NameSet {
@@ -97,18 +196,11 @@ impl NameSet {
     /// The addresses in this query's order: all of them rotated by one per query, or
     /// (one-per-answer) just the next one, so even clients that sort answers spread out.
     pub fn rotated(&self, out: &mut Vec<Ipv4Addr>) {
-        let addresses = self.addresses.as_slice();
-        let n = addresses.len();
-        if n <= 1 {
-            out.extend_from_slice(addresses);
-            return;
-        }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        if self.one_per_answer {
-            out.push(addresses[start]);
-        } else {
-            out.extend(addresses[start..].iter().chain(&addresses[..start]));
-        }
+        out.extend(rotation(
+            self.addresses.as_slice(),
+            &self.cursor,
+            self.one_per_answer,
+        ));
     }
 
     /// Whether this name answers one replica at a time.
@@ -121,11 +213,66 @@ impl NameSet {
     }
 }
 
+/// One SRV record's data: a replica's port, and its own name as the target (whose
+/// address goes into the additional section).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SrvTarget {
+    /// The target, encoded (`\x01a\x00`).
+    pub target: Arc<[u8]>,
+    pub port: u16,
+    pub address: Ipv4Addr,
+}
+
+/// The SRV records of one name, and where their rotation stands.
+#[derive(Debug)]
+pub struct SrvSet {
+    entries: Box<[SrvTarget]>,
+    cursor: AtomicUsize,
+}
+
+impl SrvSet {
+    /// The entries in this query's order, rotated as a service's addresses are.
+    pub fn rotated<'a>(&'a self, out: &mut Vec<&'a SrvTarget>) {
+        out.extend(rotation(&self.entries, &self.cursor, false));
+    }
+}
+
 /// Every name of one network.
 #[derive(Debug, Default, Clone)]
 struct Zone {
     names: HashMap<Arc<[u8]>, Arc<NameSet>>,
     ptr: HashMap<Ipv4Addr, Arc<[u8]>>,
+    /// SRV names (`_http._tcp.echo_api`, `echo_api.service`).
+    srv: HashMap<Arc<[u8]>, Arc<SrvSet>>,
+}
+
+impl Zone {
+    fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.ptr.is_empty() && self.srv.is_empty()
+    }
+
+    /// Puts `entry` under `key` or takes it out, keeping the name's rotation.
+    fn change_srv(&mut self, key: NameKey, entry: SrvTarget, add: bool) {
+        let old = self.srv.get(&key[..]);
+        let mut entries = old.map(|s| s.entries.to_vec()).unwrap_or_default();
+        let cursor = old.map_or(0, |s| s.cursor.load(Ordering::Relaxed));
+        match (add, entries.binary_search(&entry)) {
+            (true, Err(at)) => entries.insert(at, entry),
+            (false, Ok(at)) => {
+                entries.remove(at);
+            }
+            _ => {}
+        }
+        if entries.is_empty() {
+            self.srv.remove(&key[..]);
+            return;
+        }
+        let set = SrvSet {
+            entries: entries.into_boxed_slice(),
+            cursor: AtomicUsize::new(cursor),
+        };
+        self.srv.insert(key.into(), Arc::new(set));
+    }
 }
 
 /// The whole record set.
@@ -140,6 +287,11 @@ impl Snapshot {
     /// The name set of `name` in `network`, if the network has it.
     pub fn lookup(&self, network: &str, name: &[u8]) -> Option<&NameSet> {
         self.zones.get(network)?.names.get(name).map(Arc::as_ref)
+    }
+
+    /// The SRV records of `name` in `network`, if the network has it.
+    pub fn lookup_srv(&self, network: &str, name: &[u8]) -> Option<&SrvSet> {
+        self.zones.get(network)?.srv.get(name).map(Arc::as_ref)
     }
 
     /// The encoded PTR target for `address` on `network`.
@@ -195,6 +347,9 @@ impl Snapshot {
                 };
                 zone.names.insert(key.into(), Arc::new(set));
             }
+            for (key, entry) in record.srv_entries() {
+                zone.change_srv(key, entry, add);
+            }
             if add {
                 if let Some(name) = record.reverse_name() {
                     zone.ptr.insert(record.address, name);
@@ -204,7 +359,7 @@ impl Snapshot {
             }
         }
         for (network, zone) in touched {
-            if zone.names.is_empty() && zone.ptr.is_empty() {
+            if zone.is_empty() {
                 next.zones.remove(&network);
             } else {
                 next.zones.insert(network, Arc::new(zone));
@@ -254,10 +409,15 @@ impl SnapshotBuilder {
     pub fn build(self) -> Snapshot {
         let mut by_network: HashMap<String, HashMap<NameKey, Vec<Ipv4Addr>>> = HashMap::new();
         let mut ptrs: HashMap<String, HashMap<Ipv4Addr, Arc<[u8]>>> = HashMap::new();
+        let mut srvs: HashMap<String, HashMap<NameKey, Vec<SrvTarget>>> = HashMap::new();
         for r in &self.records {
             let names = by_network.entry(r.network.clone()).or_default();
             for key in r.keys() {
                 names.entry(key).or_default().push(r.address);
+            }
+            for (key, entry) in r.srv_entries() {
+                let srv = srvs.entry(r.network.clone()).or_default();
+                srv.entry(key).or_default().push(entry);
             }
             if let Some(name) = r.reverse_name() {
                 ptrs.entry(r.network.clone())
@@ -288,10 +448,33 @@ impl SnapshotBuilder {
                 })
                 .collect();
             let ptr = ptrs.remove(&network).unwrap_or_default();
-            snap.zones.insert(network, Arc::new(Zone { names, ptr }));
+            let srv = srvs.remove(&network).unwrap_or_default();
+            snap.zones.insert(
+                network,
+                Arc::new(Zone {
+                    names,
+                    ptr,
+                    srv: srv_sets(srv),
+                }),
+            );
         }
         snap
     }
+}
+
+/// SRV sets in one order whatever the input order.
+fn srv_sets(srv: HashMap<NameKey, Vec<SrvTarget>>) -> HashMap<Arc<[u8]>, Arc<SrvSet>> {
+    srv.into_iter()
+        .map(|(key, mut entries)| {
+            entries.sort();
+            entries.dedup();
+            let set = SrvSet {
+                entries: entries.into_boxed_slice(),
+                cursor: AtomicUsize::new(0),
+            };
+            (Arc::<[u8]>::from(key), Arc::new(set))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -306,7 +489,26 @@ mod tests {
             service: Some(service.to_string()),
             aliases: vec![format!("alias{i}")],
             in_service: !i.is_multiple_of(7),
+            ports: if i.is_multiple_of(2) {
+                vec![ServicePort {
+                    name: "http".into(),
+                    port: 8000 + i as u16,
+                    protocol: PortProtocol::Tcp,
+                }]
+            } else {
+                Vec::new()
+            },
         }
+    }
+
+    fn srv(s: &Snapshot, network: &str, name: &str) -> Vec<(u16, Ipv4Addr)> {
+        let mut out = Vec::new();
+        if let Some(set) = s.lookup_srv(network, name.as_bytes()) {
+            set.rotated(&mut out);
+        }
+        let mut out: Vec<(u16, Ipv4Addr)> = out.iter().map(|e| (e.port, e.address)).collect();
+        out.sort();
+        out
     }
 
     fn all(s: &Snapshot, network: &str, name: &str) -> Vec<Ipv4Addr> {
@@ -347,6 +549,13 @@ mod tests {
                     all(&full, network, &name),
                     "{network} {name}"
                 );
+                for srv_name in [format!("_http._tcp.{name}"), format!("{name}.service")] {
+                    assert_eq!(
+                        srv(&derived, network, &srv_name),
+                        srv(&full, network, &srv_name),
+                        "{network} {srv_name}"
+                    );
+                }
             }
             for i in 0..60u32 {
                 let ip = Ipv4Addr::from(0x6440_0000 + i);
@@ -358,6 +567,10 @@ mod tests {
             }
         }
         assert_eq!(all(&derived, "net1", "svc1"), all(&full, "net1", "svc1"));
+        assert!(
+            !srv(&full, "net0", "_http._tcp.svc0").is_empty(),
+            "the comparison above compared SRV sets that exist"
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub(crate) async fn serve(server: Arc<DnsServer>, listener: TcpListener, scope: 
 
 async fn connection(server: Arc<DnsServer>, mut stream: TcpStream, scope: Scope) {
     let limits = server.limits().clone();
-    let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
+    let networks: Vec<&str> = scope.networks().iter().map(String::as_str).collect();
     loop {
         let len = match timeout(limits.tcp_idle, stream.read_u16()).await {
             Ok(Ok(len)) => len as usize,
@@ -88,7 +88,10 @@ async fn connection(server: Arc<DnsServer>, mut stream: TcpStream, scope: Scope)
         ) {
             return;
         }
-        let Some(reply) = server.handle(&networks, &packet, Transport::Tcp).await else {
+        let Some(reply) = server
+            .handle(&scope, &networks, &packet, Transport::Tcp)
+            .await
+        else {
             return;
         };
         let mut framed = Vec::with_capacity(2 + reply.len());
@@ -143,7 +146,7 @@ mod tests {
         let server = app_server(vec![], limits);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = server.serve_tcp(listener, Arc::from(vec!["app".to_string()]));
+        let task = server.serve_tcp(listener, Scope::new(vec!["app".to_string()]));
         (server, addr, task)
     }
 

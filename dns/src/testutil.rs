@@ -28,6 +28,7 @@ fn ep(address: Ipv4Addr, name: &str, service: &str) -> EndpointRecord {
         service: Some(service.into()),
         aliases: vec![],
         in_service: true,
+        ports: vec![],
     }
 }
 
@@ -58,6 +59,28 @@ pub async fn start_silent_upstream() -> SocketAddr {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         while socket.recv_from(&mut buf).await.is_ok() {}
+    });
+    addr
+}
+
+/// A UDP upstream on loopback that answers every query with an empty NOERROR
+/// response after `delay`.
+pub async fn start_slow_upstream(delay: std::time::Duration) -> SocketAddr {
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let Ok(q) = crate::wire::parse(&buf[..n]) else {
+                continue;
+            };
+            let reply = crate::wire::write_response(&q, 0, &[], 0, usize::MAX);
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = socket.send_to(&reply, from).await;
+            });
+        }
     });
     addr
 }

@@ -16,21 +16,27 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::answer::{Answer, Transport};
 use crate::batch::{Batch, BATCH};
+use crate::forward::FORWARD_DEADLINE;
 #[cfg(doc)]
 use crate::server::Limits;
 use crate::server::{DnsServer, LogEvery, Scope};
 use crate::wire;
 
-pub(crate) async fn serve(server: Arc<DnsServer>, socket: UdpSocket, scope: Scope) {
+pub(crate) async fn serve(
+    server: Arc<DnsServer>,
+    socket: UdpSocket,
+    scope: Scope,
+    mut stop: Option<watch::Receiver<bool>>,
+) {
     let socket = Arc::new(socket);
     let fd = socket.as_raw_fd();
-    let networks: Vec<&str> = scope.iter().map(String::as_str).collect();
+    let networks: Vec<&str> = scope.networks().iter().map(String::as_str).collect();
     let mut batch = Batch::new();
     let mut replies: Vec<(usize, Vec<u8>)> = Vec::with_capacity(BATCH);
     // Dropped with this task, which aborts every forward still running.
@@ -39,9 +45,13 @@ pub(crate) async fn serve(server: Arc<DnsServer>, socket: UdpSocket, scope: Scop
     let mut refused = LogEvery::new(Duration::from_secs(10));
     loop {
         while forwards.try_join_next().is_some() {}
-        if let Err(e) = socket.readable().await {
-            warn!(networks = ?scope, error = %e, "dns udp socket failed");
-            return;
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            ready = socket.readable() => if let Err(e) = ready {
+                warn!(networks = ?scope, error = %e, "dns udp socket failed");
+                return;
+            }
         }
         let n = match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
             Ok(n) => n,
@@ -75,10 +85,14 @@ pub(crate) async fn serve(server: Arc<DnsServer>, socket: UdpSocket, scope: Scop
                         }
                         continue;
                     };
-                    let (server, socket, packet) =
-                        (server.clone(), socket.clone(), packet.to_vec());
+                    let (server, socket, packet, scope) = (
+                        server.clone(),
+                        socket.clone(),
+                        packet.to_vec(),
+                        scope.clone(),
+                    );
                     forwards.spawn(async move {
-                        if let Some(bytes) = server.forward(&packet).await {
+                        if let Some(bytes) = server.forward(&scope, &packet).await {
                             let _ = socket.send_to(&bytes, peer).await;
                         }
                         drop(permit);
@@ -96,6 +110,22 @@ pub(crate) async fn serve(server: Arc<DnsServer>, socket: UdpSocket, scope: Scop
             }
         }
     }
+    // Stopping: every query read has its local answer; the forwards finish here.
+    let drained = tokio::time::timeout(FORWARD_DEADLINE, async {
+        while forwards.join_next().await.is_some() {}
+    });
+    let _ = drained.await;
+}
+
+/// Resolves once `stop` turns true (never without a stop signal, or once its sender
+/// is gone without having said so).
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    if let Some(rx) = stop {
+        if rx.wait_for(|s| *s).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 #[cfg(test)]
@@ -104,7 +134,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::testutil::{app_server, query, rcode, start_silent_upstream};
+    use crate::testutil::{app_server, query, rcode, start_silent_upstream, start_slow_upstream};
     use crate::wire::RCODE_SERVFAIL;
 
     /// A server for `app` whose only upstream never answers, serving a UDP socket on
@@ -114,7 +144,7 @@ mod tests {
         let server = app_server(vec![upstream], Default::default());
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let task = server.serve_udp(socket, Arc::from(vec!["app".to_string()]));
+        let task = server.serve_udp(socket, Scope::new(vec!["app".to_string()]));
         (server, addr, task)
     }
 
@@ -188,6 +218,50 @@ mod tests {
                 Err(e) => panic!("the socket outlived its task: {e}"),
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_socket_answers_its_forwards_and_leaves_later_queries_waiting() {
+        let upstream = start_slow_upstream(Duration::from_millis(300)).await;
+        let server = app_server(vec![upstream], Default::default());
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        // What the next process would take over: the same socket.
+        let kept = socket.try_clone().unwrap();
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let task = server.serve_udp_until(
+            UdpSocket::from_std(socket).unwrap(),
+            Scope::new(vec!["app".to_string()]),
+            stopping,
+        );
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(addr).await.unwrap();
+        client.send(&query(1, "slow.outside.test")).await.unwrap();
+        // Read by the server (a local answer sent after it came back) before the stop.
+        assert!(local_answered(&client).await);
+        stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.send(&query(3, "db")).await.unwrap();
+        // The forward in flight is answered before the task ends.
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .expect("the forward in flight answered")
+            .unwrap();
+        assert_eq!(&buf[..2], &[0, 1]);
+        assert_eq!(rcode(&buf[..n]), 0);
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the task ends once drained")
+            .unwrap();
+        // The query sent after the stop was not read: it waits for the next reader.
+        let mut waiting = [0u8; 512];
+        let (n, _) = kept
+            .recv_from(&mut waiting)
+            .expect("the later query waits in the socket");
+        assert_eq!(&waiting[..2], &[0, 3]);
+        assert!(n > 12);
     }
 
     /// Asks a local name over `client` and says whether it was answered.

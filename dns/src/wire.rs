@@ -5,6 +5,7 @@
 
 pub const TYPE_A: u16 = 1;
 pub const TYPE_PTR: u16 = 12;
+pub const TYPE_SRV: u16 = 33;
 pub const TYPE_OPT: u16 = 41;
 pub const TYPE_ANY: u16 = 255;
 pub const CLASS_IN: u16 = 1;
@@ -190,7 +191,29 @@ pub enum Rdata<'a> {
     A(std::net::Ipv4Addr),
     /// An already encoded domain name.
     Ptr(&'a [u8]),
+    /// Priority 0, weight 10 (every replica alike), `port`, an encoded `target`.
+    Srv {
+        port: u16,
+        target: &'a [u8],
+    },
 }
+
+/// SRV priority and weight: one priority, equal weights (the order is rotated).
+const SRV_PRIORITY: u16 = 0;
+const SRV_WEIGHT: u16 = 10;
+
+impl Rdata<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rdata::A(_) => 4,
+            Rdata::Ptr(n) => n.len(),
+            Rdata::Srv { target, .. } => 6 + target.len(),
+        }
+    }
+}
+
+/// An additional A record: an SRV target's encoded name and address.
+pub type Glue<'a> = (&'a [u8], std::net::Ipv4Addr);
 
 /// Writes a response to `q`: header, echoed question, answers (owner name compressed
 /// to the question), OPT when the query had one. When the answers do not fit `limit`,
@@ -202,23 +225,43 @@ pub fn write_response(
     ttl: u32,
     limit: usize,
 ) -> Vec<u8> {
+    write_response_with_glue(q, rcode, answers, &[], ttl, limit)
+}
+
+/// [`write_response`] with A records of SRV targets in the additional section: as
+/// many as fit after the answers (leaving some out is not truncation, RFC 2181 §9).
+pub fn write_response_with_glue(
+    q: &Question<'_>,
+    rcode: u8,
+    answers: &[Rdata<'_>],
+    glue: &[Glue<'_>],
+    ttl: u32,
+    limit: usize,
+) -> Vec<u8> {
     let opt_len = if q.edns_size.is_some() { 11 } else { 0 };
-    let answer_len: usize = answers
-        .iter()
-        .map(|a| {
-            12 + match a {
-                Rdata::A(_) => 4,
-                Rdata::Ptr(n) => n.len(),
-            }
-        })
-        .sum();
+    let answer_len: usize = answers.iter().map(|a| 12 + a.len()).sum();
     let full = 12 + q.raw.len() + answer_len + opt_len;
     let truncated = full > limit;
     let count = if truncated { 0 } else { answers.len() };
+    let mut room = limit.saturating_sub(full);
+    let glue_count = if truncated {
+        0
+    } else {
+        glue.iter()
+            .take_while(|(name, _)| {
+                let len = name.len() + 14;
+                let fits = len <= room;
+                room = room.saturating_sub(len);
+                fits
+            })
+            .count()
+    };
+    let glue = &glue[..glue_count];
+    let glue_len: usize = glue.iter().map(|(name, _)| name.len() + 14).sum();
     let mut out = Vec::with_capacity(if truncated {
         12 + q.raw.len() + opt_len
     } else {
-        full
+        full + glue_len
     });
     out.extend_from_slice(&q.id.to_be_bytes());
     // QR, opcode 0, AA, TC as needed, RD copied, RA, rcode.
@@ -230,23 +273,39 @@ pub fn write_response(
     out.extend_from_slice(&1u16.to_be_bytes());
     out.extend_from_slice(&(count as u16).to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&(u16::from(q.edns_size.is_some())).to_be_bytes());
+    let additional = glue.len() + usize::from(q.edns_size.is_some());
+    out.extend_from_slice(&(additional as u16).to_be_bytes());
     out.extend_from_slice(q.raw);
     for a in answers.iter().take(count) {
-        let octets;
-        let (ty, data): (u16, &[u8]) = match a {
-            Rdata::A(ip) => {
-                octets = ip.octets();
-                (TYPE_A, &octets)
-            }
-            Rdata::Ptr(n) => (TYPE_PTR, n),
-        };
         out.extend_from_slice(&[0xc0, 12]);
+        let ty = match a {
+            Rdata::A(_) => TYPE_A,
+            Rdata::Ptr(_) => TYPE_PTR,
+            Rdata::Srv { .. } => TYPE_SRV,
+        };
         out.extend_from_slice(&ty.to_be_bytes());
         out.extend_from_slice(&CLASS_IN.to_be_bytes());
         out.extend_from_slice(&ttl.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        out.extend_from_slice(data);
+        out.extend_from_slice(&(a.len() as u16).to_be_bytes());
+        match a {
+            Rdata::A(ip) => out.extend_from_slice(&ip.octets()),
+            Rdata::Ptr(n) => out.extend_from_slice(n),
+            Rdata::Srv { port, target } => {
+                out.extend_from_slice(&SRV_PRIORITY.to_be_bytes());
+                out.extend_from_slice(&SRV_WEIGHT.to_be_bytes());
+                out.extend_from_slice(&port.to_be_bytes());
+                // Never compressed (RFC 2782).
+                out.extend_from_slice(target);
+            }
+        }
+    }
+    for (name, address) in glue {
+        out.extend_from_slice(name);
+        out.extend_from_slice(&TYPE_A.to_be_bytes());
+        out.extend_from_slice(&CLASS_IN.to_be_bytes());
+        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&4u16.to_be_bytes());
+        out.extend_from_slice(&address.octets());
     }
     if q.edns_size.is_some() {
         out.extend_from_slice(&[0, 0, 41]);

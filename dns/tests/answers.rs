@@ -16,6 +16,7 @@ fn ep(network: &str, ip: [u8; 4], name: &str, service: Option<&str>) -> Endpoint
         service: service.map(Into::into),
         aliases: vec![],
         in_service: true,
+        ports: vec![],
     }
 }
 

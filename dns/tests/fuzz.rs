@@ -31,6 +31,7 @@ fn ep(network: &str, ip: [u8; 4], name: &str, service: &str, aliases: &[&str]) -
         service: Some(service.into()),
         aliases: aliases.iter().map(|a| a.to_string()).collect(),
         in_service: true,
+        ports: vec![],
     }
 }
 

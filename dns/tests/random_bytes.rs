@@ -17,6 +17,7 @@ proptest! {
                 service: Some("s".into()),
                 aliases: vec![],
                 in_service: true,
+                ports: vec![],
             })
             .build();
         let t = if tcp { Transport::Tcp } else { Transport::Udp };

@@ -8,7 +8,7 @@
 //! our last apply and loads the last ruleset again if they differ. Our own applies
 //! are announced too; they leave the table as listed, so they end there (no loop).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,30 +34,25 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 const QUIET: Duration = Duration::from_millis(15);
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
-/// Watching while held; dropping it stops the watch (within `QUIET`, 15 ms).
+/// Watching while held; dropping it stops the watch at once.
 pub struct FirewallGuard {
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for FirewallGuard {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
+    /// The write end of a pipe the watching thread polls: closing it (on drop) wakes
+    /// the thread to stop, so it needs no timer while nothing happens.
+    _stop: OwnedFd,
 }
 
 /// Starts the watch in `ns`; returns once the subscription is open, so that every
 /// change from then on is seen.
 pub(crate) async fn start(ns: &Netns, last: Arc<LastApplied>) -> Result<FirewallGuard> {
-    let stop = Arc::new(AtomicBool::new(false));
+    let (stopped, stop) = stop_pipe().map_err(|e| Error::Worker(format!("pipe: {e}")))?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let name = ns.to_string();
-    let stopping = stop.clone();
     ns.spawn_inside("nft-guard", move |entered| {
         let socket = entered.and_then(|()| subscribe(&name));
         match socket {
             Ok(fd) => {
                 let _ = ready_tx.send(Ok(()));
-                watch(&fd, &name, &last, &stopping);
+                watch(&fd, &stopped, &name, &last);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
@@ -67,12 +62,23 @@ pub(crate) async fn start(ns: &Netns, last: Arc<LastApplied>) -> Result<Firewall
     ready_rx
         .await
         .map_err(|_| Error::Worker(format!("firewall guard for {ns} panicked")))??;
-    Ok(FirewallGuard { stop })
+    Ok(FirewallGuard { _stop: stop })
+}
+
+/// A pipe as (read end, write end); the read end polls as hung up once the write
+/// end is closed.
+fn stop_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `pipe2` fills the two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// A netlink socket in the calling thread's namespace, subscribed to nftables' changes.
-fn subscribe(ns: &str) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+fn subscribe(ns: &str) -> Result<OwnedFd> {
     let fail = |what: &str| Error::Firewall {
         ns: ns.to_string(),
         message: format!(
@@ -123,25 +129,13 @@ fn subscribe(ns: &str) -> Result<std::os::fd::OwnedFd> {
             (&size as *const libc::c_int).cast(),
             4,
         );
-        let tick = libc::timeval {
-            tv_sec: 0,
-            tv_usec: QUIET.as_micros() as libc::suseconds_t,
-        };
-        if !option(
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tick as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>(),
-        ) {
-            return Err(fail("receive timeout"));
-        }
         Ok(fd)
     }
 }
 
-/// Reads events until `stop`; restores the table after each burst that touched it.
-fn watch(fd: &std::os::fd::OwnedFd, ns: &str, last: &LastApplied, stop: &AtomicBool) {
-    use std::os::fd::AsRawFd;
+/// Reads events until `stopped` hangs up; restores the table after each burst that
+/// touched it. Sleeps in `poll` with no timeout unless a burst is pending.
+fn watch(fd: &OwnedFd, stopped: &OwnedFd, ns: &str, last: &LastApplied) {
     let mut buf = vec![0u8; 1 << 16];
     // (first event of the burst, latest event)
     let mut pending: Option<(Instant, Instant)> = None;
@@ -149,20 +143,39 @@ fn watch(fd: &std::os::fd::OwnedFd, ns: &str, last: &LastApplied, stop: &AtomicB
         ns,
         "watching nftables for changes to table {FIREWALL_TABLE}"
     );
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: reads into our own buffer, at most its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        let now = Instant::now();
-        let touched = if n >= 0 {
-            touches_our_table(&buf[..n as usize])
-        } else {
-            // ENOBUFS: events were lost; any of them may have been ours.
-            std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS)
-        };
-        if touched {
+    loop {
+        let timeout = pending.map(|(first, latest)| {
+            (latest + QUIET)
+                .min(first + MAX_WAIT)
+                .saturating_duration_since(Instant::now())
+        });
+        let mut fds = [
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stopped.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polls our own two descriptors.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, poll_timeout(timeout)) };
+        if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            warn!(ns, error = %std::io::Error::last_os_error(), "firewall guard cannot wait for events; stopped");
+            return;
+        }
+        if fds[1].revents != 0 {
+            break;
+        }
+        if fds[0].revents != 0 && drain(fd, &mut buf) {
+            let now = Instant::now();
             pending = Some((pending.map_or(now, |(first, _)| first), now));
         }
         if let Some((first, latest)) = pending {
+            let now = Instant::now();
             if now - latest >= QUIET || now - first >= MAX_WAIT {
                 pending = None;
                 restore_if_changed(ns, last, first);
@@ -170,6 +183,41 @@ fn watch(fd: &std::os::fd::OwnedFd, ns: &str, last: &LastApplied, stop: &AtomicB
         }
     }
     debug!(ns, "firewall guard stopped");
+}
+
+/// `poll`'s timeout in milliseconds, rounded up; -1 (none) for `None`.
+fn poll_timeout(timeout: Option<Duration>) -> libc::c_int {
+    timeout.map_or(-1, |t| {
+        t.as_nanos()
+            .div_ceil(1_000_000)
+            .min(libc::c_int::MAX as u128) as libc::c_int
+    })
+}
+
+/// Reads every queued datagram; whether any named our table (or was lost).
+fn drain(fd: &OwnedFd, buf: &mut [u8]) -> bool {
+    let mut touched = false;
+    loop {
+        // SAFETY: reads into our own buffer, at most its length, without blocking.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            touched |= touches_our_table(&buf[..n as usize]);
+            continue;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            // Events were lost; any of them may have been ours.
+            Some(libc::ENOBUFS) => touched = true,
+            Some(libc::EINTR) => {}
+            _ => return touched,
+        }
+    }
 }
 
 /// Loads the last ruleset again unless the table is as we left it.
@@ -283,5 +331,40 @@ mod tests {
         assert!(touches_our_table(&burst));
         assert!(!touches_our_table(&burst[..burst.len() - 3]));
         assert!(!touches_our_table(&[]));
+    }
+
+    /// The watching thread sleeps until its guard goes, then stops at once; events
+    /// that do not name our table (here: bytes that are no netlink message) leave
+    /// it asleep.
+    #[test]
+    fn watch_stops_as_soon_as_the_guard_is_dropped() {
+        use std::os::unix::net::UnixDatagram;
+        let (events, sender) = UnixDatagram::pair().unwrap();
+        let (stopped, stop) = stop_pipe().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let socket = OwnedFd::from(events);
+            watch(&socket, &stopped, "test", &LastApplied::default());
+            let _ = done_tx.send(());
+        });
+        sender.send(b"not netlink").unwrap();
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "stopped while the guard was held"
+        );
+        let dropped = Instant::now();
+        drop(FirewallGuard { _stop: stop });
+        done_rx
+            .recv_timeout(Duration::from_secs(1))
+            .expect("stopped after the guard was dropped");
+        assert!(dropped.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn poll_timeouts_round_up_to_whole_milliseconds() {
+        assert_eq!(poll_timeout(None), -1);
+        assert_eq!(poll_timeout(Some(Duration::ZERO)), 0);
+        assert_eq!(poll_timeout(Some(Duration::from_micros(1))), 1);
+        assert_eq!(poll_timeout(Some(QUIET)), 15);
     }
 }

@@ -13,10 +13,12 @@ mod constants;
 mod error;
 mod firewall;
 mod firewall_guard;
+mod handover;
 mod host;
 mod naming;
 mod netlink;
 mod netns;
+mod netns_watch;
 mod pinned;
 mod plan;
 mod probe;
@@ -30,9 +32,14 @@ pub use constants::{
 pub use error::{Error, Result};
 pub use firewall::DockerForward;
 pub use firewall_guard::FirewallGuard;
+pub use handover::{
+    received_listeners, socket_namespace, spawn_in_new_session, wait_readable, HandoverChannel,
+    HandoverListener,
+};
 pub use host::{ApplyReport, Host, Underlay};
 pub use naming::{host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};
+pub use netns_watch::NetnsWatch;
 pub use pinned::{rewrite_in_root, PinnedProcess, Rewrite, MAX_CONTAINER_FILE};
 pub use plan::{desired_objects, plan, Object, Plan};
 pub use probe::overlay_rtt;

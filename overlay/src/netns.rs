@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Receive buffer of a namespace's DNS socket: about a thousand queries.
+const DNS_RECEIVE_BUFFER: usize = 1 << 20;
+
 /// Where a network namespace is: the caller's own, a bind-mounted path such as
 /// `/run/netns/x`, or the namespace of a running process.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -250,6 +253,13 @@ impl Netns {
             };
             let udp = std::net::UdpSocket::bind(addr).map_err(err)?;
             udp.set_nonblocking(true).map_err(err)?;
+            // Room for the queries that arrive while no agent reads (a restart);
+            // best effort, the default buffer holds a few hundred.
+            let _ = nix::sys::socket::setsockopt(
+                &udp,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &DNS_RECEIVE_BUFFER,
+            );
             let tcp = std::net::TcpListener::bind(addr).map_err(err)?;
             tcp.set_nonblocking(true).map_err(err)?;
             Ok((udp, tcp))

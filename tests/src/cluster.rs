@@ -263,9 +263,14 @@ impl Cluster {
 
     /// Starts host `host`'s agent without waiting for it.
     pub fn spawn_agent(&mut self, host: usize) {
+        self.spawn_agent_from(host, &netagent_bin());
+    }
+
+    /// Starts host `host`'s agent from the program at `bin` (another build, as an
+    /// upgrade installs it) without waiting for it.
+    pub fn spawn_agent_from(&mut self, host: usize, bin: &std::path::Path) {
         self.write_config(host);
         let ns = self.bed.hosts[host - 1].netns.clone();
-        let bin = netagent_bin();
         let config = self.config_path(host);
         let log = self.log_path(host);
         let pid = self.bed.spawn_logged(
@@ -275,6 +280,25 @@ impl Cluster {
             &log,
         );
         self.agents[host - 1] = Some(pid);
+    }
+
+    /// Where host `host`'s agent keeps its DNS sockets across restarts.
+    pub fn keeper_socket(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("h{host}-dns-keeper.sock"))
+    }
+
+    /// The process id of host `host`'s DNS socket keeper, while it runs.
+    pub fn keeper_pid(&self, host: usize) -> Option<u32> {
+        let mut pid_file = self.keeper_socket(host).into_os_string();
+        pid_file.push(".pid");
+        let pid: u32 = std::fs::read_to_string(pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            .then_some(pid)
     }
 
     /// The process id of host `host`'s running agent.

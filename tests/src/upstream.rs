@@ -138,6 +138,29 @@ pub fn hostile_replies(query: &[u8]) -> Vec<Vec<u8>> {
     }
 }
 
+/// Replies that answer every A query with `address` (TTL 60), whatever the name:
+/// an upstream whose answers say which upstream was asked.
+pub fn answering_with(address: Ipv4Addr) -> impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static {
+    move |query| {
+        let Ok(q) = Message::from_vec(query) else {
+            return Vec::new();
+        };
+        let Some(question) = q.queries.first().cloned() else {
+            return Vec::new();
+        };
+        let mut r = Message::response(q.metadata.id, OpCode::Query);
+        r.metadata.recursion_desired = q.metadata.recursion_desired;
+        r.metadata.recursion_available = true;
+        r.add_answer(Record::from_rdata(
+            question.name().clone(),
+            60,
+            RData::A(A(address)),
+        ));
+        r.add_query(question);
+        r.to_vec().into_iter().collect()
+    }
+}
+
 /// Serves `replies` over UDP on `addr` inside namespace `netns` (every datagram it
 /// returns is sent, in order), on a thread of its own, until the process ends.
 pub fn serve_udp_with(

@@ -16,6 +16,7 @@ fn ep(network: &str, ip: [u8; 4], name: &str, service: &str) -> EndpointRecord {
         service: Some(service.into()),
         aliases: vec![],
         in_service: true,
+        ports: vec![],
     }
 }
 
@@ -72,7 +73,7 @@ fn serve_in(rt: &tokio::runtime::Runtime, server: &Arc<DnsServer>, netns: &str, 
     })
     .join()
     .unwrap();
-    let scope: Arc<[String]> = scope.iter().map(|s| s.to_string()).collect();
+    let scope = netagent_dns::Scope::new(scope.iter().map(|s| s.to_string()).collect());
     let _guard = rt.enter();
     server.serve_udp(tokio::net::UdpSocket::from_std(udp).unwrap(), scope.clone());
     server.serve_tcp(tokio::net::TcpListener::from_std(tcp).unwrap(), scope);
@@ -250,4 +251,53 @@ fn real_clients_resolve_services_names_and_outside_names() {
         .expect("dig prints the query time");
     assert!(ms < 2000, "SERVFAIL took {ms} ms");
     drop(rt);
+}
+
+/// Three replicas attached through the agent with `--port http:8080`: dig's SRV query
+/// lists each with its port and own name, and that name resolves to its address.
+#[test]
+fn dig_finds_service_ports_by_srv() {
+    root_test!();
+    let mut c = netagent_tests::cluster::Cluster::local();
+    c.start_agent(1);
+    c.create_network("app", "100.64.0.0/24");
+    let mut replicas = Vec::new();
+    for i in 1..=3 {
+        let ns = c.bed.container(&format!("srv{i}"));
+        let name = format!("echo{i}");
+        let args = [
+            "--service",
+            "echo_api",
+            "--port",
+            "http:8080",
+            "--name",
+            &name,
+        ];
+        let address = c.attach(1, &ns, "app", &args);
+        replicas.push((ns, name, address));
+    }
+    let asker = &replicas[0].0;
+    let dig = |q: &str| {
+        let out = netagent_tests::run::sh_ok(&format!(
+            "ip netns exec {asker} dig +short +tries=1 +time=2 {q} @127.0.0.11"
+        ));
+        lines(&out)
+    };
+    let mut want: Vec<String> = replicas
+        .iter()
+        .map(|(_, name, _)| format!("0 10 8080 {name}."))
+        .collect();
+    want.sort();
+    assert_eq!(dig("SRV _http._tcp.echo_api"), want);
+    for (_, name, address) in &replicas {
+        assert_eq!(dig(&format!("A {name}")), vec![address.to_string()]);
+    }
+    // The targets' addresses come along in the additional section.
+    let full = netagent_tests::run::sh_ok(&format!(
+        "ip netns exec {asker} dig +tries=1 +time=2 SRV _http._tcp.echo_api @127.0.0.11"
+    ));
+    assert!(
+        full.contains("ADDITIONAL: 4"),
+        "3 addresses and OPT: {full}"
+    );
 }

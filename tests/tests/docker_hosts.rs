@@ -332,3 +332,87 @@ fn containers_follow_agent_restarts_and_engine_outages() {
         || resolve_in(client_pid, "echo_api").len() == 1,
     );
 }
+
+#[test]
+fn a_replica_joins_its_service_once_its_health_check_passes() {
+    docker_test!();
+    let t = DockerCluster::new(1);
+    t.c.create_network("app", "100.64.0.0/16");
+    let d = &t.engines[0];
+    // Failing checks inside the start period keep the replica `starting`.
+    let starting = [
+        "--health-cmd",
+        "test -f /tmp/ready",
+        "--health-interval",
+        "1s",
+        "--health-start-period",
+        "120s",
+    ];
+    d.run_web("slow", &[NET, ECHO], &starting);
+    d.run_web("plain", &[NET, ECHO], &[]);
+    d.run("client", &[NET], &[], &["sleep", "3600"]);
+    let client = d.pid("client");
+    wait_for(Duration::from_secs(10), "both replicas attached", || {
+        let names = t.addresses();
+        names.contains_key("slow") && names.contains_key("plain")
+    });
+    let (slow, plain) = (t.address_of("slow"), t.address_of("plain"));
+    // A few health checks run and fail meanwhile: the replica stays out.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(1));
+        let health = d.docker_ok(&["inspect", "-f", "{{.State.Health.Status}}", "slow"]);
+        assert_eq!(health, "starting");
+        assert_eq!(resolve_in(client, "echo_api"), vec![plain]);
+    }
+    // Its own name answers all along.
+    assert_eq!(resolve_in(client, "slow"), vec![slow]);
+    d.exec_ok("slow", &["touch", "/tmp/ready"]);
+    wait_for(
+        Duration::from_secs(10),
+        "the healthy replica in its service",
+        || set(resolve_in(client, "echo_api")) == BTreeSet::from([slow, plain]),
+    );
+}
+
+#[test]
+fn containers_forward_outside_names_to_their_own_dns_servers() {
+    docker_test!();
+    let t = DockerCluster::new(1);
+    t.c.create_network("app", "100.64.0.0/16");
+    // Two more upstreams in the outside namespace, each answering every name with
+    // its own address; the host's (OUTSIDE_ADDRESS) does not know `whoami.test`.
+    let outside = &t.c.bed.outside_ns;
+    let (first, second) = (Ipv4Addr::new(203, 0, 113, 2), Ipv4Addr::new(203, 0, 113, 3));
+    let (says_first, says_second) = (
+        Ipv4Addr::new(198, 51, 100, 2),
+        Ipv4Addr::new(198, 51, 100, 3),
+    );
+    for (server, says) in [(first, says_first), (second, says_second)] {
+        sh_ok(&format!("ip -n {outside} addr add {server}/32 dev lo"));
+        upstream::serve_udp_with(
+            outside,
+            SocketAddr::from((server, 53)),
+            upstream::answering_with(says),
+        );
+    }
+    let d = &t.engines[0];
+    let (first_dns, second_dns) = (first.to_string(), second.to_string());
+    d.run("own1", &[NET], &["--dns", &first_dns], &["sleep", "3600"]);
+    d.run("own2", &[NET], &["--dns", &second_dns], &["sleep", "3600"]);
+    d.run("hosts", &[NET], &[], &["sleep", "3600"]);
+    wait_for(Duration::from_secs(10), "three containers attached", || {
+        t.addresses().len() == 3
+    });
+    let (x, y, z) = (d.pid("own1"), d.pid("own2"), d.pid("hosts"));
+    // x first: its answer is cached for its servers only; y still asks its own.
+    assert_eq!(resolve_in(x, "whoami.test"), vec![says_first]);
+    assert_eq!(resolve_in(y, "whoami.test"), vec![says_second]);
+    assert_eq!(resolve_in(x, "whoami.test"), vec![says_first]);
+    assert!(
+        resolve_in(z, "whoami.test").is_empty(),
+        "z asks the host's servers"
+    );
+    // Names of the network stay local for all of them.
+    let z_address = t.address_of("hosts");
+    assert_eq!(resolve_in(x, "hosts"), vec![z_address]);
+}

@@ -24,6 +24,7 @@ use crate::docker::{labels, resolv_conf, Container, Engine};
 use crate::ipam;
 use crate::model::{self, BlockRecord, EndpointRecord};
 use crate::names::check_dns_name;
+use crate::record_check::check_ports;
 use crate::store::{Compare, Store, Txn};
 
 /// How often a block allocation is retried when another host took the same block.
@@ -166,11 +167,17 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         if req.service.is_none() {
             req.service = labels::service_of(&c.labels);
         }
+        if req.ports.is_empty() {
+            req.ports = labels::ports_of(&c.labels).map_err(|e| anyhow!(e))?;
+        }
+        if req.dns.is_empty() {
+            req.dns = c.dns_servers.clone();
+        }
         let short = c.short_id().to_owned();
         if !req.aliases.contains(&short) {
             req.aliases.push(short);
         }
-        let info = self.attach_target(req, target, !c.unhealthy).await?;
+        let info = self.attach_target(req, target, c.in_service).await?;
         point_resolver_at_embedded_dns(&c, pinned);
         Ok(info)
     }
@@ -190,6 +197,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         {
             check_dns_name(kind, n).map_err(|e| anyhow!(e))?;
         }
+        check_ports(&req.ports).map_err(|e| anyhow!(e))?;
         let mut network = self.view.read(|c| c.networks.get(&req.network).cloned());
         if network.is_none() {
             // Created on another host a moment ago? The watch may not have said yet.
@@ -258,6 +266,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             in_service,
             container: container.map(|c| c.id),
             one_per_answer: req.one_per_answer,
+            ports: req.ports.clone(),
         };
         let spec = network_spec(&network, block);
         // First endpoint of this network here (or the last apply was not complete):
@@ -267,7 +276,12 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         } else {
             self.ensure_network_here(&network.name).await?
         };
-        let local = LocalEndpoint { record, netns, ino };
+        let local = LocalEndpoint {
+            record,
+            netns,
+            ino,
+            upstreams: req.dns.clone(),
+        };
         let endpoint = local.kernel_endpoint();
         if let Err(e) = self.datapath.attach(&spec, &endpoint).await {
             let e = anyhow::Error::new(e);

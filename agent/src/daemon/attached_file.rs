@@ -17,6 +17,9 @@ const FILE: &str = "attached.json";
 pub struct Attached {
     pub netns: String,
     pub ino: u64,
+    /// The namespace's own DNS servers, if it has any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<std::net::SocketAddr>,
 }
 
 pub type AttachedList = BTreeMap<String, Attached>;
@@ -75,6 +78,7 @@ mod tests {
             Attached {
                 netns: "pid:42".into(),
                 ino: 4026532000,
+                upstreams: vec!["198.51.100.53:53".parse().unwrap()],
             },
         )]);
         save(&p, &list).await.unwrap();

@@ -239,6 +239,11 @@ impl<S: Store> ClusterView<S> {
             .collect()
     }
 
+    /// Whether this host owes the store any deletion (no store call).
+    pub fn has_owed(&self) -> bool {
+        !self.owed.lock().unwrap().is_empty()
+    }
+
     /// Retries the deletions owed to the store, in key order, until one fails.
     pub async fn pay_owed(&self) {
         let owed: Vec<String> = self.owed.lock().unwrap().iter().cloned().collect();

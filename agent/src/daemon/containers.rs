@@ -239,7 +239,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 })
             });
             if attached {
-                self.set_in_service(&c.id, !c.unhealthy).await;
+                self.set_in_service(&c.id, c.in_service).await;
             } else {
                 self.container_started(link, engine, &c.id).await?;
             }
@@ -315,6 +315,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 service: wanted.service.clone(),
                 aliases: wanted.aliases.clone(),
                 one_per_answer: wanted.one_per_answer,
+                ports: wanted.ports.clone(),
+                dns: Vec::new(),
             };
             match self.attach_container(req, target.clone()).await {
                 Ok(info) => {

@@ -6,12 +6,14 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 use netagent_overlay::{
     ApplyReport, DockerForward, Endpoint, FirewallGuard, Host, HostState, KeyPair, Mesh,
-    MeshOptions, MeshPeer, Netns, NetnsRef, NetworkSpec, OnFailure, PeerStats, Result, Underlay,
+    MeshOptions, MeshPeer, Netns, NetnsRef, NetnsWatch, NetworkSpec, OnFailure, PeerStats, Result,
+    Underlay,
 };
 
 /// The running encrypted mesh, as the agent steers it.
@@ -64,6 +66,12 @@ pub trait Datapath: Send + Sync + 'static {
         watched: Vec<(K, NetnsRef, u64)>,
     ) -> impl Future<Output = Vec<K>> + Send;
 
+    /// Returns once a namespace attached in the kernel (by `apply` or `attach`) may
+    /// have gone since the last return, at once if one may have meanwhile; `gone`
+    /// tells which. It cannot see everything (an unmount that leaves the file in
+    /// place): callers still check every few seconds.
+    fn namespace_may_be_gone(&self) -> impl Future<Output = ()> + Send;
+
     /// The identities of the host's own namespaces, which no endpoint may be.
     fn host_namespaces(&self) -> impl Future<Output = Vec<u64>> + Send;
 
@@ -90,6 +98,12 @@ pub struct KernelDatapath {
     underlay: Underlay,
     /// Restores the firewall table when another program removes it; held for life.
     _firewall_guard: FirewallGuard,
+    /// Watches the namespaces in `attached`.
+    netns_watch: NetnsWatch,
+    /// The namespaces attached in the kernel, by endpoint address. Changes to
+    /// endpoints come one at a time (the agent serialises them), so the set handed
+    /// to the watch after each is the latest.
+    attached: Mutex<HashMap<Ipv4Addr, NetnsRef>>,
 }
 
 impl KernelDatapath {
@@ -101,11 +115,25 @@ impl KernelDatapath {
             .guard_firewall()
             .await
             .context("cannot watch the firewall for reloads")?;
+        let netns_watch =
+            NetnsWatch::start().context("cannot watch attached namespaces for removal")?;
         Ok(KernelDatapath {
             host,
             underlay,
             _firewall_guard: firewall_guard,
+            netns_watch,
+            attached: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Changes the set of attached namespaces and has the watch follow it.
+    fn follow_attached(&self, change: impl FnOnce(&mut HashMap<Ipv4Addr, NetnsRef>)) {
+        let refs: Vec<NetnsRef> = {
+            let mut attached = self.attached.lock().unwrap();
+            change(&mut attached);
+            attached.values().cloned().collect()
+        };
+        self.netns_watch.watch(refs);
     }
 }
 
@@ -145,15 +173,33 @@ async fn identities<K: Send + 'static>(watched: Vec<(K, NetnsRef, u64)>) -> Vec<
 
 impl Datapath for KernelDatapath {
     async fn apply(&self, state: &HostState) -> Result<ApplyReport> {
-        self.host.apply(state).await
+        let report = self.host.apply(state).await;
+        // Even after a failure: watching a namespace too many only costs a check.
+        self.follow_attached(|attached| {
+            *attached = state
+                .networks
+                .iter()
+                .flat_map(|n| &n.endpoints)
+                .map(|e| (e.address, e.netns.clone()))
+                .collect();
+        });
+        report
     }
 
     async fn attach(&self, network: &NetworkSpec, endpoint: &Endpoint) -> Result<()> {
-        self.host.attach(network, endpoint).await
+        self.host.attach(network, endpoint).await?;
+        self.follow_attached(|attached| {
+            attached.insert(endpoint.address, endpoint.netns.clone());
+        });
+        Ok(())
     }
 
     async fn detach(&self, address: Ipv4Addr) -> Result<()> {
-        self.host.detach(address).await
+        let detached = self.host.detach(address).await;
+        self.follow_attached(|attached| {
+            attached.remove(&address);
+        });
+        detached
     }
 
     async fn open_docker_forward(&self) -> Result<DockerForward> {
@@ -189,6 +235,10 @@ impl Datapath for KernelDatapath {
 
     async fn gone<K: Send + 'static>(&self, watched: Vec<(K, NetnsRef, u64)>) -> Vec<K> {
         identities(watched).await
+    }
+
+    async fn namespace_may_be_gone(&self) {
+        self.netns_watch.changed().await;
     }
 
     async fn host_namespaces(&self) -> Vec<u64> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use netagent_dns::{DnsServer, Snapshot, SnapshotBuilder};
 
-use crate::model::{Cluster, EndpointRecord};
+use crate::model::{Cluster, EndpointRecord, Port, Protocol};
 
 /// What the DNS should answer, derived from the cluster view.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -47,6 +47,18 @@ fn dns_record(e: &EndpointRecord) -> netagent_dns::EndpointRecord {
         service: e.service.clone(),
         aliases: e.aliases.clone(),
         in_service: e.in_service,
+        ports: e.ports.iter().map(service_port).collect(),
+    }
+}
+
+fn service_port(p: &Port) -> netagent_dns::ServicePort {
+    netagent_dns::ServicePort {
+        name: p.name.clone(),
+        port: p.port,
+        protocol: match p.protocol {
+            Protocol::Tcp => netagent_dns::PortProtocol::Tcp,
+            Protocol::Udp => netagent_dns::PortProtocol::Udp,
+        },
     }
 }
 

@@ -49,6 +49,8 @@ pub struct FakeDatapath {
     /// Applies fail (a netlink error, say) while set, changing nothing.
     pub fail_apply: Arc<AtomicBool>,
     mesh: Arc<Mutex<Option<Arc<FakeMesh>>>>,
+    /// Woken when a namespace goes, as the kernel's watch is.
+    namespace_gone: Arc<tokio::sync::Notify>,
 }
 
 impl FakeDatapath {
@@ -79,6 +81,7 @@ impl FakeDatapath {
     /// The namespace at `path` goes away (its container died, `ip netns del`).
     pub fn remove_namespace(&self, path: &str) {
         self.model.lock().unwrap().namespaces.remove(path);
+        self.namespace_gone.notify_one();
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -240,6 +243,10 @@ impl Datapath for FakeDatapath {
             .filter(|(_, netns, ino)| m.namespaces.get(&netns.to_string()) != Some(ino))
             .map(|(k, _, _)| k)
             .collect()
+    }
+
+    async fn namespace_may_be_gone(&self) {
+        self.namespace_gone.notified().await;
     }
 
     async fn host_namespaces(&self) -> Vec<u64> {

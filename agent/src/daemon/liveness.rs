@@ -1,7 +1,10 @@
 //! Notices namespaces that went away. The DNS listener inside an attached namespace
 //! keeps the namespace itself alive, so its veth never disappears on its own; what
 //! tells us is the name: the path or process no longer leads to the namespace we
-//! attached (a stat, four times a second, off the runtime's workers).
+//! attached (a stat per namespace, off the runtime's workers). The datapath wakes
+//! us when a name may have gone (a deleted file, an exited process), and a full
+//! check every few seconds catches what it cannot see; an idle host does nothing
+//! in between.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,9 @@ use crate::model::EndpointRecord;
 use crate::store::Store;
 use netagent_overlay::NetnsRef;
 
-const SWEEP: Duration = Duration::from_millis(250);
+/// How often every namespace is checked however quiet the datapath's watch, and
+/// deletions owed to the store are retried.
+const BACKSTOP: Duration = Duration::from_secs(2);
 
 /// An endpoint's identity: the namespace's nsfs inode (see `NetnsRef::identity`).
 pub(super) fn endpoint_id(ino: u64) -> String {
@@ -28,11 +33,17 @@ pub(super) fn recorded_namespace(record: &EndpointRecord) -> Option<(NetnsRef, u
 
 impl<S: Store, D: Datapath> Agent<S, D> {
     pub(super) async fn liveness_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(SWEEP);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backstop = tokio::time::interval(BACKSTOP);
+        backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            self.view.pay_owed().await;
+            tokio::select! {
+                _ = backstop.tick() => {
+                    if self.view.has_owed() {
+                        self.view.pay_owed().await;
+                    }
+                }
+                () = self.datapath.namespace_may_be_gone() => {}
+            }
             let watched: Vec<((String, u64), NetnsRef, u64)> = self.local.read(|endpoints| {
                 endpoints
                     .iter()

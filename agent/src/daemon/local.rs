@@ -18,6 +18,10 @@ pub struct LocalEndpoint {
     pub netns: NetnsRef,
     /// Identity of the namespace at attach time (see `NetnsRef::identity`).
     pub ino: u64,
+    /// The namespace's own DNS servers for names outside its networks; empty: the
+    /// host's. Kept here and in `attached.json`, never in the store: no other host
+    /// needs them.
+    pub upstreams: Vec<std::net::SocketAddr>,
 }
 
 impl LocalEndpoint {
@@ -110,6 +114,7 @@ impl LocalEndpoints {
                     let attached = Attached {
                         netns: e.record.netns.clone(),
                         ino: e.ino,
+                        upstreams: e.upstreams.clone(),
                     };
                     (key.clone(), attached)
                 })

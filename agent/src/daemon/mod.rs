@@ -137,12 +137,13 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let keys = keys::load_or_create_key(&cfg.state_dir).await?;
         let store_addresses = protected::store_addresses(&cfg).await;
         let host_namespaces = datapath.host_namespaces().await;
+        let listeners = take_kept_sockets(&cfg).await;
         let agent = Arc::new(Agent {
             view: ClusterView::new(store, &node.name),
             local: LocalEndpoints::new(&cfg.state_dir),
             reconciler: Reconciler::default(),
             dns: DnsPublisher::new(DnsServer::new(forwarder, cfg.dns_ttl)),
-            listeners: Listeners::default(),
+            listeners,
             mesh: MeshState::new(keys),
             docker: cfg.docker_socket.clone().map(containers::DockerLink::new),
             changes: Mutex::new(()),
@@ -182,6 +183,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         agent.adopt().await;
         agent.publish_dns();
         agent.reconcile_once(true).await;
+        agent.listeners.release_unclaimed();
         info!(node = %agent.node.name, "agent ready");
         agent.spawn(agent.clone().follow_store(events));
         agent.spawn(agent.clone().reconcile_loop());
@@ -240,7 +242,20 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 });
             match recorded {
                 Some((netns, ino)) => {
-                    found.insert(key, LocalEndpoint { record, netns, ino });
+                    let upstreams = list
+                        .as_ref()
+                        .and_then(|l| l.get(&key))
+                        .map(|a| a.upstreams.clone())
+                        .unwrap_or_default();
+                    found.insert(
+                        key,
+                        LocalEndpoint {
+                            record,
+                            netns,
+                            ino,
+                            upstreams,
+                        },
+                    );
                 }
                 None => {
                     warn!(
@@ -368,6 +383,30 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         self.listeners
             .sync(&self.datapath, self.dns.server(), &endpoints)
             .await;
+    }
+}
+
+/// The DNS listeners, with the keeper that holds their sockets across restarts (and
+/// the sockets it kept from the previous agent) when the configuration asks for one.
+async fn take_kept_sockets(cfg: &Config) -> Listeners {
+    let Some((socket, grace)) = cfg.dns_keeper.clone() else {
+        return Listeners::default();
+    };
+    let opened = tokio::task::spawn_blocking(move || {
+        crate::keeper::KeeperLink::open(&socket, grace, listeners::DNS_ADDRESS)
+            .map_err(|e| format!("{}: {e}", socket.display()))
+    })
+    .await;
+    match opened {
+        Ok(Ok((link, inherited))) => Listeners::kept(link, inherited),
+        Ok(Err(e)) => {
+            warn!(error = %e, "no DNS socket keeper: queries sent while the agent restarts will go unanswered");
+            Listeners::default()
+        }
+        Err(e) => {
+            warn!(error = %e, "no DNS socket keeper");
+            Listeners::default()
+        }
     }
 }
 

@@ -5,17 +5,21 @@
 //! - `netagent.service=NAME`, else Compose's `com.docker.compose.service`: the
 //!   service name all replicas share (`db`, `echo_api`);
 //! - `netagent.aliases=a,b`: more names;
-//! - `netagent.dns=one-per-answer`: the service's name answers one replica at a time.
+//! - `netagent.dns=one-per-answer`: the service's name answers one replica at a time;
+//! - `netagent.ports=http:8080,dns:53/udp`: named ports, answered as DNS SRV records.
 
 use std::collections::HashMap;
 
 use crate::ipam;
+use crate::model::{Port, PORT_FORM};
 use crate::names::check_dns_name;
+use crate::record_check::check_ports;
 
 pub const NETWORK: &str = "netagent.network";
 pub const SERVICE: &str = "netagent.service";
 pub const ALIASES: &str = "netagent.aliases";
 pub const DNS: &str = "netagent.dns";
+pub const PORTS: &str = "netagent.ports";
 /// The one value of `netagent.dns` (rotation of every replica is the default).
 pub const ONE_PER_ANSWER: &str = "one-per-answer";
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
@@ -27,11 +31,13 @@ pub struct Wanted {
     pub aliases: Vec<String>,
     /// `netagent.dns=one-per-answer`.
     pub one_per_answer: bool,
+    /// `netagent.ports`.
+    pub ports: Vec<Port>,
 }
 
 /// Whether a label key is one netagent reads.
 pub fn is_ours(key: &str) -> bool {
-    [NETWORK, SERVICE, ALIASES, DNS, COMPOSE_SERVICE].contains(&key)
+    [NETWORK, SERVICE, ALIASES, DNS, PORTS, COMPOSE_SERVICE].contains(&key)
 }
 
 /// The service name a container answers to without any netagent label.
@@ -41,6 +47,27 @@ pub fn service_of(labels: &HashMap<String, String>) -> Option<String> {
         .or_else(|| labels.get(COMPOSE_SERVICE))
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
+}
+
+/// The ports of `netagent.ports` (none without the label). `Err`: what is wrong,
+/// naming the label and the form expected.
+pub fn ports_of(labels: &HashMap<String, String>) -> Result<Vec<Port>, String> {
+    let Some(raw) = labels.get(PORTS) else {
+        return Ok(Vec::new());
+    };
+    let mut ports: Vec<Port> = Vec::new();
+    for item in split(PORTS, raw)? {
+        let port: Port = item
+            .parse()
+            .map_err(|e| format!("label {PORTS}={raw:?}: {e}"))?;
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    check_ports(&ports).map_err(|e| {
+        format!("label {PORTS}={raw:?}: {e}; write a comma-separated list of {PORT_FORM}")
+    })?;
+    Ok(ports)
 }
 
 /// `Ok(None)`: no `netagent.network` label. `Err`: what is wrong, naming the label.
@@ -81,11 +108,13 @@ pub fn wanted(labels: &HashMap<String, String>) -> Result<Option<Wanted>, String
             ))
         }
     };
+    let ports = ports_of(labels)?;
     Ok(Some(Wanted {
         networks,
         service,
         aliases,
         one_per_answer,
+        ports,
     }))
 }
 
@@ -138,6 +167,55 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(w.one_per_answer);
+    }
+
+    #[test]
+    fn reads_ports() {
+        let w = wanted(&labels(&[
+            (NETWORK, "app"),
+            (PORTS, "http:8080, metrics:9100,dns:53/udp,http:8080"),
+        ]))
+        .unwrap()
+        .unwrap();
+        let ports: Vec<(&str, u16, crate::model::Protocol)> = w
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port, p.protocol))
+            .collect();
+        use crate::model::Protocol::{Tcp, Udp};
+        assert_eq!(
+            ports,
+            [
+                ("http", 8080, Tcp),
+                ("metrics", 9100, Tcp),
+                ("dns", 53, Udp)
+            ]
+        );
+        assert!(is_ours(PORTS));
+        assert_eq!(ports_of(&labels(&[])), Ok(vec![]));
+    }
+
+    #[test]
+    fn names_what_is_wrong_with_ports() {
+        for (value, why) in [
+            (
+                "http",
+                "\"http\" is not a port; write NAME:PORT or NAME:PORT/udp",
+            ),
+            ("http:80,", "has an empty entry"),
+            ("http:0", "port \"http\" is 0"),
+            ("http:65536", "is not a port"),
+            ("http:80/sctp", "is not a port"),
+            ("HTTP:80", "is not a service name"),
+            ("http:80,http:81", "port \"http\" is named twice"),
+        ] {
+            let e = wanted(&labels(&[(NETWORK, "app"), (PORTS, value)])).unwrap_err();
+            assert!(e.contains("label netagent.ports"), "{e}");
+            assert!(e.contains(why), "{value}: {e}");
+        }
+        let many: Vec<String> = (0..17).map(|i| format!("p{i}:{}", 1000 + i)).collect();
+        let e = ports_of(&labels(&[(PORTS, &many.join(","))])).unwrap_err();
+        assert!(e.contains("17 ports, more than 16"), "{e}");
     }
 
     #[test]
@@ -212,6 +290,7 @@ mod tests {
                 Just(ALIASES.to_string()),
                 Just(COMPOSE_SERVICE.to_string()),
                 Just(DNS.to_string()),
+                Just(PORTS.to_string()),
                 Just("netagent.networks".to_string()),
                 any::<String>(),
             ];
@@ -257,6 +336,8 @@ mod tests {
                         unique.sort();
                         unique.dedup();
                         prop_assert_eq!(unique.len(), w.aliases.len());
+                        prop_assert!(w.ports.len() <= 16 && w.ports.iter().all(|p| p.port != 0));
+                        prop_assert_eq!(w.ports.is_empty(), !labels.contains_key(PORTS));
                         prop_assert_eq!(
                             w.one_per_answer,
                             labels.get(DNS).is_some_and(|v| v.trim() == ONE_PER_ANSWER)

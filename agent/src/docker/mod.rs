@@ -47,8 +47,12 @@ pub struct Container {
     pub image_only_labels: Vec<String>,
     /// The host-side file Docker bind-mounts at the container's /etc/resolv.conf.
     pub resolv_conf_path: Option<std::path::PathBuf>,
-    /// Its health check says unhealthy (no check, starting or healthy: false).
-    pub unhealthy: bool,
+    /// Its replicas belong in its service's answers: no health check, or a check
+    /// that says healthy (`starting` and `unhealthy` keep it out).
+    pub in_service: bool,
+    /// Its own DNS servers (`docker run --dns`, Compose `dns:`), as the engine's
+    /// configuration says; empty: the host's.
+    pub dns_servers: Vec<std::net::SocketAddr>,
 }
 
 /// Splits a container's labels (Docker merges its image's into them) into those set
@@ -87,8 +91,9 @@ pub struct Listed {
     pub id: String,
     pub name: String,
     pub labels: HashMap<String, String>,
-    /// Its status line says so (`Up 2 minutes (unhealthy)`).
-    pub unhealthy: bool,
+    /// As [`Container::in_service`], from its status line (`Up 2 minutes
+    /// (health: starting)`, `Up 3 minutes (unhealthy)`).
+    pub in_service: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,7 +174,7 @@ impl Engine {
                         .map(|n| n.trim_start_matches('/').to_owned())
                         .unwrap_or_default(),
                     labels: c.labels.unwrap_or_default(),
-                    unhealthy: c.status.is_some_and(|s| s.ends_with("(unhealthy)")),
+                    in_service: c.status.as_deref().is_none_or(status_line_in_service),
                 })
             })
             .collect())
@@ -179,10 +184,13 @@ impl Engine {
     pub async fn inspect(&self, name_or_id: &str) -> Result<Container> {
         let (mut c, pid) = self.inspect_running(name_or_id).await?;
         let state = c.state.take().unwrap_or_default();
-        let unhealthy = state
-            .health
-            .and_then(|h| h.status)
-            .is_some_and(|s| s == HealthStatusEnum::UNHEALTHY);
+        let in_service = health_in_service(state.health.and_then(|h| h.status));
+        let dns_servers = dns_servers(
+            c.host_config
+                .as_ref()
+                .and_then(|h| h.dns.as_deref())
+                .unwrap_or_default(),
+        );
         let resolv_conf_path = c
             .resolv_conf_path
             .filter(|p| !p.is_empty())
@@ -211,7 +219,8 @@ impl Engine {
             labels,
             image_only_labels,
             resolv_conf_path,
-            unhealthy,
+            in_service,
+            dns_servers,
         })
     }
 
@@ -271,6 +280,32 @@ impl Engine {
     }
 }
 
+/// Whether a health state lets a replica into its service's answers: with no
+/// check, or once healthy; not while `starting` (the check has not passed yet) nor
+/// `unhealthy`.
+fn health_in_service(status: Option<HealthStatusEnum>) -> bool {
+    !matches!(
+        status,
+        Some(HealthStatusEnum::STARTING | HealthStatusEnum::UNHEALTHY)
+    )
+}
+
+/// The same from a listed container's status line.
+fn status_line_in_service(status: &str) -> bool {
+    !(status.ends_with("(unhealthy)") || status.ends_with("(health: starting)"))
+}
+
+/// A container's DNS servers from its configuration (port 53); entries that are
+/// not addresses, or cannot be a server's, are left out.
+fn dns_servers(configured: &[String]) -> Vec<std::net::SocketAddr> {
+    configured
+        .iter()
+        .filter_map(|s| s.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .collect()
+}
+
 /// An event action as the engine writes it (`start`, `health_status: healthy`).
 fn event(action: &str, id: String) -> Option<Event> {
     if id.is_empty() {
@@ -281,7 +316,7 @@ fn event(action: &str, id: String) -> Option<Event> {
         "die" => Some(Event::Died(id)),
         _ => match action.strip_prefix("health_status:").map(str::trim) {
             Some("healthy") => Some(Event::Health { id, healthy: true }),
-            Some("unhealthy") => Some(Event::Health { id, healthy: false }),
+            Some("unhealthy" | "starting") => Some(Event::Health { id, healthy: false }),
             _ => None,
         },
     }
@@ -290,6 +325,42 @@ fn event(action: &str, id: String) -> Option<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_passed_health_check_or_none_puts_a_replica_in_service() {
+        assert!(health_in_service(None));
+        assert!(health_in_service(Some(HealthStatusEnum::EMPTY)));
+        assert!(health_in_service(Some(HealthStatusEnum::NONE)));
+        assert!(health_in_service(Some(HealthStatusEnum::HEALTHY)));
+        assert!(!health_in_service(Some(HealthStatusEnum::STARTING)));
+        assert!(!health_in_service(Some(HealthStatusEnum::UNHEALTHY)));
+        assert!(status_line_in_service("Up 2 minutes"));
+        assert!(status_line_in_service("Up 2 minutes (healthy)"));
+        assert!(!status_line_in_service("Up 3 seconds (health: starting)"));
+        assert!(!status_line_in_service("Up 3 minutes (unhealthy)"));
+    }
+
+    #[test]
+    fn a_container_s_dns_servers_are_addresses_only() {
+        let configured: Vec<String> = [
+            "198.51.100.53",
+            " 2001:db8::53 ",
+            "0.0.0.0",
+            "224.0.0.1",
+            "dns.example",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            dns_servers(&configured),
+            vec![
+                "198.51.100.53:53".parse().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap()
+            ]
+        );
+    }
 
     #[test]
     fn labels_only_the_image_carries_do_not_count() {
@@ -344,7 +415,14 @@ mod tests {
                 healthy: true
             })
         );
-        assert_eq!(event("health_status: starting", id()), None);
+        // A check restarted (the engine may say so): out until it passes again.
+        assert_eq!(
+            event("health_status: starting", id()),
+            Some(Event::Health {
+                id: id(),
+                healthy: false
+            })
+        );
         assert_eq!(event("exec_start: sh", id()), None);
         assert_eq!(event("start", String::new()), None);
     }

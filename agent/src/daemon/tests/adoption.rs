@@ -94,6 +94,7 @@ async fn a_store_record_this_host_did_not_attach_is_not_adopted_and_is_removed()
         in_service: true,
         container: None,
         one_per_answer: false,
+        ports: Vec::new(),
     };
     bed.store.put("endpoints/app/100.64.0.9", &planted).await;
     let h1 = bed.host_on("h1", 11, kernel).await;
@@ -222,6 +223,7 @@ fn planted(node: &str, address: &str, netns: &str, ino: u64) -> EndpointRecord {
         in_service: true,
         container: None,
         one_per_answer: false,
+        ports: Vec::new(),
     }
 }
 

@@ -77,9 +77,11 @@ fn endpoint(network: &str, address: &str, ino: u64) -> (String, LocalEndpoint) {
                 in_service: true,
                 container: None,
                 one_per_answer: false,
+                ports: Vec::new(),
             },
             netns: NetnsRef::parse(&netns).unwrap(),
             ino,
+            upstreams: Vec::new(),
         },
     )
 }

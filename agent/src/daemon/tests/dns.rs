@@ -221,3 +221,144 @@ async fn one_per_answer_holds_for_a_namespace_on_two_networks() {
         assert_eq!(query_a(listener, "api").await.len(), 1);
     }
 }
+
+#[tokio::test]
+async fn replicas_with_named_ports_answer_srv_queries() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    let mut addresses = Vec::new();
+    for ns in ["a", "b", "c"] {
+        let mut req = attach_request(&format!("/run/netns/{ns}"), "app", Some("echo_api"));
+        req.ports = vec!["http:8080".parse().unwrap(), "dns:53/udp".parse().unwrap()];
+        h1.kernel.add_namespace(&format!("/run/netns/{ns}"));
+        addresses.push(h1.agent.attach(req).await.unwrap().address);
+    }
+    h1.attach("d", "app", Some("db")).await;
+    let listener = h1.listener("d").await;
+    let (first, additional) = query_srv(listener, "_http._tcp.echo_api").await;
+    let mut answers = first.clone();
+    answers.sort();
+    let want: Vec<(u16, u16, u16, String)> = ["a.", "b.", "c."]
+        .iter()
+        .map(|t| (0, 10, 8080, t.to_string()))
+        .collect();
+    assert_eq!(answers, want);
+    assert_eq!(additional, 3, "each target's address alongside");
+    let (second, _) = query_srv(listener, "_http._tcp.echo_api").await;
+    assert_ne!(first[0], second[0], "rotated");
+    assert_eq!(query_a(listener, "b").await, [addresses[1]]);
+    let (udp, _) = query_srv(listener, "_dns._udp.echo_api").await;
+    assert!(udp.len() == 3 && udp.iter().all(|s| s.2 == 53));
+    assert_eq!(query_srv(listener, "echo_api.service").await.0.len(), 3);
+    assert_eq!(query_srv(listener, "_http._tcp.c").await.0.len(), 1);
+    assert!(
+        query_srv(listener, "db").await.0.is_empty(),
+        "no ports: no data"
+    );
+    // The ports are in the store for the other hosts.
+    let key = format!("endpoints/app/{}", addresses[0]);
+    let record: EndpointRecord = bed.store.get(&key).await.expect("a's record");
+    assert_eq!(record.ports.len(), 2);
+    // A request with an impossible port attaches nothing.
+    let mut bad = attach_request("/run/netns/e", "app", Some("echo_api"));
+    bad.ports = vec![crate::model::Port {
+        name: "HTTP".into(),
+        port: 80,
+        protocol: crate::model::Protocol::Tcp,
+    }];
+    h1.kernel.add_namespace("/run/netns/e");
+    let e = h1.agent.attach(bad).await.unwrap_err();
+    assert!(format!("{e:#}").contains("is not a service name"), "{e:#}");
+}
+
+/// An upstream on loopback that answers every A query with `address` (TTL 60),
+/// echoing the question as asked; counts the queries it gets.
+async fn upstream_answering(
+    address: Ipv4Addr,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Header and question as asked (no EDNS record), one answer added.
+            let mut end = 12;
+            while end < n && buf[end] != 0 {
+                end += 1 + buf[end] as usize;
+            }
+            let mut r = buf[..end + 5].to_vec();
+            r[2] = 0x81; // response, recursion desired
+            r[3] = 0x80; // recursion available, NOERROR
+            r[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            r.extend_from_slice(&address.octets());
+            let _ = socket.send_to(&r, from).await;
+        }
+    });
+    (addr, asked)
+}
+
+#[tokio::test]
+async fn namespaces_with_their_own_dns_servers_forward_to_them_and_caches_never_mix() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    let (first, first_asked) = upstream_answering(ip("198.51.100.1")).await;
+    let (second, _) = upstream_answering(ip("198.51.100.2")).await;
+    let with_own = |ns: &str, dns: Vec<SocketAddr>| {
+        let path = format!("/run/netns/{ns}");
+        h1.kernel.add_namespace(&path);
+        let mut req = attach_request(&path, "app", None);
+        req.dns = dns;
+        req
+    };
+    h1.agent.attach(with_own("a", vec![first])).await.unwrap();
+    h1.agent.attach(with_own("b", vec![second])).await.unwrap();
+    h1.agent.attach(with_own("c", vec![first])).await.unwrap();
+    // d uses the host's servers (127.0.0.1:9 in the test config: nothing there).
+    h1.attach("d", "app", None).await;
+    let (a, b, c, d) = (
+        h1.listener("a").await,
+        h1.listener("b").await,
+        h1.listener("c").await,
+        h1.listener("d").await,
+    );
+    // a asks first: its answer is cached for its servers, and only for them.
+    assert_eq!(query_a(a, "whoami.example").await, [ip("198.51.100.1")]);
+    assert_eq!(query_a(b, "whoami.example").await, [ip("198.51.100.2")]);
+    assert_eq!(query_a(a, "whoami.example").await, [ip("198.51.100.1")]);
+    // c names the same servers as a: one forwarder, one cache between them.
+    assert_eq!(query_a(c, "whoami.example").await, [ip("198.51.100.1")]);
+    assert_eq!(
+        first_asked.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "a's and c's answers came from one upstream exchange"
+    );
+    assert!(
+        query_a(d, "whoami.example").await.is_empty(),
+        "another namespace's servers are not the host's"
+    );
+    // Local names are still local.
+    assert_eq!(query_a(b, "d").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_restarted_agent_keeps_each_namespace_s_own_dns_servers() {
+    let bed = Bed::new().await;
+    let h1 = bed.host("h1", 11).await;
+    h1.create_network("app", "100.64.0.0/16").await;
+    let (own, _) = upstream_answering(ip("198.51.100.7")).await;
+    let path = "/run/netns/a";
+    h1.kernel.add_namespace(path);
+    let mut req = attach_request(path, "app", None);
+    req.dns = vec![own];
+    h1.agent.attach(req).await.unwrap();
+    let kernel = h1.crash().await;
+    let h1 = bed.host_on("h1", 11, kernel).await;
+    let a = h1.listener("a").await;
+    assert_eq!(query_a(a, "whoami.example").await, [ip("198.51.100.7")]);
+}

@@ -205,7 +205,7 @@ impl Bed {
 
     pub fn config(&self, name: &str) -> Config {
         Config::parse(&format!(
-            "node = {name:?}\nstate_dir = {:?}\n[dns]\nupstream = [\"127.0.0.1:9\"]\n[docker]\nenabled = false\n",
+            "node = {name:?}\nstate_dir = {:?}\n[dns]\nupstream = [\"127.0.0.1:9\"]\nkeep_sockets_secs = 0\n[docker]\nenabled = false\n",
             self.dir.join(name).display().to_string()
         ))
         .expect("test config parses")
@@ -361,6 +361,8 @@ pub fn attach_request(target: &str, network: &str, service: Option<&str>) -> Att
         service: service.map(str::to_owned),
         aliases: Vec::new(),
         one_per_answer: false,
+        ports: Vec::new(),
+        dns: Vec::new(),
     }
 }
 
@@ -433,6 +435,20 @@ pub async fn query_a(server: SocketAddr, name: &str) -> Vec<Ipv4Addr> {
         .filter(|(_, len)| *len == 4)
         .map(|(at, _)| Ipv4Addr::new(r[at], r[at + 1], r[at + 2], r[at + 3]))
         .collect()
+}
+
+/// Sends one SRV query to a listener and returns (priority, weight, port, target)
+/// of each answer, in answer order, and the addresses of the additional section.
+pub async fn query_srv(server: SocketAddr, name: &str) -> (Vec<(u16, u16, u16, String)>, usize) {
+    let r = exchange(server, name, 33).await;
+    let srv = answer_data(&r, 33)
+        .into_iter()
+        .map(|(at, _)| {
+            let field = |i: usize| u16::from_be_bytes([r[at + i], r[at + i + 1]]);
+            (field(0), field(2), field(4), read_name(&r, at + 6).0)
+        })
+        .collect();
+    (srv, u16::from_be_bytes([r[10], r[11]]) as usize)
 }
 
 /// A name at `at` in message `r` (following compression pointers), and where what

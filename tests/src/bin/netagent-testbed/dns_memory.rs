@@ -19,6 +19,7 @@ fn bench_record(i: u32, in_service: bool) -> netagent_dns::EndpointRecord {
         service: Some(format!("svc{}", i % 1000)),
         aliases: vec![],
         in_service,
+        ports: vec![],
     }
 }
 

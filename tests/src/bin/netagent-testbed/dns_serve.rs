@@ -11,6 +11,7 @@ fn bench_records() -> Vec<netagent_dns::EndpointRecord> {
         service: Some(service.into()),
         aliases: vec![],
         in_service: true,
+        ports: vec![],
     };
     vec![
         rec([100, 64, 1, 11], "db", "db"),
@@ -38,7 +39,7 @@ pub fn run(addr: &str) {
                 .endpoints(bench_records())
                 .build(),
         );
-        let scope: std::sync::Arc<[String]> = vec!["bench".to_string()].into();
+        let scope = netagent_dns::Scope::new(vec!["bench".to_string()]);
         let udp = tokio::net::UdpSocket::bind(addr).await.expect("bind udp");
         let tcp = tokio::net::TcpListener::bind(addr).await.expect("bind tcp");
         server.serve_udp(udp, scope.clone());

@@ -6,6 +6,7 @@ mod bench_overlay;
 mod bench_wireguard;
 mod common;
 mod demo;
+mod dns_agent;
 mod dns_memory;
 mod dns_serve;
 
@@ -40,6 +41,14 @@ enum Command {
         #[arg(default_value = "127.0.0.1:5301")]
         addr: String,
     },
+    /// A running agent with the DNS benchmark's names (`db`, a 3-replica `echo_api`)
+    /// and NAMESPACES attached namespaces in all; prints `ready agent_pid=PID
+    /// clients=NS,...` and runs until its standard input closes.
+    DnsAgent {
+        /// Attached namespaces in all (at least 5).
+        #[arg(default_value_t = 200)]
+        namespaces: usize,
+    },
     /// Resident memory with 100,000 DNS records, and the cost of updating one endpoint.
     DnsMemory,
     /// Attach-to-resolve convergence, failure detection and agent memory with 1,000
@@ -70,6 +79,7 @@ fn main() {
         Command::Demo => demo::run(),
         Command::BenchOverlay { seconds } => bench_overlay::run(seconds),
         Command::DnsServe { addr } => dns_serve::run(&addr),
+        Command::DnsAgent { namespaces } => dns_agent::run(namespaces),
         Command::DnsMemory => dns_memory::run(),
         Command::BenchConvergence { attaches } => bench_convergence::run(attaches),
         Command::BenchWireguard {

@@ -81,7 +81,27 @@ pub fn answer(
             None => Answer::Forward,
         };
     }
-    let mut addresses: Vec<Ipv4Addr> = Vec::new();
+    ADDRESSES.with_borrow_mut(|addresses| {
+        addresses.clear();
+        local(snapshot, networks, &q, addresses, ttl, limit)
+    })
+}
+
+thread_local! {
+    /// The addresses of the answer being written, reused query after query so that
+    /// a local answer allocates only its own bytes.
+    static ADDRESSES: std::cell::RefCell<Vec<Ipv4Addr>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The answer to a parsed query for a name that is not an address's reverse name.
+fn local(
+    snapshot: &Snapshot,
+    networks: &[&str],
+    q: &Question<'_>,
+    addresses: &mut Vec<Ipv4Addr>,
+    ttl: u32,
+    limit: usize,
+) -> Answer {
     let mut known = false;
     let mut one_per_answer = false;
     // Only a query that gets the addresses turns the rotation: the C library asks A
@@ -93,7 +113,7 @@ pub fn answer(
             known = true;
             one_per_answer |= set.is_one_per_answer();
             if wants_addresses {
-                set.rotated(&mut addresses);
+                set.rotated(addresses);
             }
         }
     }
@@ -120,8 +140,8 @@ pub fn answer(
         addresses.truncate(1);
     }
     Answer::Reply(local_reply(
-        &q,
-        &addresses,
+        q,
+        addresses,
         &srv,
         networks.len() > 1,
         ttl,
@@ -141,10 +161,10 @@ fn local_reply(
     limit: usize,
 ) -> Vec<u8> {
     // `addresses` holds something only for A and ANY.
-    let mut records: Vec<Rdata<'_>> = addresses.iter().map(|a| Rdata::A(*a)).collect();
     if srv.is_empty() {
-        return wire::write_response(q, wire::RCODE_NOERROR, &records, ttl, limit);
+        return wire::write_addresses(q, addresses, ttl, limit);
     }
+    let mut records: Vec<Rdata<'_>> = addresses.iter().map(|a| Rdata::A(*a)).collect();
     let glue: Vec<Glue<'_>> = srv.iter().map(|e| (&e.target[..], e.address)).collect();
     // The same replica on two of the asker's networks: one SRV record (the
     // additional section keeps both addresses of its target).

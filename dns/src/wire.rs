@@ -44,7 +44,7 @@ pub struct Question<'a> {
     /// Wire bytes of the question as sent (name, type, class), echoed in the answer.
     pub raw: &'a [u8],
     /// The name in lower case, labels joined by '.', without the trailing dot.
-    pub name: NameKey,
+    pub name: QuestionName,
     pub qtype: u16,
     pub qclass: u16,
     /// UDP payload size the client accepts, when it sent EDNS.
@@ -54,6 +54,62 @@ pub struct Question<'a> {
 /// A lower-cased name, labels joined by '.', no trailing dot. Labels are raw bytes
 /// (so `echo_api` and `project_service_1` are ordinary names here).
 pub type NameKey = Vec<u8>;
+
+/// A question's name in key form, held in place: reading a query allocates nothing.
+#[derive(Clone, Copy)]
+pub struct QuestionName {
+    len: u8,
+    bytes: [u8; MAX_NAME],
+}
+
+impl QuestionName {
+    fn new() -> Self {
+        Self {
+            len: 0,
+            bytes: [0; MAX_NAME],
+        }
+    }
+
+    /// Appends a label (lower-cased, after a '.' unless first); false when the
+    /// name would be longer than DNS allows.
+    fn push_label(&mut self, label: &[u8]) -> bool {
+        let at = self.len as usize;
+        let dot = usize::from(at > 0);
+        // The wire form is two bytes longer than the dotted one (first length, root).
+        if at + dot + label.len() > MAX_NAME - 2 {
+            return false;
+        }
+        if dot == 1 {
+            self.bytes[at] = b'.';
+        }
+        for (slot, b) in self.bytes[at + dot..].iter_mut().zip(label) {
+            *slot = b.to_ascii_lowercase();
+        }
+        self.len = (at + dot + label.len()) as u8;
+        true
+    }
+}
+
+impl std::ops::Deref for QuestionName {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+impl PartialEq for QuestionName {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for QuestionName {}
+
+impl std::fmt::Debug for QuestionName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self))
+    }
+}
 
 /// Lower-cases a user-given name into the key form; refuses what DNS cannot carry.
 pub fn name_key(name: &str) -> Option<NameKey> {
@@ -125,7 +181,7 @@ pub fn parse(packet: &[u8]) -> Result<Question<'_>, WireError> {
         return Err(WireError::FormErr("unexpected records in a query"));
     }
     let mut at = 12;
-    let mut name = Vec::with_capacity(32);
+    let mut name = QuestionName::new();
     loop {
         let len = *packet.get(at).ok_or(WireError::FormErr("truncated name"))? as usize;
         at += 1;
@@ -142,12 +198,7 @@ pub fn parse(packet: &[u8]) -> Result<Question<'_>, WireError> {
         let label = packet
             .get(at..at + len)
             .ok_or(WireError::FormErr("truncated label"))?;
-        if !name.is_empty() {
-            name.push(b'.');
-        }
-        name.extend(label.iter().map(u8::to_ascii_lowercase));
-        // The wire form is two bytes longer than the dotted one (first length, root).
-        if name.len() > MAX_NAME - 2 {
+        if !name.push_label(label) {
             return Err(WireError::FormErr("name longer than 255 bytes"));
         }
         at += len;
@@ -187,6 +238,7 @@ pub fn parse(packet: &[u8]) -> Result<Question<'_>, WireError> {
 }
 
 /// One answer record's data.
+#[derive(Clone, Copy)]
 pub enum Rdata<'a> {
     A(std::net::Ipv4Addr),
     /// An already encoded domain name.
@@ -238,11 +290,38 @@ pub fn write_response_with_glue(
     ttl: u32,
     limit: usize,
 ) -> Vec<u8> {
+    write_records(q, rcode, answers.iter().copied(), glue, ttl, limit)
+}
+
+/// A NOERROR response with these A records: the local fast path, which allocates
+/// the response's bytes and nothing else.
+pub fn write_addresses(
+    q: &Question<'_>,
+    addresses: &[std::net::Ipv4Addr],
+    ttl: u32,
+    limit: usize,
+) -> Vec<u8> {
+    let records = addresses.iter().map(|a| Rdata::A(*a));
+    write_records(q, RCODE_NOERROR, records, &[], ttl, limit)
+}
+
+fn write_records<'r>(
+    q: &Question<'_>,
+    rcode: u8,
+    answers: impl Iterator<Item = Rdata<'r>> + Clone,
+    glue: &[Glue<'_>],
+    ttl: u32,
+    limit: usize,
+) -> Vec<u8> {
     let opt_len = if q.edns_size.is_some() { 11 } else { 0 };
-    let answer_len: usize = answers.iter().map(|a| 12 + a.len()).sum();
+    let answer_len: usize = answers.clone().map(|a| 12 + a.len()).sum();
     let full = 12 + q.raw.len() + answer_len + opt_len;
     let truncated = full > limit;
-    let count = if truncated { 0 } else { answers.len() };
+    let count = if truncated {
+        0
+    } else {
+        answers.clone().count()
+    };
     let mut room = limit.saturating_sub(full);
     let glue_count = if truncated {
         0
@@ -276,7 +355,7 @@ pub fn write_response_with_glue(
     let additional = glue.len() + usize::from(q.edns_size.is_some());
     out.extend_from_slice(&(additional as u16).to_be_bytes());
     out.extend_from_slice(q.raw);
-    for a in answers.iter().take(count) {
+    for a in answers.take(count) {
         out.extend_from_slice(&[0xc0, 12]);
         let ty = match a {
             Rdata::A(_) => TYPE_A,

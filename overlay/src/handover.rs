@@ -90,7 +90,7 @@ impl HandoverChannel {
             .is_ok_and(|uid| uid == nix::unistd::geteuid().as_raw())
     }
 
-    /// Sends one message with `fds` (at most [`MAX_FDS`]).
+    /// Sends one message with `fds` (at most `MAX_FDS`, four).
     pub fn send(&self, message: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         if fds.len() > MAX_FDS || message.len() > MAX_MESSAGE || message.is_empty() {
             return Err(io::Error::new(

@@ -193,9 +193,13 @@ impl Cli {
         let request = match self.command {
             Command::Agent(c) => return commands::run_agent(&c.config).await,
             Command::Reset(c) => return commands::reset(&c.config).await,
+            // main runs the keeper before any runtime; this is only for completeness.
             Command::DnsKeeper { socket, grace } => {
                 let grace = std::time::Duration::from_secs(grace);
-                return tokio::task::block_in_place(|| crate::keeper::run_keeper(&socket, grace));
+                return tokio::task::spawn_blocking(move || {
+                    crate::keeper::run_keeper(&socket, grace)
+                })
+                .await?;
             }
             Command::Apply {
                 state,

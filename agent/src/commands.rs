@@ -21,6 +21,8 @@ fn load_config(path: &Path) -> Result<Config> {
 
 pub async fn run_agent(config: &Path) -> Result<()> {
     let cfg = load_config(config)?;
+    // Two sockets per attached namespace, and copies of them for the keeper.
+    netagent_overlay::raise_descriptor_limit();
     let listener = bind_api(&cfg.api_socket).await?;
     match cfg.store.clone() {
         StoreConfig::Local => {
@@ -105,6 +107,15 @@ pub async fn reset(config: &Path) -> Result<()> {
             "the agent is running (it answers on {}); stop it first: systemctl stop netagent",
             cfg.api_socket.display()
         );
+    }
+    let keeper = cfg.dns_keeper_socket.clone();
+    match tokio::task::spawn_blocking(move || crate::keeper::stop_keeper(&keeper)).await? {
+        Ok(true) => println!(
+            "told the DNS socket keeper at {} to let go",
+            cfg.dns_keeper_socket.display()
+        ),
+        Ok(false) => {}
+        Err(e) => bail!("{e}"),
     }
     let host = Host::open(&NetnsRef::Current).await?;
     host.reset().await?;

@@ -73,9 +73,11 @@ pub struct Config {
     pub dns_ttl: u32,
     /// Empty: the host's /etc/resolv.conf.
     pub dns_upstream: Vec<SocketAddr>,
-    /// Where the DNS sockets are kept across restarts, and for how long after the
-    /// last agent left; None: they close with the agent.
-    pub dns_keeper: Option<(PathBuf, std::time::Duration)>,
+    /// Where the DNS sockets are kept across restarts (the keeper's socket)...
+    pub dns_keeper_socket: PathBuf,
+    /// ...and for how long after the last agent left; zero: they close with the
+    /// agent (and a keeper found at the socket is told to let go).
+    pub dns_keep_sockets: std::time::Duration,
     /// The Docker engine whose containers join networks by label; None: off.
     pub docker_socket: Option<PathBuf>,
     /// UDP port of the encrypted mesh (WireGuard) on the underlay address.
@@ -134,19 +136,17 @@ impl Config {
             dns_upstream.push(addr);
         }
         let api_socket = f.api_socket.unwrap_or_else(|| DEFAULT_SOCKET.into());
-        let dns_keeper = match f.dns.keep_sockets_secs.unwrap_or(DEFAULT_KEEP_SOCKETS_SECS) {
-            0 => None,
-            secs if secs > 86_400 => bail!(
-                "{}keep_sockets_secs = {secs} is more than a day",
+        let keep_secs = f.dns.keep_sockets_secs.unwrap_or(DEFAULT_KEEP_SOCKETS_SECS);
+        if keep_secs > 86_400 {
+            bail!(
+                "{}keep_sockets_secs = {keep_secs} is more than a day",
                 at("keep_sockets_secs")
-            ),
-            secs => Some((
-                f.dns
-                    .keeper_socket
-                    .unwrap_or_else(|| keeper_socket_beside(&api_socket)),
-                std::time::Duration::from_secs(secs),
-            )),
-        };
+            );
+        }
+        let dns_keeper_socket = f
+            .dns
+            .keeper_socket
+            .unwrap_or_else(|| keeper_socket_beside(&api_socket));
         let docker_socket = match (f.docker.enabled, f.docker.socket) {
             (Some(false), Some(_)) => bail!(
                 "{}socket is set but enabled = false; remove one of them",
@@ -169,7 +169,8 @@ impl Config {
             store,
             dns_ttl,
             dns_upstream,
-            dns_keeper,
+            dns_keeper_socket,
+            dns_keep_sockets: std::time::Duration::from_secs(keep_secs),
             docker_socket,
             mesh_port: match f.mesh.listen_port {
                 Some(0) => bail!(
@@ -245,8 +246,8 @@ tunnel_offload = false
         )
         .unwrap();
         assert_eq!(
-            c.dns_keeper,
-            Some(("/tmp/keeper.sock".into(), Duration::from_secs(30)))
+            (c.dns_keeper_socket.as_path(), c.dns_keep_sockets),
+            (Path::new("/tmp/keeper.sock"), Duration::from_secs(30))
         );
         assert_eq!(c.docker_socket, Some("/run/docker-h1.sock".into()));
         assert_eq!((c.mesh_port, c.mesh_tunnel_offload), (51821, false));
@@ -255,14 +256,17 @@ tunnel_offload = false
         let default = Config::parse("node = \"h\"\n").unwrap();
         assert_eq!(default.docker_socket, Some(DEFAULT_DOCKER_SOCKET.into()));
         assert_eq!(
-            default.dns_keeper,
-            Some((
-                "/run/netagent/netagent-dns-keeper.sock".into(),
+            (
+                default.dns_keeper_socket.as_path(),
+                default.dns_keep_sockets
+            ),
+            (
+                Path::new("/run/netagent/netagent-dns-keeper.sock"),
                 Duration::from_secs(DEFAULT_KEEP_SOCKETS_SECS)
-            ))
+            )
         );
         let kept_not = Config::parse("node = \"h\"\n[dns]\nkeep_sockets_secs = 0\n").unwrap();
-        assert_eq!(kept_not.dns_keeper, None);
+        assert_eq!(kept_not.dns_keep_sockets, Duration::ZERO);
         assert_eq!(
             (default.mesh_port, default.mesh_tunnel_offload),
             (51820, true)

@@ -31,12 +31,23 @@ pub struct HandoverListener {
 }
 
 impl HandoverListener {
-    /// Listens at `path`, replacing a file left there by a process that is gone.
+    /// Listens at `path`, replacing a socket file left there by a process that is
+    /// gone (one that still answers is left alone: an error).
     pub fn bind(path: &Path) -> io::Result<Self> {
         let fd = seqpacket()?;
         use std::os::unix::fs::FileTypeExt;
         if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(path);
+            match HandoverChannel::connect(path) {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is served by a running process", path.display()),
+                    ))
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
         }
         let addr = UnixAddr::new(path).map_err(io_error)?;
         // Owner-only from the first moment: the umask applies to the socket file.
@@ -88,6 +99,14 @@ impl HandoverChannel {
     pub fn peer_is_same_user(&self) -> bool {
         self.peer_uid()
             .is_ok_and(|uid| uid == nix::unistd::geteuid().as_raw())
+    }
+
+    /// Every send and receive on this channel gives up after `limit`: a peer that
+    /// stops reading or answering cannot hold this process.
+    pub fn set_timeouts(&self, limit: std::time::Duration) -> io::Result<()> {
+        let t = nix::sys::time::TimeVal::new(limit.as_secs() as _, limit.subsec_micros() as _);
+        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &t).map_err(io_error)?;
+        socket::setsockopt(&self.fd, sockopt::SendTimeout, &t).map_err(io_error)
     }
 
     /// Sends one message with `fds` (at most `MAX_FDS`, four).
@@ -197,6 +216,17 @@ pub fn spawn_in_new_session(
         command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io_error));
     }
     command.spawn()
+}
+
+/// Raises this process's limit of open descriptors to its hard limit: the agent and
+/// the keeper hold a few per attached namespace. Best effort.
+pub fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }
 
 fn seqpacket() -> io::Result<OwnedFd> {

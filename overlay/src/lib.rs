@@ -33,8 +33,8 @@ pub use error::{Error, Result};
 pub use firewall::DockerForward;
 pub use firewall_guard::FirewallGuard;
 pub use handover::{
-    received_listeners, socket_namespace, spawn_in_new_session, wait_readable, HandoverChannel,
-    HandoverListener,
+    raise_descriptor_limit, received_listeners, socket_namespace, spawn_in_new_session,
+    wait_readable, HandoverChannel, HandoverListener,
 };
 pub use host::{ApplyReport, Host, Underlay};
 pub use naming::{host_veth_name, vxlan_name, Mac};

@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Receive buffer of a namespace's DNS socket: about a thousand queries.
-const DNS_RECEIVE_BUFFER: usize = 1 << 20;
+/// Receive buffer of a namespace's DNS socket: room for about 500 queries while no
+/// agent reads (a restart), without letting many namespaces take much of the host's
+/// UDP memory.
+const DNS_RECEIVE_BUFFER: usize = 512 << 10;
 
 /// Where a network namespace is: the caller's own, a bind-mounted path such as
 /// `/run/netns/x`, or the namespace of a running process.

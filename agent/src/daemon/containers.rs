@@ -239,7 +239,9 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 })
             });
             if attached {
-                self.set_in_service(&c.id, c.in_service).await;
+                if let Some(in_service) = c.in_service {
+                    self.set_in_service(&c.id, in_service).await;
+                }
             } else {
                 self.container_started(link, engine, &c.id).await?;
             }

@@ -87,12 +87,15 @@ pub struct Listeners {
     own_upstreams: StdMutex<HashMap<Vec<SocketAddr>, Weak<Forwarder>>>,
 }
 
+/// Binds retried while the DNS address is still held by another copy (50 ms apart).
+const BIND_RETRIES: u32 = 20;
+
 /// Distinct sets of namespaces' own DNS servers at most; a namespace beyond it
 /// forwards to the host's (each set has its own sockets and cache).
 const MAX_OWN_UPSTREAM_SETS: usize = 64;
 /// Bounds of one such set's forwarder: a namespace's own servers serve few.
 const OWN_UPSTREAM_LIMITS: ForwardLimits = ForwardLimits {
-    max_in_flight: 128,
+    max_in_flight: 512,
     cache_bytes: 512 << 10,
 };
 
@@ -160,7 +163,7 @@ impl Listeners {
             let forwarder = self.forwarder_for(&upstreams);
             let sockets = match self.inherited(ino) {
                 Some(kept) => Ok((kept.udp, kept.tcp)),
-                None => datapath.bind_dns(&netns, ino, DNS_ADDRESS).await,
+                None => self.bind(datapath, &netns, ino).await,
             };
             let opened = sockets.map_err(|e| e.to_string()).and_then(|(udp, tcp)| {
                 Listener::open(dns, udp, tcp, scope, upstreams, forwarder)
@@ -174,6 +177,10 @@ impl Listeners {
                     open.insert(ino, l);
                 }
                 Err(e) => {
+                    // Whatever the keeper still holds for it would only be in the way.
+                    if let Some(h) = &self.handover {
+                        h.link.forget(ino);
+                    }
                     warn!(netns = %netns, addr = %DNS_ADDRESS, error = %e, "no embedded DNS in this namespace")
                 }
             }
@@ -206,6 +213,34 @@ impl Listeners {
             Err(e) => {
                 warn!(error = %e, "this namespace forwards to the host's DNS servers");
                 None
+            }
+        }
+    }
+
+    /// Binds a namespace's DNS sockets. The address may still be held by sockets
+    /// this agent did not take back (a keeper's copy it refused, a keeper told to
+    /// let go a moment ago): the keeper is told to forget them and the bind retried.
+    async fn bind<D: Datapath>(
+        &self,
+        datapath: &D,
+        netns: &NetnsRef,
+        ino: u64,
+    ) -> netagent_overlay::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+        let mut tries = 0;
+        loop {
+            match datapath.bind_dns(netns, ino, DNS_ADDRESS).await {
+                Err(netagent_overlay::Error::Listen { ref source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse && tries < BIND_RETRIES =>
+                {
+                    if tries == 0 {
+                        if let Some(h) = &self.handover {
+                            h.link.forget(ino);
+                        }
+                    }
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => return other,
             }
         }
     }
@@ -243,6 +278,12 @@ impl Listeners {
     pub async fn close_all(&self) {
         let open: Vec<Listener> = self.open.lock().await.drain().map(|(_, l)| l).collect();
         futures::future::join_all(open.into_iter().map(|l| l.served.drain())).await;
+        // What is queued for the keeper reaches it before this process ends.
+        if let Some(h) = &self.handover {
+            if let Some(sending) = h.link.close() {
+                let _ = tokio::task::spawn_blocking(move || sending.join()).await;
+            }
+        }
     }
 
     /// The namespaces with a listener: the networks each answers for, and where.
@@ -286,10 +327,12 @@ async fn rescope(
     upstreams: Vec<SocketAddr>,
     forwarder: Option<Arc<Forwarder>>,
 ) {
+    // The new tasks take what comes next; the old ones stop reading and answer
+    // what they read, in the background.
     match serve(dns, &l.udp, &l.tcp, &scope, forwarder) {
         Ok(served) => {
             let old = std::mem::replace(&mut l.served, served);
-            old.abort().await;
+            tokio::spawn(old.drain());
             l.scope = scope;
             l.upstreams = upstreams;
         }

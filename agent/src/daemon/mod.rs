@@ -389,9 +389,17 @@ impl<S: Store, D: Datapath> Agent<S, D> {
 /// The DNS listeners, with the keeper that holds their sockets across restarts (and
 /// the sockets it kept from the previous agent) when the configuration asks for one.
 async fn take_kept_sockets(cfg: &Config) -> Listeners {
-    let Some((socket, grace)) = cfg.dns_keeper.clone() else {
+    let (socket, grace) = (cfg.dns_keeper_socket.clone(), cfg.dns_keep_sockets);
+    if grace.is_zero() {
+        // Keeping is off: a keeper left from before would hold sockets this agent
+        // must bind again.
+        let stopped =
+            tokio::task::spawn_blocking(move || crate::keeper::stop_keeper(&socket)).await;
+        if let Ok(Ok(true)) = stopped {
+            info!("keeping DNS sockets is off: told the running keeper to let go");
+        }
         return Listeners::default();
-    };
+    }
     let opened = tokio::task::spawn_blocking(move || {
         crate::keeper::KeeperLink::open(&socket, grace, listeners::DNS_ADDRESS)
             .map_err(|e| format!("{}: {e}", socket.display()))

@@ -91,9 +91,11 @@ pub struct Listed {
     pub id: String,
     pub name: String,
     pub labels: HashMap<String, String>,
-    /// As [`Container::in_service`], from its status line (`Up 2 minutes
-    /// (health: starting)`, `Up 3 minutes (unhealthy)`).
-    pub in_service: bool,
+    /// From its status line: in (no check, `(healthy)`), out (`(unhealthy)`), or
+    /// None while `(health: starting)`, which says nothing new about a replica
+    /// already attached (an engine that restarts marks every restored container
+    /// `starting` until its next check).
+    pub in_service: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,7 +176,10 @@ impl Engine {
                         .map(|n| n.trim_start_matches('/').to_owned())
                         .unwrap_or_default(),
                     labels: c.labels.unwrap_or_default(),
-                    in_service: c.status.as_deref().is_none_or(status_line_in_service),
+                    in_service: c
+                        .status
+                        .as_deref()
+                        .map_or(Some(true), status_line_in_service),
                 })
             })
             .collect())
@@ -290,18 +295,28 @@ fn health_in_service(status: Option<HealthStatusEnum>) -> bool {
     )
 }
 
-/// The same from a listed container's status line.
-fn status_line_in_service(status: &str) -> bool {
-    !(status.ends_with("(unhealthy)") || status.ends_with("(health: starting)"))
+/// The same from a listed container's status line; None while `starting`.
+fn status_line_in_service(status: &str) -> Option<bool> {
+    if status.ends_with("(health: starting)") {
+        None
+    } else {
+        Some(!status.ends_with("(unhealthy)"))
+    }
 }
 
-/// A container's DNS servers from its configuration (port 53); entries that are
-/// not addresses, or cannot be a server's, are left out.
+/// A container's DNS servers from its configuration (port 53). Left out: entries
+/// that are not addresses or cannot be a server's, and loopback and link-local
+/// addresses, which name something in the container's own namespace while the
+/// agent forwards from the host's.
 fn dns_servers(configured: &[String]) -> Vec<std::net::SocketAddr> {
+    let local = |ip: &std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
     configured
         .iter()
         .filter_map(|s| s.trim().parse::<std::net::IpAddr>().ok())
-        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_multicast() && !local(ip))
         .map(|ip| std::net::SocketAddr::new(ip, 53))
         .collect()
 }
@@ -334,10 +349,16 @@ mod tests {
         assert!(health_in_service(Some(HealthStatusEnum::HEALTHY)));
         assert!(!health_in_service(Some(HealthStatusEnum::STARTING)));
         assert!(!health_in_service(Some(HealthStatusEnum::UNHEALTHY)));
-        assert!(status_line_in_service("Up 2 minutes"));
-        assert!(status_line_in_service("Up 2 minutes (healthy)"));
-        assert!(!status_line_in_service("Up 3 seconds (health: starting)"));
-        assert!(!status_line_in_service("Up 3 minutes (unhealthy)"));
+        assert_eq!(status_line_in_service("Up 2 minutes"), Some(true));
+        assert_eq!(status_line_in_service("Up 2 minutes (healthy)"), Some(true));
+        assert_eq!(
+            status_line_in_service("Up 3 seconds (health: starting)"),
+            None
+        );
+        assert_eq!(
+            status_line_in_service("Up 3 minutes (unhealthy)"),
+            Some(false)
+        );
     }
 
     #[test]
@@ -349,6 +370,10 @@ mod tests {
             "224.0.0.1",
             "dns.example",
             "",
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
         ]
         .iter()
         .map(|s| s.to_string())

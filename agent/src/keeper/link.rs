@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use netagent_overlay::{received_listeners, spawn_in_new_session, HandoverChannel};
@@ -14,72 +14,49 @@ use tracing::{info, warn};
 
 use super::protocol::Message;
 
+/// A keeper that does not answer within this is not used (the agent starts without).
+const IO_LIMIT: Duration = Duration::from_secs(2);
+/// Updates waiting for the link's thread, at most; beyond, they are dropped (and the
+/// keeper's copy of that namespace goes stale, which only costs its next restart).
+const QUEUE: usize = 4096;
+
 /// A namespace's DNS sockets as the previous agent left them.
 pub struct Inherited {
     pub udp: std::net::UdpSocket,
     pub tcp: std::net::TcpListener,
 }
 
+/// One message for the keeper and the descriptors it carries.
+type Update = (Message, Vec<OwnedFd>);
+
 /// Updates for the keeper; sent in order from a thread, never blocking the caller.
 pub struct KeeperLink {
-    updates: mpsc::Sender<(Message, Vec<OwnedFd>)>,
+    updates: Mutex<Option<mpsc::SyncSender<Update>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl KeeperLink {
     /// Connects to the keeper at `socket` (starting one that lets go `grace` after the
     /// last agent left) and takes back the sockets it kept: only those that really
-    /// are bound to `addr` in the namespace they are filed under. Blocking.
+    /// are bound to `addr` in the namespace they are filed under; the keeper is told
+    /// to forget the others. Blocking.
     pub fn open(
         socket: &Path,
         grace: Duration,
         addr: SocketAddr,
     ) -> io::Result<(KeeperLink, HashMap<u64, Inherited>)> {
-        let channel = match HandoverChannel::connect(socket) {
-            Ok(c) => c,
-            Err(_) => {
-                start_keeper(socket, grace)?;
-                connect_within(socket, Duration::from_secs(2))?
-            }
+        // A keeper that ends as we connect (its grace ran out): one more try, with a
+        // keeper of our own.
+        let (channel, inherited, refused) = match take(socket, grace, addr) {
+            Ok(taken) => taken,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => take(socket, grace, addr)?,
+            Err(e) => return Err(e),
         };
-        if !channel.peer_is_same_user() {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!("{} is served by another user; remove it", socket.display()),
-            ));
+        let (updates, pending) = mpsc::sync_channel::<Update>(QUEUE);
+        for ino in refused {
+            let _ = updates.try_send((Message::Forget(ino), Vec::new()));
         }
-        channel.send(&Message::Take.encode(), &[])?;
-        let mut inherited = HashMap::new();
-        loop {
-            let Some((bytes, fds)) = channel.recv()? else {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the keeper closed the connection",
-                ));
-            };
-            match Message::decode(&bytes) {
-                Some(Message::End) => break,
-                Some(Message::Hold(ino)) if fds.len() == 2 => {
-                    let mut fds = fds.into_iter();
-                    let (udp, tcp) = (fds.next().unwrap(), fds.next().unwrap());
-                    match received_listeners(udp, tcp, addr, ino) {
-                        Ok((udp, tcp)) => {
-                            inherited.insert(ino, Inherited { udp, tcp });
-                        }
-                        Err(e) => {
-                            warn!(ino, error = %e, "the keeper's sockets for this namespace are not usable; binding new ones")
-                        }
-                    }
-                }
-                _ => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the keeper sent something unexpected",
-                    ))
-                }
-            }
-        }
-        let (updates, pending) = mpsc::channel::<(Message, Vec<OwnedFd>)>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("dns-keeper".into())
             .spawn(move || {
                 for (message, fds) in pending {
@@ -90,23 +67,113 @@ impl KeeperLink {
                     }
                 }
             })?;
-        Ok((KeeperLink { updates }, inherited))
+        let link = KeeperLink {
+            updates: Mutex::new(Some(updates)),
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok((link, inherited))
     }
 
     /// Keeps copies of namespace `ino`'s DNS sockets.
     pub fn keep(&self, ino: u64, udp: BorrowedFd<'_>, tcp: BorrowedFd<'_>) {
         match (udp.try_clone_to_owned(), tcp.try_clone_to_owned()) {
-            (Ok(udp), Ok(tcp)) => {
-                let _ = self.updates.send((Message::Put(ino), vec![udp, tcp]));
-            }
+            (Ok(udp), Ok(tcp)) => self.send(Message::Put(ino), vec![udp, tcp]),
             _ => warn!(ino, "cannot copy the DNS sockets for the keeper"),
         }
     }
 
-    /// Lets go of namespace `ino`'s sockets (it is no longer attached).
+    /// Lets go of namespace `ino`'s sockets (it is no longer attached here, or this
+    /// agent binds its own).
     pub fn forget(&self, ino: u64) {
-        let _ = self.updates.send((Message::Forget(ino), Vec::new()));
+        self.send(Message::Forget(ino), Vec::new());
     }
+
+    fn send(&self, message: Message, fds: Vec<OwnedFd>) {
+        if let Some(updates) = self.updates.lock().unwrap().as_ref() {
+            if let Err(mpsc::TrySendError::Full(_)) = updates.try_send((message, fds)) {
+                warn!("the DNS socket keeper is behind: an update was dropped");
+            }
+        }
+    }
+
+    /// Takes no more updates (the agent is stopping); the thread returned ends once
+    /// it has sent what is queued (each message bounded by the keeper's I/O limit).
+    pub fn close(&self) -> Option<std::thread::JoinHandle<()>> {
+        drop(self.updates.lock().unwrap().take());
+        self.thread.lock().unwrap().take()
+    }
+}
+
+/// Connects (starting a keeper if none answers) and takes what it kept: the channel,
+/// the usable sockets, and the namespaces whose sockets were refused.
+type Taken = (HandoverChannel, HashMap<u64, Inherited>, Vec<u64>);
+
+fn take(socket: &Path, grace: Duration, addr: SocketAddr) -> io::Result<Taken> {
+    let channel = match HandoverChannel::connect(socket) {
+        Ok(c) => c,
+        Err(_) => {
+            start_keeper(socket, grace)?;
+            connect_within(socket, Duration::from_secs(2))?
+        }
+    };
+    if !channel.peer_is_same_user() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is served by another user; remove it", socket.display()),
+        ));
+    }
+    channel.set_timeouts(IO_LIMIT)?;
+    channel.send(&Message::Take.encode(), &[])?;
+    let mut inherited = HashMap::new();
+    let mut refused = Vec::new();
+    loop {
+        let Some((bytes, fds)) = channel.recv()? else {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the keeper closed the connection",
+            ));
+        };
+        match Message::decode(&bytes) {
+            Some(Message::End) => break,
+            Some(Message::Hold(ino)) if fds.len() == 2 => {
+                let mut fds = fds.into_iter();
+                let (udp, tcp) = (fds.next().unwrap(), fds.next().unwrap());
+                match received_listeners(udp, tcp, addr, ino) {
+                    Ok((udp, tcp)) => {
+                        inherited.insert(ino, Inherited { udp, tcp });
+                    }
+                    Err(e) => {
+                        warn!(ino, error = %e, "the keeper's sockets for this namespace are not usable; binding new ones");
+                        refused.push(ino);
+                    }
+                }
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the keeper sent something unexpected",
+                ))
+            }
+        }
+    }
+    Ok((channel, inherited, refused))
+}
+
+/// Tells a keeper running at `socket`, if any, to let go of everything and exit
+/// (keeping is turned off, or the host is reset). Blocking, bounded.
+pub fn stop_keeper(socket: &Path) -> io::Result<bool> {
+    let Ok(channel) = HandoverChannel::connect(socket) else {
+        return Ok(false);
+    };
+    if !channel.peer_is_same_user() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is served by another user; remove it", socket.display()),
+        ));
+    }
+    channel.set_timeouts(IO_LIMIT)?;
+    channel.send(&Message::Quit.encode(), &[])?;
+    Ok(true)
 }
 
 /// Starts `netagent dns-keeper` in a session of its own, so that it outlives this

@@ -13,5 +13,5 @@ mod link;
 mod process;
 mod protocol;
 
-pub use link::{Inherited, KeeperLink};
+pub use link::{stop_keeper, Inherited, KeeperLink};
 pub use process::run as run_keeper;

@@ -4,6 +4,7 @@
 //! - `FORGET dns:INO`: let go of namespace INO's sockets.
 //! - `TAKE`: send back everything kept: `HOLD dns:INO` with its two descriptors per
 //!   namespace, then `END`. The keeper keeps them too.
+//! - `QUIT`: let go of everything and exit (keeping is off, or the host is reset).
 
 /// Descriptors one namespace's entry carries: UDP, then TCP.
 pub const FDS_PER_ENTRY: usize = 2;
@@ -15,6 +16,7 @@ pub enum Message {
     Take,
     Hold(u64),
     End,
+    Quit,
 }
 
 impl Message {
@@ -25,6 +27,7 @@ impl Message {
             Message::Take => "TAKE".into(),
             Message::Hold(ino) => format!("HOLD dns:{ino}"),
             Message::End => "END".into(),
+            Message::Quit => "QUIT".into(),
         }
         .into_bytes()
     }
@@ -42,6 +45,7 @@ impl Message {
         match text.split_once(' ') {
             None if text == "TAKE" => Some(Message::Take),
             None if text == "END" => Some(Message::End),
+            None if text == "QUIT" => Some(Message::Quit),
             Some(("PUT", rest)) => entry(rest).map(Message::Put),
             Some(("FORGET", rest)) => entry(rest).map(Message::Forget),
             Some(("HOLD", rest)) => entry(rest).map(Message::Hold),
@@ -70,6 +74,7 @@ mod tests {
             Message::Take,
             Message::Hold(1),
             Message::End,
+            Message::Quit,
         ] {
             assert_eq!(Message::decode(&m.encode()), Some(m));
         }

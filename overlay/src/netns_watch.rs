@@ -182,10 +182,10 @@ impl Watcher {
             match r {
                 NetnsRef::Path(path) => {
                     if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
-                        names
-                            .entry(dir.to_owned())
-                            .or_default()
-                            .insert(name.to_owned());
+                        // One directory, one key (one inotify watch): /var/run/netns
+                        // and /run/netns are the same watch.
+                        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+                        names.entry(dir).or_default().insert(name.to_owned());
                     }
                 }
                 NetnsRef::Pid(pid) => {
@@ -376,6 +376,32 @@ mod tests {
             "no wake after the delete"
         );
         assert!(!woke(&watch, Duration::from_millis(100)), "woke twice");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn references_through_two_spellings_of_one_directory_are_both_watched() {
+        let dir = scratch_dir("alias");
+        let alias = dir.with_extension("alias");
+        let _ = std::fs::remove_file(&alias);
+        std::os::unix::fs::symlink(&dir, &alias).unwrap();
+        let (a, b) = (dir.join("a"), alias.join("b"));
+        std::fs::write(&a, b"").unwrap();
+        std::fs::write(&b, b"").unwrap();
+        let watch = NetnsWatch::start().unwrap();
+        watch.watch([NetnsRef::Path(a.clone()), NetnsRef::Path(b.clone())]);
+        assert!(!woke(&watch, Duration::from_millis(200)), "woke for nothing");
+        std::fs::remove_file(&b).unwrap();
+        assert!(
+            woke(&watch, Duration::from_millis(100)),
+            "the reference through the other spelling went unseen"
+        );
+        // Dropping one of them leaves the other watched.
+        watch.watch([NetnsRef::Path(a.clone())]);
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::remove_file(&a).unwrap();
+        assert!(woke(&watch, Duration::from_millis(100)));
+        let _ = std::fs::remove_file(&alias);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

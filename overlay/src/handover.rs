@@ -82,11 +82,15 @@ pub struct HandoverChannel {
 }
 
 impl HandoverChannel {
+    /// Connects to a listener at `path`; a listener whose backlog is full (a hung
+    /// process) makes this fail after 2 s instead of waiting for ever.
     pub fn connect(path: &Path) -> io::Result<Self> {
         let fd = seqpacket()?;
         let addr = UnixAddr::new(path).map_err(io_error)?;
-        socket::connect(fd.as_raw_fd(), &addr).map_err(io_error)?;
-        Ok(Self { fd })
+        let channel = Self { fd };
+        channel.set_timeouts(std::time::Duration::from_secs(2))?;
+        socket::connect(channel.fd.as_raw_fd(), &addr).map_err(io_error)?;
+        Ok(channel)
     }
 
     /// The user id of the process at the other end, as the kernel saw it connect.

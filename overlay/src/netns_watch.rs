@@ -390,7 +390,10 @@ mod tests {
         std::fs::write(&b, b"").unwrap();
         let watch = NetnsWatch::start().unwrap();
         watch.watch([NetnsRef::Path(a.clone()), NetnsRef::Path(b.clone())]);
-        assert!(!woke(&watch, Duration::from_millis(200)), "woke for nothing");
+        assert!(
+            !woke(&watch, Duration::from_millis(200)),
+            "woke for nothing"
+        );
         std::fs::remove_file(&b).unwrap();
         assert!(
             woke(&watch, Duration::from_millis(100)),

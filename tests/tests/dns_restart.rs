@@ -154,10 +154,11 @@ fn assert_every_query_answered(seen: &Seen, what: &str) {
         seen.sent,
         &seen.unanswered[..seen.unanswered.len().min(10)]
     );
-    // The C library's stub gives up on an answer after 5 s (resolv.conf's default).
+    // The gap is ~0.3 s; 2 s is well inside a stub's 5 s timeout and still catches
+    // a restart that got slow.
     assert!(
-        seen.slowest < Duration::from_secs(5),
-        "{what}: an answer took {:?}: the client timed out",
+        seen.slowest < Duration::from_secs(2),
+        "{what}: an answer took {:?}",
         seen.slowest
     );
 }
@@ -442,7 +443,29 @@ fn sockets_the_agent_does_not_take_back_are_let_go_so_it_can_bind_its_own() {
     c.stop_agent(1);
     let mut forgotten = fake.join().unwrap();
     forgotten.sort();
+    forgotten.dedup();
     let mut both = vec![db_ino, client_ino];
     both.sort();
     assert_eq!(forgotten, both, "the agent told the keeper to forget both");
+}
+
+#[test]
+fn turning_keeping_off_lets_the_running_keeper_go() {
+    root_test!();
+    let (mut c, client, ip) = host_with_db(60);
+    c.stop_agent(1);
+    let keeper = c.keeper_pid(1).expect("a keeper");
+    c.dns_extra = "keep_sockets_secs = 0\n".into();
+    c.start_agent(1);
+    wait_for(Duration::from_secs(5), "the keeper to exit", || {
+        !std::path::Path::new(&format!("/proc/{keeper}")).exists()
+    });
+    // The agent binds its own sockets where the keeper's were.
+    wait_for(
+        Duration::from_secs(5),
+        "db to resolve in the client",
+        || resolve(&client, "db") == vec![ip],
+    );
+    assert!(c.log(1).contains("told the running keeper to let go"));
+    assert!(c.keeper_pid(1).is_none(), "no keeper while keeping is off");
 }

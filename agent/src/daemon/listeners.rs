@@ -59,12 +59,30 @@ impl Served {
         }
     }
 
-    /// Stops reading, answers what was read (forwards included), then ends.
+    /// Stops reading, answers what was read over UDP (forwards included), then
+    /// ends; TCP stops at once (no more connections under this scope).
     async fn drain(self) {
+        self.tcp.abort();
         let _ = self.stop.send(true);
         let _ = self.udp.await;
-        self.tcp.abort();
         let _ = self.tcp.await;
+    }
+}
+
+/// Whose DNS address may still be held by a copy that is going away.
+#[derive(Default)]
+struct Contested {
+    namespaces: std::collections::HashSet<u64>,
+    /// Every namespace's, until then (a keeper was just told to let go).
+    all_until: Option<std::time::Instant>,
+}
+
+impl Contested {
+    fn contains(&self, ino: u64) -> bool {
+        self.namespaces.contains(&ino)
+            || self
+                .all_until
+                .is_some_and(|t| std::time::Instant::now() < t)
     }
 }
 
@@ -82,6 +100,11 @@ struct Handover {
 pub struct Listeners {
     open: tokio::sync::Mutex<HashMap<u64, Listener>>,
     handover: Option<Handover>,
+    /// Namespaces whose DNS address a copy going away may still hold a moment (the
+    /// keeper's, refused or just let go of): their binds are retried, no others.
+    contested: StdMutex<Contested>,
+    /// Old tasks of re-scoped listeners, answering what they read; awaited on close.
+    draining: StdMutex<Vec<JoinHandle<()>>>,
     /// One forwarder (sockets and cache) per set of namespaces' own DNS servers,
     /// shared by the namespaces naming the same set, gone with the last of them.
     own_upstreams: StdMutex<HashMap<Vec<SocketAddr>, Weak<Forwarder>>>,
@@ -102,7 +125,7 @@ const OWN_UPSTREAM_LIMITS: ForwardLimits = ForwardLimits {
 impl Listeners {
     /// Listeners whose sockets the keeper behind `link` also holds; `inherited` are
     /// those the previous agent left.
-    pub fn kept(link: KeeperLink, inherited: HashMap<u64, Inherited>) -> Self {
+    pub fn kept(link: KeeperLink, inherited: HashMap<u64, Inherited>, refused: Vec<u64>) -> Self {
         if !inherited.is_empty() {
             info!(
                 namespaces = inherited.len(),
@@ -113,6 +136,22 @@ impl Listeners {
             handover: Some(Handover {
                 link,
                 inherited: StdMutex::new(inherited),
+            }),
+            contested: StdMutex::new(Contested {
+                namespaces: refused.into_iter().collect(),
+                all_until: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Listeners without a keeper, started right after one was told to let go: its
+    /// copies may hold the addresses a moment longer.
+    pub fn after_keeper_stopped() -> Self {
+        Self {
+            contested: StdMutex::new(Contested {
+                namespaces: Default::default(),
+                all_until: Some(std::time::Instant::now() + std::time::Duration::from_secs(2)),
             }),
             ..Default::default()
         }
@@ -156,7 +195,11 @@ impl Listeners {
             if let Some(l) = open.get_mut(&ino) {
                 if l.scope != scope || l.upstreams != upstreams {
                     let forwarder = self.forwarder_for(&upstreams);
-                    rescope(dns, l, scope, upstreams, forwarder).await;
+                    if let Some(old) = rescope(dns, l, scope, upstreams, forwarder) {
+                        let mut draining = self.draining.lock().unwrap();
+                        draining.retain(|t| !t.is_finished());
+                        draining.push(tokio::spawn(old.drain()));
+                    }
                 }
                 continue;
             }
@@ -217,9 +260,10 @@ impl Listeners {
         }
     }
 
-    /// Binds a namespace's DNS sockets. The address may still be held by sockets
-    /// this agent did not take back (a keeper's copy it refused, a keeper told to
-    /// let go a moment ago): the keeper is told to forget them and the bind retried.
+    /// Binds a namespace's DNS sockets. Where the address may still be held by a
+    /// copy that is going away (a keeper's copy this agent refused, a keeper told to
+    /// let go a moment ago), the bind is retried for a second; anywhere else (a
+    /// container's own server on port 53, say) the first failure stands.
     async fn bind<D: Datapath>(
         &self,
         datapath: &D,
@@ -230,17 +274,17 @@ impl Listeners {
         loop {
             match datapath.bind_dns(netns, ino, DNS_ADDRESS).await {
                 Err(netagent_overlay::Error::Listen { ref source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse && tries < BIND_RETRIES =>
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && tries < BIND_RETRIES
+                        && self.contested.lock().unwrap().contains(ino) =>
                 {
-                    if tries == 0 {
-                        if let Some(h) = &self.handover {
-                            h.link.forget(ino);
-                        }
-                    }
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
-                other => return other,
+                other => {
+                    self.contested.lock().unwrap().namespaces.remove(&ino);
+                    return other;
+                }
             }
         }
     }
@@ -278,6 +322,8 @@ impl Listeners {
     pub async fn close_all(&self) {
         let open: Vec<Listener> = self.open.lock().await.drain().map(|(_, l)| l).collect();
         futures::future::join_all(open.into_iter().map(|l| l.served.drain())).await;
+        let draining: Vec<JoinHandle<()>> = std::mem::take(&mut *self.draining.lock().unwrap());
+        futures::future::join_all(draining).await;
         // What is queued for the keeper reaches it before this process ends.
         if let Some(h) = &self.handover {
             if let Some(sending) = h.link.close() {
@@ -319,25 +365,25 @@ impl Listener {
     }
 }
 
-/// Serves a listener's sockets under a new scope; they stay open throughout.
-async fn rescope(
+/// Serves a listener's sockets under a new scope (they stay open throughout);
+/// returns the old tasks, to be drained: they answer what they read.
+fn rescope(
     dns: &Arc<DnsServer>,
     l: &mut Listener,
     scope: Vec<String>,
     upstreams: Vec<SocketAddr>,
     forwarder: Option<Arc<Forwarder>>,
-) {
-    // The new tasks take what comes next; the old ones stop reading and answer
-    // what they read, in the background.
+) -> Option<Served> {
     match serve(dns, &l.udp, &l.tcp, &scope, forwarder) {
         Ok(served) => {
             let old = std::mem::replace(&mut l.served, served);
-            tokio::spawn(old.drain());
             l.scope = scope;
             l.upstreams = upstreams;
+            Some(old)
         }
         Err(e) => {
-            warn!(addr = %DNS_ADDRESS, error = %e, "cannot serve this namespace's DNS under its new networks")
+            warn!(addr = %DNS_ADDRESS, error = %e, "cannot serve this namespace's DNS under its new networks");
+            None
         }
     }
 }

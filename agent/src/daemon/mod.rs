@@ -395,10 +395,17 @@ async fn take_kept_sockets(cfg: &Config) -> Listeners {
         // must bind again.
         let stopped =
             tokio::task::spawn_blocking(move || crate::keeper::stop_keeper(&socket)).await;
-        if let Ok(Ok(true)) = stopped {
-            info!("keeping DNS sockets is off: told the running keeper to let go");
-        }
-        return Listeners::default();
+        return match stopped {
+            Ok(Ok(true)) => {
+                info!("keeping DNS sockets is off: told the running keeper to let go");
+                Listeners::after_keeper_stopped()
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "keeping DNS sockets is off, and a keeper could not be told to let go");
+                Listeners::default()
+            }
+            _ => Listeners::default(),
+        };
     }
     let opened = tokio::task::spawn_blocking(move || {
         crate::keeper::KeeperLink::open(&socket, grace, listeners::DNS_ADDRESS)
@@ -406,7 +413,7 @@ async fn take_kept_sockets(cfg: &Config) -> Listeners {
     })
     .await;
     match opened {
-        Ok(Ok((link, inherited))) => Listeners::kept(link, inherited),
+        Ok(Ok((link, inherited, refused))) => Listeners::kept(link, inherited, refused),
         Ok(Err(e)) => {
             warn!(error = %e, "no DNS socket keeper: queries sent while the agent restarts will go unanswered");
             Listeners::default()

@@ -14,8 +14,11 @@ use tracing::{info, warn};
 
 use super::protocol::Message;
 
-/// A keeper that does not answer within this is not used (the agent starts without).
+/// A keeper that does not answer within this at start is not used (the agent starts
+/// without).
 const IO_LIMIT: Duration = Duration::from_secs(2);
+/// Once running, a keeper that stalls a message this long is given up on.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
 /// Updates waiting for the link's thread, at most; beyond, they are dropped (and the
 /// keeper's copy of that namespace goes stale, which only costs its next restart).
 const QUEUE: usize = 4096;
@@ -39,22 +42,33 @@ impl KeeperLink {
     /// Connects to the keeper at `socket` (starting one that lets go `grace` after the
     /// last agent left) and takes back the sockets it kept: only those that really
     /// are bound to `addr` in the namespace they are filed under; the keeper is told
-    /// to forget the others. Blocking.
+    /// to forget the others, which are returned too (their address may stay taken a
+    /// moment). Blocking.
     pub fn open(
         socket: &Path,
         grace: Duration,
         addr: SocketAddr,
-    ) -> io::Result<(KeeperLink, HashMap<u64, Inherited>)> {
+    ) -> io::Result<(KeeperLink, HashMap<u64, Inherited>, Vec<u64>)> {
         // A keeper that ends as we connect (its grace ran out): one more try, with a
         // keeper of our own.
         let (channel, inherited, refused) = match take(socket, grace, addr) {
             Ok(taken) => taken,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => take(socket, grace, addr)?,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                take(socket, grace, addr)?
+            }
             Err(e) => return Err(e),
         };
+        channel.set_timeouts(STALL_LIMIT)?;
         let (updates, pending) = mpsc::sync_channel::<Update>(QUEUE);
-        for ino in refused {
-            let _ = updates.try_send((Message::Forget(ino), Vec::new()));
+        for ino in &refused {
+            let _ = updates.try_send((Message::Forget(*ino), Vec::new()));
         }
         let thread = std::thread::Builder::new()
             .name("dns-keeper".into())
@@ -71,7 +85,7 @@ impl KeeperLink {
             updates: Mutex::new(Some(updates)),
             thread: Mutex::new(Some(thread)),
         };
-        Ok((link, inherited))
+        Ok((link, inherited, refused))
     }
 
     /// Keeps copies of namespace `ino`'s DNS sockets.

@@ -99,8 +99,8 @@ pub fn run(socket: &Path, grace: Duration) -> Result<()> {
     // them). An agent connecting meanwhile sees the connection end and starts a new
     // keeper.
     if std::fs::read_to_string(pid_file(socket)).is_ok_and(|p| p == me) {
-        let _ = std::fs::remove_file(socket);
         let _ = std::fs::remove_file(pid_file(socket));
+        let _ = std::fs::remove_file(socket);
     }
     Ok(())
 }

@@ -201,8 +201,10 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let mut network = self.view.read(|c| c.networks.get(&req.network).cloned());
         if network.is_none() {
             // Created on another host a moment ago? The watch may not have said yet.
-            if let Ok(fresh) = self.view.fresh().await {
-                network = fresh.networks.get(&req.network).cloned();
+            // The view takes the store's picture, not just this answer: the network
+            // must be in it for the setup below to include it.
+            if self.view.reload().await.is_ok() {
+                network = self.view.read(|c| c.networks.get(&req.network).cloned());
             }
         }
         let network = network.ok_or_else(|| {

@@ -205,8 +205,10 @@ impl Bed {
 
     pub fn config(&self, name: &str) -> Config {
         Config::parse(&format!(
-            "node = {name:?}\nstate_dir = {:?}\n[dns]\nupstream = [\"127.0.0.1:9\"]\nkeep_sockets_secs = 0\n[docker]\nenabled = false\n",
-            self.dir.join(name).display().to_string()
+            "node = {name:?}\nstate_dir = {:?}\n[dns]\nupstream = [\"127.0.0.1:9\"]\nkeep_sockets_secs = 0\nkeeper_socket = {:?}\n[docker]\nenabled = false\n",
+            self.dir.join(name).display().to_string(),
+            // Never a system path: a keeper found there would be told to let go.
+            self.dir.join(format!("{name}-keeper.sock")).display().to_string()
         ))
         .expect("test config parses")
     }

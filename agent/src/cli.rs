@@ -169,12 +169,8 @@ enum NetworkCommand {
 
 /// A DNS server as `--dns` takes it: an address, port 53 unless given.
 fn parse_dns_server(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
-    s.parse::<std::net::SocketAddr>()
-        .or_else(|_| {
-            s.parse::<std::net::IpAddr>()
-                .map(|ip| std::net::SocketAddr::new(ip, 53))
-        })
-        .map_err(|_| format!("{s:?} is not an address (198.51.100.53 or 198.51.100.53:5353)"))
+    config::dns_server(s)
+        .ok_or_else(|| format!("{s:?} is not an address (198.51.100.53 or 198.51.100.53:5353)"))
 }
 
 impl Cli {

@@ -121,18 +121,12 @@ impl Config {
         }
         let mut dns_upstream = Vec::new();
         for u in f.dns.upstream.unwrap_or_default() {
-            let addr = u
-                .parse::<SocketAddr>()
-                .or_else(|_| {
-                    u.parse::<std::net::IpAddr>()
-                        .map(|ip| SocketAddr::new(ip, 53))
-                })
-                .map_err(|_| {
-                    anyhow!(
-                        "{}upstream {u:?} is not an address (\"192.0.2.53\" or \"192.0.2.53:53\")",
-                        at("upstream")
-                    )
-                })?;
+            let addr = dns_server(&u).ok_or_else(|| {
+                anyhow!(
+                    "{}upstream {u:?} is not an address (\"192.0.2.53\" or \"192.0.2.53:53\")",
+                    at("upstream")
+                )
+            })?;
             dns_upstream.push(addr);
         }
         let api_socket = f.api_socket.unwrap_or_else(|| DEFAULT_SOCKET.into());
@@ -187,6 +181,16 @@ impl Config {
     pub fn local_store_path(&self) -> PathBuf {
         self.state_dir.join("store.json")
     }
+}
+
+/// A DNS server as the config and the CLI take it: an address, port 53 unless given.
+pub fn dns_server(s: &str) -> Option<SocketAddr> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .ok()
 }
 
 /// The keeper's socket next to the API socket: `/run/netagent/netagent-dns-keeper.sock`.

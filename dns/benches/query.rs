@@ -14,14 +14,8 @@ const NETWORK: &str = "app";
 
 /// `db` and three `echo_api` replicas, as in the DNS benchmark on the test bed.
 fn snapshot() -> Snapshot {
-    let record = |ip: [u8; 4], name: &str, service: &str| EndpointRecord {
-        network: NETWORK.into(),
-        address: Ipv4Addr::from(ip),
-        name: name.into(),
-        service: Some(service.into()),
-        aliases: vec![],
-        in_service: true,
-        ports: vec![],
+    let record = |ip: [u8; 4], name: &str, service: &str| {
+        EndpointRecord::replica(NETWORK, Ipv4Addr::from(ip), name, Some(service))
     };
     SnapshotBuilder::new()
         .endpoints([

@@ -64,6 +64,20 @@ impl PortProtocol {
 }
 
 impl EndpointRecord {
+    /// An endpoint on `network` named `name`, a replica of `service` if one is
+    /// given: in service, with no aliases and no ports (set those on the result).
+    pub fn replica(network: &str, address: Ipv4Addr, name: &str, service: Option<&str>) -> Self {
+        EndpointRecord {
+            network: network.into(),
+            address,
+            name: name.into(),
+            service: service.map(Into::into),
+            aliases: Vec::new(),
+            in_service: true,
+            ports: Vec::new(),
+        }
+    }
+
     /// Every name key this record contributes to its zone.
     fn keys(&self) -> Vec<NameKey> {
         let mut names: Vec<String> = vec![self.name.clone()];

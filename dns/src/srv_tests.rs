@@ -26,13 +26,13 @@ fn ep(
     ports: Vec<ServicePort>,
 ) -> EndpointRecord {
     EndpointRecord {
-        network: network.into(),
-        address: Ipv4Addr::new(100, 64, 2, last),
-        name: name.into(),
-        service: Some(service.into()),
-        aliases: vec![],
-        in_service: true,
         ports,
+        ..EndpointRecord::replica(
+            network,
+            Ipv4Addr::new(100, 64, 2, last),
+            name,
+            Some(service),
+        )
     }
 }
 

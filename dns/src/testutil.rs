@@ -21,15 +21,7 @@ pub fn rcode(response: &[u8]) -> u8 {
 }
 
 fn ep(address: Ipv4Addr, name: &str, service: &str) -> EndpointRecord {
-    EndpointRecord {
-        network: "app".into(),
-        address,
-        name: name.into(),
-        service: Some(service.into()),
-        aliases: vec![],
-        in_service: true,
-        ports: vec![],
-    }
+    EndpointRecord::replica("app", address, name, Some(service))
 }
 
 /// A server for network `app`: `db` (one address) and `web` (3,000 replicas, an

@@ -45,14 +45,8 @@ fn allocations<T>(work: impl FnOnce() -> T) -> (usize, T) {
 
 #[test]
 fn a_local_answer_allocates_once_and_a_forward_decision_not_at_all() {
-    let record = |ip: [u8; 4], name: &str, service: &str| EndpointRecord {
-        network: "app".into(),
-        address: Ipv4Addr::from(ip),
-        name: name.into(),
-        service: Some(service.into()),
-        aliases: vec![],
-        in_service: true,
-        ports: vec![],
+    let record = |ip: [u8; 4], name: &str, service: &str| {
+        EndpointRecord::replica("app", Ipv4Addr::from(ip), name, Some(service))
     };
     let snapshot = SnapshotBuilder::new()
         .endpoints([

@@ -9,15 +9,7 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use netagent_dns::{answer, Answer, EndpointRecord, Snapshot, SnapshotBuilder, Transport};
 
 fn ep(network: &str, ip: [u8; 4], name: &str, service: Option<&str>) -> EndpointRecord {
-    EndpointRecord {
-        network: network.into(),
-        address: Ipv4Addr::from(ip),
-        name: name.into(),
-        service: service.map(Into::into),
-        aliases: vec![],
-        in_service: true,
-        ports: vec![],
-    }
+    EndpointRecord::replica(network, Ipv4Addr::from(ip), name, service)
 }
 
 fn app() -> Snapshot {

@@ -25,13 +25,8 @@ fn config(cases: u32) -> Config {
 
 fn ep(network: &str, ip: [u8; 4], name: &str, service: &str, aliases: &[&str]) -> EndpointRecord {
     EndpointRecord {
-        network: network.into(),
-        address: Ipv4Addr::from(ip),
-        name: name.into(),
-        service: Some(service.into()),
         aliases: aliases.iter().map(|a| a.to_string()).collect(),
-        in_service: true,
-        ports: vec![],
+        ..EndpointRecord::replica(network, Ipv4Addr::from(ip), name, Some(service))
     }
 }
 

@@ -9,15 +9,7 @@ use netagent_dns::{DnsServer, EndpointRecord, Forwarder, SnapshotBuilder};
 use netagent_tests::{in_netns, root_test, upstream, Testbed};
 
 fn ep(network: &str, ip: [u8; 4], name: &str, service: &str) -> EndpointRecord {
-    EndpointRecord {
-        network: network.into(),
-        address: Ipv4Addr::from(ip),
-        name: name.into(),
-        service: Some(service.into()),
-        aliases: vec![],
-        in_service: true,
-        ports: vec![],
-    }
+    EndpointRecord::replica(network, Ipv4Addr::from(ip), name, Some(service))
 }
 
 /// A fake upstream on 127.0.0.1, UDP and TCP on one port (see `upstream_reply`).

@@ -32,9 +32,6 @@ struct Listener {
     scope: Vec<String>,
     /// The namespace's own DNS servers (empty: the host's).
     upstreams: Vec<SocketAddr>,
-    /// Where it listens (127.0.0.11:53 in the namespace; a fake datapath's choice in tests).
-    #[cfg_attr(not(test), allow(dead_code))]
-    udp_addr: Option<SocketAddr>,
     /// The sockets themselves, kept here so they can be served again under another
     /// scope without being closed (and without losing what waits in them).
     udp: std::net::UdpSocket,
@@ -339,7 +336,7 @@ impl Listeners {
             .lock()
             .await
             .iter()
-            .map(|(ino, l)| (*ino, (l.scope.clone(), l.udp_addr)))
+            .map(|(ino, l)| (*ino, (l.scope.clone(), l.udp.local_addr().ok())))
             .collect()
     }
 }
@@ -355,7 +352,6 @@ impl Listener {
     ) -> std::io::Result<Self> {
         let served = serve(dns, &udp, &tcp, &scope, forwarder)?;
         Ok(Listener {
-            udp_addr: udp.local_addr().ok(),
             scope,
             upstreams,
             udp,

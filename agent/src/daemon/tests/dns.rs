@@ -146,11 +146,13 @@ async fn an_endpoint_answers_to_its_given_name_and_aliases() {
     let bed = Bed::new().await;
     let h1 = bed.host("h1", 11).await;
     h1.create_network("app", "100.64.0.0/16").await;
-    let mut req = attach_request("/run/netns/a", "app", None);
-    req.name = Some("frontend".into());
-    req.aliases = vec!["www".into()];
-    h1.kernel.add_namespace("/run/netns/a");
-    let a = h1.agent.attach(req).await.unwrap().address;
+    let a = h1
+        .attach_with("a", "app", None, |req| {
+            req.name = Some("frontend".into());
+            req.aliases = vec!["www".into()];
+        })
+        .await
+        .address;
     let listener = h1.listener("a").await;
     assert_eq!(query_a(listener, "frontend").await, [a]);
     assert_eq!(query_a(listener, "www.app").await, [a]);
@@ -187,10 +189,8 @@ async fn a_replica_asking_for_one_per_answer_puts_its_service_in_that_mode() {
         2,
         "every replica by default"
     );
-    h1.kernel.add_namespace("/run/netns/c");
-    let mut req = attach_request("/run/netns/c", "app", Some("api"));
-    req.one_per_answer = true;
-    h1.agent.attach(req).await.unwrap();
+    h1.attach_with("c", "app", Some("api"), |req| req.one_per_answer = true)
+        .await;
     let answers: Vec<Vec<Ipv4Addr>> = (0..3).map(|_| h1.resolve("app", "api")).collect();
     assert!(answers.iter().all(|a| a.len() == 1), "{answers:?}");
     let seen: std::collections::BTreeSet<Ipv4Addr> = answers.into_iter().flatten().collect();
@@ -212,10 +212,8 @@ async fn one_per_answer_holds_for_a_namespace_on_two_networks() {
     h1.attach("c", "db", None).await;
     h1.attach("x", "app", Some("api")).await;
     h1.attach("y", "db", Some("api")).await;
-    h1.kernel.add_namespace("/run/netns/z");
-    let mut req = attach_request("/run/netns/z", "app", Some("api"));
-    req.one_per_answer = true;
-    h1.agent.attach(req).await.unwrap();
+    h1.attach_with("z", "app", Some("api"), |req| req.one_per_answer = true)
+        .await;
     let listener = h1.listener("c").await;
     for _ in 0..3 {
         assert_eq!(query_a(listener, "api").await.len(), 1);
@@ -229,10 +227,12 @@ async fn replicas_with_named_ports_answer_srv_queries() {
     h1.create_network("app", "100.64.0.0/16").await;
     let mut addresses = Vec::new();
     for ns in ["a", "b", "c"] {
-        let mut req = attach_request(&format!("/run/netns/{ns}"), "app", Some("echo_api"));
-        req.ports = vec!["http:8080".parse().unwrap(), "dns:53/udp".parse().unwrap()];
-        h1.kernel.add_namespace(&format!("/run/netns/{ns}"));
-        addresses.push(h1.agent.attach(req).await.unwrap().address);
+        let attached = h1
+            .attach_with(ns, "app", Some("echo_api"), |req| {
+                req.ports = vec!["http:8080".parse().unwrap(), "dns:53/udp".parse().unwrap()];
+            })
+            .await;
+        addresses.push(attached.address);
     }
     h1.attach("d", "app", Some("db")).await;
     let listener = h1.listener("d").await;
@@ -261,14 +261,16 @@ async fn replicas_with_named_ports_answer_srv_queries() {
     let record: EndpointRecord = bed.store.get(&key).await.expect("a's record");
     assert_eq!(record.ports.len(), 2);
     // A request with an impossible port attaches nothing.
-    let mut bad = attach_request("/run/netns/e", "app", Some("echo_api"));
-    bad.ports = vec![crate::model::Port {
-        name: "HTTP".into(),
-        port: 80,
-        protocol: crate::model::Protocol::Tcp,
-    }];
-    h1.kernel.add_namespace("/run/netns/e");
-    let e = h1.agent.attach(bad).await.unwrap_err();
+    let e = h1
+        .try_attach_with("e", "app", Some("echo_api"), |req| {
+            req.ports = vec![crate::model::Port {
+                name: "HTTP".into(),
+                port: 80,
+                protocol: crate::model::Protocol::Tcp,
+            }];
+        })
+        .await
+        .unwrap_err();
     assert!(format!("{e:#}").contains("is not a service name"), "{e:#}");
 }
 
@@ -309,16 +311,10 @@ async fn namespaces_with_their_own_dns_servers_forward_to_them_and_caches_never_
     h1.create_network("app", "100.64.0.0/16").await;
     let (first, first_asked) = upstream_answering(ip("198.51.100.1")).await;
     let (second, _) = upstream_answering(ip("198.51.100.2")).await;
-    let with_own = |ns: &str, dns: Vec<SocketAddr>| {
-        let path = format!("/run/netns/{ns}");
-        h1.kernel.add_namespace(&path);
-        let mut req = attach_request(&path, "app", None);
-        req.dns = dns;
-        req
-    };
-    h1.agent.attach(with_own("a", vec![first])).await.unwrap();
-    h1.agent.attach(with_own("b", vec![second])).await.unwrap();
-    h1.agent.attach(with_own("c", vec![first])).await.unwrap();
+    for (ns, own) in [("a", first), ("b", second), ("c", first)] {
+        h1.attach_with(ns, "app", None, |req| req.dns = vec![own])
+            .await;
+    }
     // d uses the host's servers (127.0.0.1:9 in the test config: nothing there).
     h1.attach("d", "app", None).await;
     let (a, b, c, d) = (
@@ -352,11 +348,8 @@ async fn a_restarted_agent_keeps_each_namespace_s_own_dns_servers() {
     let h1 = bed.host("h1", 11).await;
     h1.create_network("app", "100.64.0.0/16").await;
     let (own, _) = upstream_answering(ip("198.51.100.7")).await;
-    let path = "/run/netns/a";
-    h1.kernel.add_namespace(path);
-    let mut req = attach_request(path, "app", None);
-    req.dns = vec![own];
-    h1.agent.attach(req).await.unwrap();
+    h1.attach_with("a", "app", None, |req| req.dns = vec![own])
+        .await;
     let kernel = h1.crash().await;
     let h1 = bed.host_on("h1", 11, kernel).await;
     let a = h1.listener("a").await;

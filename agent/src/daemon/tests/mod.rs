@@ -277,13 +277,37 @@ impl Host {
         network: &str,
         service: Option<&str>,
     ) -> anyhow::Result<EndpointInfo> {
+        self.try_attach_with(ns, network, service, |_| {}).await
+    }
+
+    /// Attaches namespace `/run/netns/NS` with a request `edit` finishes (names,
+    /// ports, DNS servers...).
+    pub async fn attach_with(
+        &self,
+        ns: &str,
+        network: &str,
+        service: Option<&str>,
+        edit: impl FnOnce(&mut AttachRequest),
+    ) -> EndpointInfo {
+        self.try_attach_with(ns, network, service, edit)
+            .await
+            .unwrap_or_else(|e| panic!("attach {ns} to {network}: {e:#}"))
+    }
+
+    pub async fn try_attach_with(
+        &self,
+        ns: &str,
+        network: &str,
+        service: Option<&str>,
+        edit: impl FnOnce(&mut AttachRequest),
+    ) -> anyhow::Result<EndpointInfo> {
         let path = format!("/run/netns/{ns}");
         if self.kernel.identity_of(&path).is_none() {
             self.kernel.add_namespace(&path);
         }
-        self.agent
-            .attach(attach_request(&path, network, service))
-            .await
+        let mut req = attach_request(&path, network, service);
+        edit(&mut req);
+        self.agent.attach(req).await
     }
 
     /// Stops the agent as a crash would: the kernel keeps its state.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use netagent_tests::cluster::Cluster;
 
-use crate::common::{step, vm_rss_kib};
+use crate::common::{create_bench_network, step, vm_rss_kib};
 
 /// A DNS query for `name` (type A), id 0x4e41.
 fn a_query(name: &str) -> Vec<u8> {
@@ -26,19 +26,7 @@ fn answer_count(r: &[u8]) -> u16 {
 pub fn run(attaches: usize) {
     let ttl = 3;
     let mut c = Cluster::running(3, ttl);
-    // /22 blocks: one host holds up to 1,021 endpoints of the network.
-    c.cli_ok(
-        1,
-        &[
-            "network",
-            "create",
-            "bench",
-            "--subnet",
-            "100.64.0.0/14",
-            "--block-size",
-            "22",
-        ],
-    );
+    create_bench_network(&c);
     let client = c.bed.container("client");
     c.attach(1, &client, "bench", &["--name", "client"]);
     let ask = netagent_tests::in_netns(&client, || {

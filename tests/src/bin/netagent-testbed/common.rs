@@ -3,6 +3,23 @@
 
 use netagent_tests::Testbed;
 
+/// Network "bench" (100.64.0.0/14) with /22 blocks: one host holds up to 1,021
+/// endpoints of it.
+pub fn create_bench_network(c: &netagent_tests::cluster::Cluster) {
+    c.cli_ok(
+        1,
+        &[
+            "network",
+            "create",
+            "bench",
+            "--subnet",
+            "100.64.0.0/14",
+            "--block-size",
+            "22",
+        ],
+    );
+}
+
 /// A bold section heading in the output.
 pub fn step(text: &str) {
     println!("\n\x1b[1m== {text}\x1b[0m");

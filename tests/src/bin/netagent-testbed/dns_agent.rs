@@ -12,18 +12,7 @@ use netagent_tests::cluster::Cluster;
 pub fn run(namespaces: usize) {
     let mut c = Cluster::local();
     c.start_agent(1);
-    c.cli_ok(
-        1,
-        &[
-            "network",
-            "create",
-            "bench",
-            "--subnet",
-            "100.64.0.0/14",
-            "--block-size",
-            "22",
-        ],
-    );
+    crate::common::create_bench_network(&c);
     let db = c.bed.container("db");
     c.attach(1, &db, "bench", &["--name", "db"]);
     for i in 1..=3 {

@@ -4,14 +4,8 @@
 use std::net::Ipv4Addr;
 
 fn bench_records() -> Vec<netagent_dns::EndpointRecord> {
-    let rec = |ip: [u8; 4], name: &str, service: &str| netagent_dns::EndpointRecord {
-        network: "bench".into(),
-        address: Ipv4Addr::from(ip),
-        name: name.into(),
-        service: Some(service.into()),
-        aliases: vec![],
-        in_service: true,
-        ports: vec![],
+    let rec = |ip: [u8; 4], name: &str, service: &str| {
+        netagent_dns::EndpointRecord::replica("bench", Ipv4Addr::from(ip), name, Some(service))
     };
     vec![
         rec([100, 64, 1, 11], "db", "db"),

@@ -18,6 +18,8 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// How long the DNS sockets are kept after the agent exits: a restart or an upgrade
 /// takes far less; a stopped agent's namespaces are let go after it.
 pub const DEFAULT_KEEP_SOCKETS_SECS: u64 = 60;
+/// Where `wg show nawg0` looks for the mesh (the cross-platform WireGuard UAPI).
+pub const DEFAULT_UAPI_SOCKET: &str = "/var/run/wireguard/nawg0.sock";
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +37,14 @@ struct File {
     docker: DockerFile,
     #[serde(default)]
     mesh: MeshFile,
+    #[serde(default)]
+    http: HttpFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HttpFile {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -42,6 +52,7 @@ struct File {
 struct MeshFile {
     listen_port: Option<u16>,
     tunnel_offload: Option<bool>,
+    uapi_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -85,6 +96,12 @@ pub struct Config {
     /// Whole TCP bursts inside VXLAN through the mesh device where the kernel offers
     /// it (Linux 6.17+); false: packet by packet, as on older kernels.
     pub mesh_tunnel_offload: bool,
+    /// Where the mesh answers WireGuard's UAPI `get` (read-only); None: off.
+    pub mesh_uapi_socket: Option<PathBuf>,
+    /// The HTTP endpoint (metrics, health, the live page); None: off.
+    pub http_listen: Option<SocketAddr>,
+    /// How long a node may be gone before any agent reclaims its blocks; None: never.
+    pub reclaim_after: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -114,6 +131,7 @@ impl Config {
             Some(n) => n,
             None => hostname()?,
         };
+        let reclaim_after = store::reclaim_after(&f.store, &at)?;
         let store = store::parse(f.store, &at)?;
         let dns_ttl = f.dns.ttl_secs.unwrap_or(netagent_dns::DEFAULT_TTL);
         if dns_ttl > 86_400 {
@@ -175,6 +193,26 @@ impl Config {
                 None => 51820,
             },
             mesh_tunnel_offload: f.mesh.tunnel_offload.unwrap_or(true),
+            mesh_uapi_socket: match f.mesh.uapi_socket {
+                None => Some(DEFAULT_UAPI_SOCKET.into()),
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) if !p.is_absolute() => bail!(
+                    "{}uapi_socket {:?} must be an absolute path (default {DEFAULT_UAPI_SOCKET}; \"\" turns it off)",
+                    at("uapi_socket"),
+                    p.display().to_string()
+                ),
+                Some(p) => Some(p),
+            },
+            http_listen: match f.http.listen {
+                None => None,
+                Some(l) => Some(l.parse::<SocketAddr>().map_err(|_| {
+                    anyhow!(
+                        "{}listen {l:?} is not an address and port (\"127.0.0.1:9464\")",
+                        at("listen")
+                    )
+                })?),
+            },
+            reclaim_after,
         })
     }
 

@@ -34,6 +34,24 @@ pub(super) struct StoreFile {
     /// Never read: named only to refuse it with the fix (a password in the config
     /// file would be as readable as the file, and travel with it).
     password: Option<toml::Value>,
+    /// Seconds a node may be gone before its blocks are reclaimed; 0: never.
+    reclaim_after_secs: Option<u64>,
+}
+
+/// A gone node's blocks are reclaimed after a day unless the config says otherwise:
+/// long enough for any reboot or repair, short enough that a pool does not fill up.
+pub const DEFAULT_RECLAIM_AFTER_SECS: u64 = 86_400;
+
+/// `[store] reclaim_after_secs`: None means never.
+pub(super) fn reclaim_after(f: &StoreFile, at: &dyn Fn(&str) -> String) -> Result<Option<Duration>> {
+    match f.reclaim_after_secs.unwrap_or(DEFAULT_RECLAIM_AFTER_SECS) {
+        0 => Ok(None),
+        s if s < 10 => bail!(
+            "{}reclaim_after_secs = {s} is under 10 seconds; a host that only restarts would lose its blocks (default {DEFAULT_RECLAIM_AFTER_SECS}, 0 = never)",
+            at("reclaim_after_secs")
+        ),
+        s => Ok(Some(Duration::from_secs(s))),
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -26,6 +26,7 @@ mod listeners;
 mod liveness;
 mod local;
 mod mesh;
+mod metrics;
 mod networks;
 mod protected;
 mod reconcile;
@@ -59,6 +60,7 @@ use local::{LocalEndpoint, LocalEndpoints};
 use mesh::MeshState;
 use reconcile::{HostFacts, Reconciler};
 
+pub use metrics::starting_metrics_text;
 pub use server::{bind_api, serve_api, serve_requests};
 
 /// How often the whole datapath is compared with the kernel even without a change.

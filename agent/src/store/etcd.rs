@@ -53,6 +53,8 @@ impl EtcdStore {
             connected: false,
             error: Some("not connected yet".into()),
             transport: Some(credentials.transport()),
+            reconnects: 0,
+            ever_connected: false,
         });
         Ok(EtcdStore {
             inner: Arc::new(Inner {
@@ -105,6 +107,10 @@ impl Inner {
         }
         self.health.send_if_modified(|h| {
             let changed = h.connected != connected || (!connected && h.error != error);
+            if connected && !h.connected {
+                h.reconnects += u64::from(h.ever_connected);
+                h.ever_connected = true;
+            }
             h.connected = connected;
             h.error = if connected { None } else { error };
             changed

@@ -57,6 +57,8 @@ impl LocalStore {
             connected: true,
             error: None,
             transport: Some(StoreTransport::Local),
+            reconnects: 0,
+            ever_connected: true,
         });
         Ok(LocalStore {
             path: path.to_owned(),

@@ -103,6 +103,12 @@ pub struct StoreHealth {
     /// How the store is reached; None from an agent too old to say.
     #[serde(default)]
     pub transport: Option<StoreTransport>,
+    /// Times the connection came back after being lost.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Whether it was ever connected (a first connection is not a reconnect).
+    #[serde(default)]
+    pub ever_connected: bool,
 }
 
 /// How the agent reaches its store, for `status` and the start-up warning.

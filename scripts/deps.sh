@@ -6,8 +6,11 @@ set -euo pipefail
 # Recommends of the compiler): etcd-client generates its gRPC code at build time.
 # docker.io (dockerd, containerd, runc) and iptables: the Docker tests start their
 # own engines; util-linux has nsenter; openssl makes the test etcd's certificates.
+# prometheus (with promtool) scrapes the agent's metrics, chromium renders its live
+# page headless, wireguard-tools' `wg show` reads the mesh; curl asks the HTTP endpoint.
 packages=(iproute2 nftables iptables iputils-ping busybox-static iperf3 dnsutils procps tcpdump
-  util-linux protobuf-compiler libprotobuf-dev etcd-server etcd-client docker.io openssl)
+  util-linux protobuf-compiler libprotobuf-dev etcd-server etcd-client docker.io openssl
+  prometheus chromium wireguard-tools curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -43,6 +43,8 @@ pub struct Cluster {
     /// Per host: the `[store]` keys after `etcd = [...]` and `lease_ttl_secs`, in place
     /// of the cluster's own credentials (None: the cluster's).
     pub store_keys: Vec<Option<String>>,
+    /// Per host: whole tables (`[http]`, ...) appended to its agent's config.
+    pub extra_tables: Vec<String>,
 }
 
 impl Cluster {
@@ -77,6 +79,7 @@ impl Cluster {
             mesh_config: vec![String::new(); hosts],
             pki: None,
             store_keys: vec![None; hosts],
+            extra_tables: vec![String::new(); hosts],
         };
         if transport == EtcdTransport::MutualTls {
             c.pki = Some(Pki::generate(
@@ -107,6 +110,7 @@ impl Cluster {
             mesh_config: vec![String::new()],
             pki: None,
             store_keys: vec![None],
+            extra_tables: vec![String::new()],
         }
     }
 
@@ -241,13 +245,20 @@ impl Cluster {
             Some(socket) => format!("socket = \"{}\"", socket.display()),
             None => "enabled = false".into(),
         };
+        let mesh = &self.mesh_config[host - 1];
+        // Each host's own UAPI socket: the default path is one per machine.
+        let uapi = if mesh.contains("uapi_socket") {
+            String::new()
+        } else {
+            format!("uapi_socket = \"{}\"\n", self.uapi_socket(host).display())
+        };
         let text = format!(
-            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n{store}[docker]\n{docker}\n[mesh]\n{}\n[dns]\n{}",
+            "node = \"host{host}\"\nunderlay_address = \"{}\"\nstate_dir = \"{}\"\napi_socket = \"{}\"\n{store}[docker]\n{docker}\n[mesh]\n{uapi}{mesh}\n[dns]\n{}\n{}",
             h.underlay,
             self.dir.join(format!("h{host}-state")).display(),
             self.socket(host).display(),
-            self.mesh_config[host - 1],
             self.dns_extra,
+            self.extra_tables[host - 1],
         );
         std::fs::write(self.config_path(host), text).unwrap();
     }
@@ -280,6 +291,11 @@ impl Cluster {
             &log,
         );
         self.agents[host - 1] = Some(pid);
+    }
+
+    /// Where host `host`'s agent answers WireGuard's UAPI (`wg show`).
+    pub fn uapi_socket(&self, host: usize) -> PathBuf {
+        self.dir.join(format!("h{host}-uapi.sock"))
     }
 
     /// Where host `host`'s agent keeps its DNS sockets across restarts.

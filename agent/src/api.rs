@@ -37,6 +37,12 @@ pub enum Request {
     Endpoints,
     /// Replace this host's WireGuard key (peers pick the new one up from the store).
     RotateKey,
+    /// Every node the store knows of: up, or gone and what it still holds.
+    NodeList,
+    /// Remove a gone node's blocks, endpoints and mesh record everywhere.
+    NodeRemove {
+        name: String,
+    },
 }
 
 /// `netagent attach TARGET NETWORK [--name] [--service] [--alias]... [--port]...`; the target is
@@ -93,6 +99,10 @@ pub enum Response {
     Services(Vec<ServiceInfo>),
     /// `RotateKey`.
     Key(KeyInfo),
+    /// `NodeList`.
+    Nodes(Vec<NodeInfo>),
+    /// `NodeRemove`: the node as it was.
+    Node(NodeInfo),
 }
 
 impl Response {
@@ -110,6 +120,8 @@ impl Response {
             Request::Peers => Response::Peers(read(content)?),
             Request::Services { .. } => Response::Services(read(content)?),
             Request::RotateKey => Response::Key(read(content)?),
+            Request::NodeList => Response::Nodes(read(content)?),
+            Request::NodeRemove { .. } => Response::Node(read(content)?),
         })
     }
 
@@ -124,6 +136,8 @@ impl Response {
             Response::Peers(v) => serde_json::to_value(v),
             Response::Services(v) => serde_json::to_value(v),
             Response::Key(v) => serde_json::to_value(v),
+            Response::Nodes(v) => serde_json::to_value(v),
+            Response::Node(v) => serde_json::to_value(v),
         };
         value.expect("api types serialize")
     }
@@ -150,6 +164,16 @@ pub enum PeerState {
     Down,
 }
 
+/// A node known to the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Its lease in the store lives.
+    Up,
+    /// No lease: what it holds stays until `node rm` or the reclaim.
+    Gone,
+}
+
 /// An endpoint, as DNS answers see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -171,7 +195,40 @@ macro_rules! display_as_serde_name {
         }
     )*};
 }
-display_as_serde_name!(AgentState, PeerState, EndpointState);
+display_as_serde_name!(AgentState, PeerState, EndpointState, NodeState);
+
+/// A node as `node ls` shows it; times are Unix seconds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub state: NodeState,
+    /// While up: when its agent started.
+    pub started: Option<u64>,
+    /// While gone: since when, as the first agent to notice wrote it (None: not
+    /// noticed yet).
+    pub gone_since: Option<u64>,
+    /// While gone: seconds until its blocks are reclaimed (None: up, not noticed
+    /// yet, or reclaim is off on the answering agent).
+    pub reclaim_in_secs: Option<u64>,
+    /// Its underlay address, from its node record or its blocks.
+    pub underlay: Option<Ipv4Addr>,
+    pub blocks: Vec<NodeBlock>,
+    pub endpoints: Vec<NodeEndpoint>,
+    pub mesh_address: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeBlock {
+    pub network: String,
+    pub block: Ipv4Net,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeEndpoint {
+    pub network: String,
+    pub address: Ipv4Addr,
+    pub name: Option<String>,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyInfo {
@@ -323,6 +380,25 @@ mod tests {
         );
         assert_eq!(PeerState::Down.to_string(), "down");
         assert_eq!(AgentState::Degraded.to_string(), "degraded");
+        assert_eq!(NodeState::Gone.to_string(), "gone");
+        let request: Request = serde_json::from_str(r#"{"op":"node_remove","name":"h3"}"#).unwrap();
+        assert!(matches!(&request, Request::NodeRemove { name } if name == "h3"));
+        assert_eq!(
+            serde_json::to_string(&Request::NodeList).unwrap(),
+            r#"{"op":"node_list"}"#
+        );
+        let gone = serde_json::json!([{
+            "name": "h3", "state": "gone", "started": null, "gone_since": 5,
+            "reclaim_in_secs": 10, "underlay": "192.0.2.13",
+            "blocks": [{"network": "app", "block": "100.64.2.0/24"}],
+            "endpoints": [{"network": "app", "address": "100.64.2.2", "name": null}],
+            "mesh_address": null
+        }]);
+        let Ok(Response::Nodes(nodes)) = Response::read(&Request::NodeList, gone.clone()) else {
+            panic!("a node list");
+        };
+        assert_eq!(nodes[0].state, NodeState::Gone);
+        assert_eq!(Response::Nodes(nodes).content(), gone);
         let request: Request =
             serde_json::from_str(r#"{"op":"detach","target":"/run/netns/a","network":"app"}"#)
                 .unwrap();

@@ -93,6 +93,9 @@ enum Command {
     Status,
     /// Replace this host's WireGuard key; peers pick it up and handshake again.
     RotateKey,
+    /// List the hosts the store knows of, and remove a dead one's addresses.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Remove every kernel object, rule and local state this host's agent made.
     /// Refused while the agent runs.
     Reset(ConfigArg),
@@ -164,6 +167,20 @@ enum NetworkCommand {
         /// Remove even while endpoints are attached (they are detached everywhere).
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Every node the store knows of: up or gone (since when), blocks and endpoints.
+    #[command(alias = "list")]
+    Ls,
+    /// Remove a gone node's blocks, endpoints and mesh record from every host.
+    /// Refused while its lease lives.
+    #[command(alias = "remove")]
+    Rm {
+        /// The node's name (see: netagent node ls).
+        name: String,
     },
 }
 
@@ -248,6 +265,8 @@ impl Cli {
             Command::Endpoints => Request::Endpoints,
             Command::Status => Request::Status,
             Command::RotateKey => Request::RotateKey,
+            Command::Node(NodeCommand::Ls) => Request::NodeList,
+            Command::Node(NodeCommand::Rm { name }) => Request::NodeRemove { name },
         };
         let deadline = std::time::Duration::from_secs_f64(self.timeout);
         let reply = client::call(&self.socket, &request, deadline).await?;

@@ -11,8 +11,10 @@ use tracing::{info, warn};
 use crate::api::{MeshPeerInfo, Reply, Request, Response};
 use crate::config::{Config, StoreConfig, DEFAULT_PATH};
 use crate::daemon::{bind_api, serve_api, serve_requests, Agent};
+use crate::http::HttpEndpoint;
 use crate::model;
 use crate::store::{EtcdStore, LocalStore, Store, StoreTransport, Txn};
+use crate::systemd::{summary, Notifier};
 use crate::table::{or_dash, Table};
 
 fn load_config(path: &Path) -> Result<Config> {
@@ -56,19 +58,46 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
     let socket = cfg.api_socket.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let health = store.health();
+    let systemd = Notifier::from_env();
+    let starting = systemd.report_starting(health.clone());
+    // Answers health checks from the first moment, while the agent waits for its store.
+    let http = match cfg.http_listen {
+        Some(addr) => Some(HttpEndpoint::start(addr, &cfg.node, health.clone()).await?),
+        None => None,
+    };
     let agent = tokio::select! {
         a = Agent::start(cfg, store) => a?,
         _ = answer_while_starting(&listener, health) => unreachable!("answers until dropped"),
-        _ = tokio::signal::ctrl_c() => return Ok(()),
-        _ = term.recv() => return Ok(()),
+        _ = starting => unreachable!("reports until dropped"),
+        _ = tokio::signal::ctrl_c() => {
+            systemd.stopping();
+            return Ok(());
+        }
+        _ = term.recv() => {
+            systemd.stopping();
+            return Ok(());
+        }
     };
+    systemd.ready();
+    let running = agent.clone();
+    let reporting = tokio::spawn(
+        systemd
+            .clone()
+            .report_running(move || summary(&running.status())),
+    );
+    if let Some(http) = &http {
+        http.running(agent.clone());
+    }
     let api = tokio::spawn(serve_api(agent.clone(), listener));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    systemd.stopping();
+    reporting.abort();
     // No request may open a listener again once they are closing.
     api.abort();
+    drop(http);
     agent.stop().await;
     // The kernel keeps forwarding and the lease lives on for its TTL: a restart
     // within it is invisible to the other hosts.
@@ -309,6 +338,15 @@ pub fn render(request: &Request, response: Response) -> String {
             t.render()
         }
         Response::Key(k) => format!("new public key: {}\n", k.public_key),
+        Response::Nodes(nodes) => nodes_table(nodes, unix_now()),
+        Response::Node(n) => format!(
+            "removed node {}: {} block(s) {}, {} endpoint(s), mesh address {}\n",
+            n.name,
+            n.blocks.len(),
+            node_blocks(&n),
+            n.endpoints.len(),
+            or_dash(n.mesh_address)
+        ),
         Response::Services(services) => {
             let mut t = Table::new(&["NETWORK", "SERVICE", "REPLICAS", "ADDRESSES", "HOSTS"]);
             for s in services {
@@ -348,4 +386,78 @@ pub fn render(request: &Request, response: Response) -> String {
             t.render()
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A duration as people read it: `42s`, `5m3s`, `2h10m`, `3d4h`.
+fn span(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn node_blocks(n: &crate::api::NodeInfo) -> String {
+    let blocks: Vec<String> = n
+        .blocks
+        .iter()
+        .map(|b| format!("{}:{}", b.network, b.block))
+        .collect();
+    if blocks.is_empty() {
+        "-".into()
+    } else {
+        blocks.join(",")
+    }
+}
+
+/// `node ls`: each node's state, when it was last seen, and what it holds.
+fn nodes_table(nodes: Vec<crate::api::NodeInfo>, now: u64) -> String {
+    use crate::api::NodeState;
+    let mut t = Table::new(&[
+        "NODE",
+        "STATE",
+        "LAST SEEN",
+        "UNDERLAY",
+        "BLOCKS",
+        "ENDPOINTS",
+        "RECLAIM",
+    ]);
+    for n in nodes {
+        let (seen, reclaim) = match n.state {
+            NodeState::Up => (
+                n.started.map_or("now".into(), |s| {
+                    format!("now (up {})", span(now.saturating_sub(s)))
+                }),
+                "-".to_owned(),
+            ),
+            NodeState::Gone => (
+                n.gone_since.map_or("just now".into(), |s| {
+                    format!("{} ago", span(now.saturating_sub(s)))
+                }),
+                match (n.gone_since, n.reclaim_in_secs) {
+                    (None, _) => "-".into(),
+                    (Some(_), None) => "never".into(),
+                    (Some(_), Some(0)) => "due".into(),
+                    (Some(_), Some(s)) => format!("in {}", span(s)),
+                },
+            ),
+        };
+        t.row(vec![
+            n.name.clone(),
+            n.state.to_string(),
+            seen,
+            or_dash(n.underlay),
+            node_blocks(&n),
+            n.endpoints.len().to_string(),
+            reclaim,
+        ]);
+    }
+    t.render()
 }

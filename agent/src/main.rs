@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod daemon;
 mod docker;
+mod http;
 mod ipam;
 mod keeper;
 mod model;
@@ -15,6 +16,7 @@ mod names;
 mod record_check;
 mod static_state;
 mod store;
+mod systemd;
 mod table;
 
 use anyhow::Result;

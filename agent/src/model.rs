@@ -12,6 +12,10 @@
 //!   restart, and other hosts answer only for endpoints of live nodes.
 //! - `mesh/<address>`: a host's place on the encrypted mesh (its mesh address, taken
 //!   create-if-absent like a block, its WireGuard public key and endpoint).
+//! - `gone/<node>`: since when a node has been without its lease, written
+//!   create-if-absent by the first agent to notice and deleted when it comes back; a
+//!   node gone longer than `[store] reclaim_after_secs` loses its blocks, endpoints and
+//!   mesh record in one transaction guarded by this record.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -30,6 +34,7 @@ pub const NETWORKS_GUARD: &str = "meta/networks";
 pub const BLOCKS: &str = "blocks/";
 pub const ENDPOINTS: &str = "endpoints/";
 pub const MESH: &str = "mesh/";
+pub const GONE: &str = "gone/";
 
 /// Addresses of the encrypted mesh (one per host, on `nawg0`); network subnets may
 /// not overlap it.
@@ -57,6 +62,17 @@ pub fn endpoint_key(network: &str, address: Ipv4Addr) -> String {
 }
 pub fn mesh_key(address: Ipv4Addr) -> String {
     format!("{MESH}{address}")
+}
+pub fn gone_key(node: &str) -> String {
+    format!("{GONE}{node}")
+}
+
+/// Since when a node has been without its lease, as the first agent to notice saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoneRecord {
+    pub node: String,
+    /// Unix seconds, by the clock of the agent that noticed.
+    pub since: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,15 +205,22 @@ pub struct Cluster {
     pub blocks: BTreeMap<String, BlockRecord>,
     pub endpoints: BTreeMap<String, EndpointRecord>,
     pub mesh: BTreeMap<String, MeshRecord>,
+    pub gone: BTreeMap<String, GoneRecord>,
     /// Value of `meta/networks` (None: no network was ever created).
     pub networks_guard: Option<Vec<u8>>,
     /// Records left out because they fail their checks, by full key: why.
     pub rejected: BTreeMap<String, String>,
+    /// The store's revision this picture includes (0: unknown): a full read and
+    /// every watch event after it; this host's own writes are mirrored without one.
+    pub revision: i64,
 }
 
 impl Cluster {
     pub fn from_loaded(loaded: &Loaded) -> Self {
-        let mut c = Cluster::default();
+        let mut c = Cluster {
+            revision: loaded.revision,
+            ..Cluster::default()
+        };
         for (k, v) in &loaded.pairs {
             c.set(k, Some(v));
         }
@@ -226,6 +249,8 @@ impl Cluster {
             put(&mut self.endpoints, k, value)
         } else if let Some(k) = key.strip_prefix(MESH) {
             put(&mut self.mesh, k, value)
+        } else if let Some(k) = key.strip_prefix(GONE) {
+            put(&mut self.gone, k, value)
         } else {
             Ok(())
         };

@@ -10,7 +10,7 @@ use netagent_overlay::MAX_VNI;
 
 use crate::ipam;
 use crate::model::{
-    self, BlockRecord, EndpointRecord, MeshRecord, NetworkRecord, NodeRecord, Port,
+    self, BlockRecord, EndpointRecord, GoneRecord, MeshRecord, NetworkRecord, NodeRecord, Port,
 };
 use crate::names::check_dns_name;
 
@@ -197,6 +197,26 @@ impl CheckRecord for MeshRecord {
         })?;
         check_host_address("endpoint", *self.endpoint.ip())?;
         ensure(self.endpoint.port() != 0, || "endpoint port is 0".into())
+    }
+}
+
+/// How far ahead of this host's clock a gone record's time may be: clocks differ a
+/// little, but a time far ahead would put off the node's reclaim for as long.
+pub const MAX_GONE_AHEAD_SECS: u64 = 3600;
+
+impl CheckRecord for GoneRecord {
+    fn check(&self, key: &str) -> Result<(), String> {
+        check_key(key, &model::gone_key(&self.node), model::GONE)?;
+        check_name("node", &self.node)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        ensure(self.since <= now + MAX_GONE_AHEAD_SECS, || {
+            format!(
+                "gone since {} is more than {MAX_GONE_AHEAD_SECS} s ahead of this host's clock ({now})",
+                self.since
+            )
+        })
     }
 }
 
@@ -415,6 +435,28 @@ mod tests {
         assert!(outside.check("192.0.2.99").is_err());
     }
 
+    #[test]
+    fn gone_records_are_keyed_and_not_far_ahead() {
+        let g = GoneRecord {
+            node: "h3".into(),
+            since: 1_700_000_000,
+        };
+        assert_eq!(g.check("h3"), Ok(()));
+        assert!(g.check("h1").is_err());
+        let bad_name = GoneRecord {
+            node: "../h3".into(),
+            ..g.clone()
+        };
+        assert!(bad_name.check("../h3").is_err());
+        // A time far ahead would put the reclaim off for ever.
+        let ahead = GoneRecord {
+            since: u64::MAX,
+            ..g
+        };
+        let e = ahead.check("h3").unwrap_err();
+        assert!(e.contains("ahead of this host's clock"), "{e}");
+    }
+
     /// Records come from whoever can write the store: any key, any bytes. Whatever
     /// the cluster view keeps must satisfy every rule, restated here independently.
     mod fuzz {
@@ -609,6 +651,11 @@ mod tests {
                             endpoint: SocketAddrV4::new(ip, port),
                         }
                     )),
+                (
+                    name(),
+                    prop_oneof![4 => 0u64..2_000_000_000, 1 => any::<u64>()]
+                )
+                    .prop_map(|(node, since)| to(&GoneRecord { node, since })),
             ]
         }
 
@@ -638,7 +685,9 @@ mod tests {
         /// The store key a record's own fields make (empty when it has none).
         fn own_key(v: &Value) -> String {
             let s = |f: &str| v.get(f).and_then(Value::as_str).unwrap_or("").to_owned();
-            if v.get("public_key").is_some() {
+            if v.get("since").is_some() {
+                format!("{GONE}{}", s("node"))
+            } else if v.get("public_key").is_some() {
                 format!("{MESH}{}", s("address"))
             } else if v.get("netns").is_some() {
                 format!("{ENDPOINTS}{}/{}", s("network"), s("address"))
@@ -652,7 +701,7 @@ mod tests {
             }
         }
 
-        use crate::model::{BLOCKS, ENDPOINTS, MESH, NETWORKS, NODES};
+        use crate::model::{BLOCKS, ENDPOINTS, GONE, MESH, NETWORKS, NODES};
 
         /// One write to the store.
         fn change() -> impl Strategy<Value = (String, Option<Vec<u8>>)> {
@@ -662,6 +711,7 @@ mod tests {
                 BLOCKS,
                 ENDPOINTS,
                 MESH,
+                GONE,
                 NETWORKS_GUARD,
                 "meta/",
                 "",
@@ -776,6 +826,14 @@ mod tests {
                 prop_assert!(key.is_ok_and(|k| k.len() == 32));
                 prop_assert!(unicast(*m.endpoint.ip()) && m.endpoint.port() != 0);
             }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            for (k, g) in &c.gone {
+                prop_assert_eq!(k, &g.node);
+                prop_assert!(network_ok(&g.node) && g.since <= now + 3600, "{:?}", g);
+            }
             Ok(())
         }
 
@@ -800,13 +858,20 @@ mod tests {
                 same(&c.endpoints, k, bytes)
             } else if let Some(k) = key.strip_prefix(MESH) {
                 same(&c.mesh, k, bytes)
+            } else if let Some(k) = key.strip_prefix(GONE) {
+                same(&c.gone, k, bytes)
             } else {
                 None
             }
         }
 
         fn kinds(c: &Cluster) -> usize {
-            c.nodes.len() + c.networks.len() + c.blocks.len() + c.endpoints.len() + c.mesh.len()
+            c.nodes.len()
+                + c.networks.len()
+                + c.blocks.len()
+                + c.endpoints.len()
+                + c.mesh.len()
+                + c.gone.len()
         }
 
         proptest! {
@@ -850,7 +915,7 @@ mod tests {
                             kept += 1;
                         }
                         None => {
-                            let kind = [NODES, NETWORKS, BLOCKS, ENDPOINTS, MESH]
+                            let kind = [NODES, NETWORKS, BLOCKS, ENDPOINTS, MESH, GONE]
                                 .iter()
                                 .any(|p| key.starts_with(p));
                             prop_assert_eq!(rejected, kind, "{}", key);

@@ -18,6 +18,7 @@ use tokio::sync::{watch, Semaphore};
 use tracing::debug;
 
 use crate::cache::{Cache, CacheKey, KEY_CD, KEY_DO, KEY_RD};
+use crate::metrics::{self, Exchange};
 use crate::response;
 use crate::upstream::{Rng, Upstreams};
 use crate::wire::{self, Question};
@@ -112,9 +113,11 @@ impl Forwarder {
         let key = CacheKey::of(q, packet);
         if let Some(hit) = self.cache.get(&key, Instant::now()) {
             if let Some(bytes) = response::reissue(&hit.response, q, hit.age, hit.ttl) {
+                metrics::cache(true);
                 return bytes;
             }
         }
+        metrics::cache(false);
         let Ok(_permit) = self.in_flight.try_acquire() else {
             debug!("too many forwards in flight; SERVFAIL");
             return servfail(q);
@@ -171,13 +174,22 @@ impl Forwarder {
                 Ok(a) => a,
                 Err(e) => {
                     debug!(%upstream, error = %e, "upstream failed");
+                    let timed_out = matches!(e, crate::upstream::ExchangeError::Timeout);
+                    let outcome = if timed_out {
+                        Exchange::TimedOut
+                    } else {
+                        Exchange::Failed
+                    };
+                    metrics::forwarded(*upstream, outcome);
                     continue;
                 }
             };
             let Some(walked) = response::walk(&answer) else {
                 debug!(%upstream, "malformed upstream response");
+                metrics::forwarded(*upstream, Exchange::Failed);
                 continue;
             };
+            metrics::forwarded(*upstream, Exchange::Answered(response::rcode(&answer)));
             let mut answer = answer;
             response::set_question(&mut answer, &lower).expect("checked question");
             let answer: Arc<[u8]> = answer.into();

@@ -10,6 +10,7 @@ mod answer;
 mod batch;
 mod cache;
 mod forward;
+pub mod metrics;
 mod response;
 mod server;
 mod snapshot;

@@ -20,6 +20,7 @@ use tokio::time::timeout;
 use tracing::{info, warn};
 
 use crate::answer::Transport;
+use crate::metrics::{self, Proto};
 #[cfg(doc)]
 use crate::server::Limits;
 use crate::server::{DnsServer, LogEvery, Scope};
@@ -88,12 +89,14 @@ async fn connection(server: Arc<DnsServer>, mut stream: TcpStream, scope: Scope)
         ) {
             return;
         }
+        let received = std::time::Instant::now();
         let Some(reply) = server
             .handle(&scope, &networks, &packet, Transport::Tcp)
             .await
         else {
             return;
         };
+        metrics::request(Proto::Tcp, &packet);
         let mut framed = Vec::with_capacity(2 + reply.len());
         framed.extend_from_slice(&(reply.len() as u16).to_be_bytes());
         framed.extend_from_slice(&reply);
@@ -103,6 +106,8 @@ async fn connection(server: Arc<DnsServer>, mut stream: TcpStream, scope: Scope)
         ) {
             return;
         }
+        metrics::response(&reply);
+        metrics::answered(1, received.elapsed());
     }
 }
 

@@ -12,7 +12,7 @@
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::answer::{Answer, Transport};
 use crate::batch::{Batch, BATCH};
 use crate::forward::FORWARD_DEADLINE;
+use crate::metrics::{self, Proto};
 #[cfg(doc)]
 use crate::server::Limits;
 use crate::server::{DnsServer, LogEvery, Scope};
@@ -61,10 +62,16 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        // The batch's answers leave together: their time is the batch's.
+        let received = Instant::now();
         replies.clear();
         for i in 0..n {
             let packet = batch.packet(i);
-            match server.local(&networks, packet, Transport::Udp) {
+            let answer = server.local(&networks, packet, Transport::Udp);
+            if !matches!(answer, Answer::Drop) {
+                metrics::request(Proto::Udp, packet);
+            }
+            match answer {
                 Answer::Reply(bytes) => replies.push((i, bytes)),
                 Answer::Drop => debug!("dropped a non-query"),
                 Answer::Forward => {
@@ -94,6 +101,8 @@ pub(crate) async fn serve(
                     forwards.spawn(async move {
                         if let Some(bytes) = server.forward(&scope, &packet).await {
                             let _ = socket.send_to(&bytes, peer).await;
+                            metrics::response(&bytes);
+                            metrics::answered(1, received.elapsed());
                         }
                         drop(permit);
                     });
@@ -109,6 +118,10 @@ pub(crate) async fn serve(
                 let _ = socket.send_to(bytes, peer).await;
             }
         }
+        for (_, bytes) in &replies {
+            metrics::response(bytes);
+        }
+        metrics::answered(replies.len(), received.elapsed());
     }
     // Stopping: every query read has its local answer; the forwards finish here.
     let drained = tokio::time::timeout(FORWARD_DEADLINE, async {
@@ -262,6 +275,35 @@ mod tests {
             .expect("the later query waits in the socket");
         assert_eq!(&waiting[..2], &[0, 3]);
         assert!(n > 12);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_and_their_answers_are_counted_by_type_and_code() {
+        let (_server, addr, _task) = deaf_udp().await;
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(addr).await.unwrap();
+        // A type no other test of this binary asks: the counts are this test's.
+        let nsec3 = |s: &metrics::DnsStats| {
+            s.requests
+                .iter()
+                .find(|r| r.0 == "udp" && r.1 == "NSEC3")
+                .unwrap()
+                .2
+        };
+        let before = metrics::stats();
+        for id in 0..3 {
+            client.send(&wire::stub_query(id, "db", 50)).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+                .await
+                .expect("answered")
+                .unwrap();
+        }
+        let after = metrics::stats();
+        assert_eq!(nsec3(&after) - nsec3(&before), 3);
+        assert!(after.responses[0].1 >= before.responses[0].1 + 3, "NOERROR");
+        let answered = |s: &metrics::DnsStats| s.duration_buckets.iter().sum::<u64>();
+        assert!(answered(&after) >= answered(&before) + 3);
     }
 
     /// Asks a local name over `client` and says whether it was answered.

@@ -45,6 +45,8 @@ pub struct Cluster {
     pub store_keys: Vec<Option<String>>,
     /// Per host: whole tables (`[http]`, ...) appended to its agent's config.
     pub extra_tables: Vec<String>,
+    /// Per host: `NAME=value` pairs added to its agent's environment.
+    pub agent_env: Vec<Vec<String>>,
 }
 
 impl Cluster {
@@ -80,6 +82,7 @@ impl Cluster {
             pki: None,
             store_keys: vec![None; hosts],
             extra_tables: vec![String::new(); hosts],
+            agent_env: vec![Vec::new(); hosts],
         };
         if transport == EtcdTransport::MutualTls {
             c.pki = Some(Pki::generate(
@@ -111,6 +114,7 @@ impl Cluster {
             pki: None,
             store_keys: vec![None],
             extra_tables: vec![String::new()],
+            agent_env: vec![Vec::new()],
         }
     }
 
@@ -193,6 +197,9 @@ impl Cluster {
             "t=http://127.0.0.1:2380",
             "--log-level",
             "error",
+            // Request counts for the scale benchmark, on the underlay namespace's loopback.
+            "--listen-metrics-urls",
+            "http://127.0.0.1:2381",
         ];
         args.extend(tls.iter().map(String::as_str));
         let pid = self.bed.spawn(&u, "etcd", &args);
@@ -200,6 +207,15 @@ impl Cluster {
         wait_for(Duration::from_secs(20), "etcd to answer", || {
             self.etcdctl("endpoint health").status.success()
         });
+    }
+
+    /// etcd's own metrics (Prometheus text), from its loopback metrics listener.
+    pub fn etcd_metrics(&self) -> String {
+        let out = sh(&format!(
+            "ip netns exec {} curl -sf --max-time 3 http://127.0.0.1:2381/metrics",
+            self.bed.underlay_ns
+        ));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Stops etcd (SIGKILL); its data stays for `start_etcd`.
@@ -284,12 +300,18 @@ impl Cluster {
         let ns = self.bed.hosts[host - 1].netns.clone();
         let config = self.config_path(host);
         let log = self.log_path(host);
-        let pid = self.bed.spawn_logged(
-            &ns,
+        // env(1) execs the agent: the pid stays the agent's.
+        let mut args: Vec<&str> = self.agent_env[host - 1]
+            .iter()
+            .map(String::as_str)
+            .collect();
+        args.extend([
             bin.to_str().unwrap(),
-            &["agent", "--config", config.to_str().unwrap()],
-            &log,
-        );
+            "agent",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        let pid = self.bed.spawn_logged(&ns, "env", &args, &log);
         self.agents[host - 1] = Some(pid);
     }
 

@@ -190,6 +190,74 @@ fn a_partitioned_host_rejoins_by_itself() {
     });
 }
 
+/// The store as host `host`'s agent sees it: connected or not.
+fn store_connected(c: &Cluster, host: usize) -> bool {
+    let status: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(host, &["status", "--json"])).unwrap();
+    status["store"]["connected"] == serde_json::Value::Bool(true)
+}
+
+#[test]
+fn a_host_cut_off_from_etcd_catches_up_from_history_or_reads_again_after_compaction() {
+    root_test!();
+    let mut c = Cluster::running(2, 30);
+    let client = with_client(&mut c);
+    let b = c.bed.container("b");
+    c.attach(2, &b, "app-net", &["--name", "b"]);
+    for (round, compact) in [("resumed", false), ("compacted", true)] {
+        c.set_underlay(2, false);
+        wait_for(Duration::from_secs(10), "host 2 to lose etcd", || {
+            !store_connected(&c, 2)
+        });
+        // Written while host 2's watch is down: only etcd's history (or a full
+        // read, once that history is compacted) can tell host 2.
+        let late = c.bed.container(&format!("late{round}"));
+        let name = format!("late-{round}");
+        let ip = c.attach(1, &late, "app-net", &["--name", &name]);
+        if compact {
+            let out = c.etcdctl("endpoint status -w json");
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let revision = status[0]["Status"]["header"]["revision"].as_i64().unwrap();
+            let out = c.etcdctl(&format!("compact {revision}"));
+            assert!(out.status.success(), "{out:?}");
+        }
+        c.set_underlay(2, true);
+        wait_for(
+            Duration::from_secs(5),
+            &format!("host 2 to learn {name}"),
+            || resolve(&b, &name) == vec![ip],
+        );
+        assert_eq!(resolve(&client, "b").len(), 1);
+    }
+}
+
+#[test]
+fn an_agent_reads_a_store_larger_than_one_page_whole() {
+    root_test!();
+    let mut c = Cluster::new(2, 5);
+    c.start_agent(1);
+    with_client(&mut c);
+    // 450 keys sorting before every record the agent needs: a full read that
+    // stopped after its first page (200 keys) would see no network and no client.
+    for batch in 0..5 {
+        let puts: String = (0..90)
+            .map(|i| format!("put /netagent/a-filler/{batch}-{i} x\n"))
+            .collect();
+        let script = c.dir.join("filler.txn");
+        std::fs::write(&script, format!("\n{puts}\n\n")).unwrap();
+        let out = c.etcdctl(&format!("txn < {}", script.display()));
+        assert!(out.status.success(), "{out:?}");
+    }
+    c.start_agent(2);
+    let b = c.bed.container("b");
+    c.attach(2, &b, "app-net", &["--name", "b"]);
+    wait_for(
+        Duration::from_secs(5),
+        "host 2 to resolve host 1's client",
+        || resolve(&b, "client").len() == 1,
+    );
+}
+
 #[test]
 fn restarting_an_agent_loses_no_ping() {
     root_test!();

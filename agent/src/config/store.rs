@@ -43,7 +43,10 @@ pub(super) struct StoreFile {
 pub const DEFAULT_RECLAIM_AFTER_SECS: u64 = 86_400;
 
 /// `[store] reclaim_after_secs`: None means never.
-pub(super) fn reclaim_after(f: &StoreFile, at: &dyn Fn(&str) -> String) -> Result<Option<Duration>> {
+pub(super) fn reclaim_after(
+    f: &StoreFile,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Option<Duration>> {
     match f.reclaim_after_secs.unwrap_or(DEFAULT_RECLAIM_AFTER_SECS) {
         0 => Ok(None),
         s if s < 10 => bail!(

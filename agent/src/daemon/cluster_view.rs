@@ -11,7 +11,11 @@
 //! older than it, may arrive after that write. The reconcile pass detaches only what
 //! a fresh read confirms (`confirm_deleted`).
 //!
-//! Lock order: `cluster`, then `owed`; no other lock is taken inside either.
+//! Every write also notes the keys it touched (`dirty`), so the DNS, which is derived
+//! from the view, can follow a change at the cost of the change rather than of the
+//! cluster's size.
+//!
+//! Lock order: `cluster`, then `owed` or `dirty`; no other lock is taken inside them.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, RwLock};
@@ -31,6 +35,29 @@ pub struct ClusterView<S> {
     /// This host's endpoints that left the view by a store event or a fresh picture,
     /// to be confirmed before they are detached.
     suspects: Mutex<BTreeSet<String>>,
+    /// What changed since [`ClusterView::read_changed`] last took it.
+    dirty: Mutex<Dirty>,
+}
+
+/// The keys written since the last look, or the whole view (a fresh picture).
+#[derive(Debug, PartialEq)]
+pub enum Dirty {
+    Keys(BTreeSet<String>),
+    All,
+}
+
+/// More changed keys than this between two looks count as a whole new picture.
+const MOST_DIRTY_KEYS: usize = 10_000;
+
+impl Dirty {
+    fn add<'a>(&mut self, keys: impl IntoIterator<Item = &'a String>) {
+        if let Dirty::Keys(set) = self {
+            set.extend(keys.into_iter().cloned());
+            if set.len() > MOST_DIRTY_KEYS {
+                *self = Dirty::All;
+            }
+        }
+    }
 }
 
 /// What a claim found in the view: the record is there already, or this write would
@@ -66,6 +93,7 @@ impl<S: Store> ClusterView<S> {
             node: node.to_owned(),
             owed: Mutex::new(BTreeSet::new()),
             suspects: Mutex::new(BTreeSet::new()),
+            dirty: Mutex::new(Dirty::All),
         }
     }
 
@@ -78,13 +106,28 @@ impl<S: Store> ClusterView<S> {
         f(&self.cluster.read().unwrap())
     }
 
+    /// Reads the view with what changed in it since the last call; `f` must not block.
+    pub fn read_changed<R>(&self, f: impl FnOnce(&Cluster, Dirty) -> R) -> R {
+        let c = self.cluster.read().unwrap();
+        let dirty = std::mem::replace(
+            &mut *self.dirty.lock().unwrap(),
+            Dirty::Keys(BTreeSet::new()),
+        );
+        f(&c, dirty)
+    }
+
     /// Applies what the watch delivered.
     pub fn apply_event(&self, event: StoreEvent) {
         match event {
             StoreEvent::Reset(loaded) => {
                 self.change(None, |c| *c = Cluster::from_loaded(&loaded));
             }
-            StoreEvent::Changes(changes) => self.change(Some(&changes), |c| c.apply(&changes)),
+            // A resumed watch may replay what a fresher read already holds.
+            StoreEvent::Changes { revision, .. } if revision <= self.read(|c| c.revision) => {}
+            StoreEvent::Changes { revision, changes } => self.change(Some(&changes), |c| {
+                c.apply(&changes);
+                c.revision = c.revision.max(revision);
+            }),
         }
     }
 
@@ -123,6 +166,13 @@ impl<S: Store> ClusterView<S> {
             .collect();
         c.apply(&owed);
         let gone: Vec<String> = before.difference(&mine(&c)).cloned().collect();
+        {
+            let mut dirty = self.dirty.lock().unwrap();
+            match touched {
+                Some(changes) => dirty.add(changes.iter().chain(&owed).map(|ch| &ch.key)),
+                None => *dirty = Dirty::All,
+            }
+        }
         drop(c);
         self.suspects.lock().unwrap().extend(gone);
     }
@@ -207,7 +257,12 @@ impl<S: Store> ClusterView<S> {
             .collect();
         let done = self.store.txn(txn).await?;
         if done {
-            self.cluster.write().unwrap().apply(&changes);
+            let mut c = self.cluster.write().unwrap();
+            c.apply(&changes);
+            self.dirty
+                .lock()
+                .unwrap()
+                .add(changes.iter().map(|ch| &ch.key));
         }
         Ok(done)
     }
@@ -224,6 +279,7 @@ impl<S: Store> ClusterView<S> {
                 key: key.to_owned(),
                 value: None,
             }]);
+            self.dirty.lock().unwrap().add([&key.to_owned()]);
         }
     }
 
@@ -263,7 +319,14 @@ impl<S: Store> ClusterView<S> {
     /// stays out; its endpoints missing from the read become suspects).
     pub async fn reload(&self) -> store::Result<()> {
         let loaded = self.store.load().await?;
-        self.change(None, |c| *c = Cluster::from_loaded(&loaded));
+        self.change(None, |c| {
+            // A read older than what the watch has applied since would undo those
+            // changes, and the watch does not deliver them again (seen with a
+            // hundred hosts attaching at once): the view already holds all it knows.
+            if loaded.revision >= c.revision {
+                *c = Cluster::from_loaded(&loaded);
+            }
+        });
         Ok(())
     }
 

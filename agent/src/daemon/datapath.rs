@@ -25,6 +25,8 @@ pub trait MeshDatapath: Send + Sync {
     fn set_peers(&self, peers: &[MeshPeer]);
     fn set_keys(&self, keys: KeyPair);
     fn stats(&self) -> Vec<PeerStats>;
+    /// Received datagrams dropped, by reason (every reason, zero included).
+    fn dropped(&self) -> Vec<(&'static str, u64)>;
 }
 
 pub trait Datapath: Send + Sync + 'static {
@@ -152,6 +154,9 @@ impl MeshDatapath for Mesh {
     }
     fn stats(&self) -> Vec<PeerStats> {
         Mesh::stats(self)
+    }
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        Mesh::dropped(self)
     }
 }
 

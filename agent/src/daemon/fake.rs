@@ -306,4 +306,7 @@ impl MeshDatapath for SharedMesh {
     fn stats(&self) -> Vec<PeerStats> {
         Vec::new()
     }
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        vec![("bad_mac", 0)]
+    }
 }

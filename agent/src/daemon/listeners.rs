@@ -330,7 +330,6 @@ impl Listeners {
     }
 
     /// The namespaces with a listener: the networks each answers for, and where.
-    #[cfg(test)]
     pub async fn scopes(&self) -> BTreeMap<u64, (Vec<String>, Option<SocketAddr>)> {
         self.open
             .lock()

@@ -30,6 +30,8 @@ pub struct MeshState {
     /// Started again: the next reconcile applies in full (the VXLAN devices of
     /// encrypted networks went with the old device).
     restarted: AtomicBool,
+    /// Whether a datapath runs, for what follows it (the UAPI socket).
+    up: tokio::sync::watch::Sender<bool>,
 }
 
 impl MeshState {
@@ -39,6 +41,7 @@ impl MeshState {
             running: Mutex::new(None),
             starting: tokio::sync::Mutex::new(()),
             restarted: AtomicBool::new(false),
+            up: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -49,6 +52,11 @@ impl MeshState {
 
     pub fn public_key(&self) -> String {
         encode_key(&self.keys.lock().unwrap().public())
+    }
+
+    /// Follows whether the datapath runs.
+    pub fn watch_running(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.up.subscribe()
     }
 
     /// Whether the mesh was started again since the last call.
@@ -62,6 +70,16 @@ impl MeshState {
             .unwrap()
             .as_ref()
             .map(|m| m.stats())
+            .unwrap_or_default()
+    }
+
+    /// The running datapath's drops by reason; nothing while none runs.
+    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
+        self.running
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.dropped())
             .unwrap_or_default()
     }
 
@@ -149,6 +167,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             reason = why,
             "encrypted mesh datapath stopped; starting it again"
         );
+        self.mesh.up.send_replace(false);
         self.datapath.stop_mesh(old).await;
         self.mesh.restarted.store(true, Ordering::Relaxed);
     }
@@ -172,6 +191,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             .await?;
         info!(address = %record.address, public_key = record.public_key, listen = %record.endpoint, "encrypted mesh up");
         *self.mesh.running.lock().unwrap() = Some(mesh);
+        self.mesh.up.send_replace(true);
         self.sync_mesh_peers();
         Ok(())
     }

@@ -28,9 +28,13 @@ mod local;
 mod mesh;
 mod metrics;
 mod networks;
+mod nodes;
+mod picture;
 mod protected;
 mod reconcile;
+mod rtt;
 mod server;
+mod uapi;
 mod views;
 
 #[cfg(test)]
@@ -61,6 +65,7 @@ use mesh::MeshState;
 use reconcile::{HostFacts, Reconciler};
 
 pub use metrics::starting_metrics_text;
+pub use picture::Picture;
 pub use server::{bind_api, serve_api, serve_requests};
 
 /// How often the whole datapath is compared with the kernel even without a change.
@@ -178,7 +183,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                     agent.view.apply_event(event);
                     break;
                 }
-                Some(StoreEvent::Changes(_)) => continue,
+                Some(StoreEvent::Changes { .. }) => continue,
                 None => anyhow::bail!("the store's watch ended before the first read"),
             }
         }
@@ -192,6 +197,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         agent.spawn(agent.clone().liveness_loop());
         agent.spawn(agent.clone().rtt_loop());
         agent.spawn(agent.clone().docker_loop());
+        agent.spawn(agent.clone().gone_nodes_loop());
+        agent.spawn(agent.clone().uapi_loop());
         Ok(agent)
     }
 
@@ -317,7 +324,13 @@ impl<S: Store, D: Datapath> Agent<S, D> {
 
     /// Publishes the DNS records the cluster view gives now.
     fn publish_dns(&self) {
-        self.dns.publish(self.view.read(dns_publish::dns_records));
+        let _one = self.dns.one_at_a_time();
+        let whole = self
+            .view
+            .read_changed(|c, dirty| self.dns.publish_changed(c, dirty));
+        if let Some(records) = whole {
+            self.dns.publish(records);
+        }
     }
 
     async fn reconcile_loop(self: Arc<Self>) {

@@ -95,6 +95,9 @@ pub struct Reconciler {
     applied: Mutex<Option<HostState>>,
     /// Networks whose records clash, left out of the datapath, with why.
     left_out: Mutex<Vec<(String, String)>>,
+    /// How long datapath applies take, and how many failed (for the metrics).
+    pub durations: super::metrics::Histogram,
+    pub errors: std::sync::atomic::AtomicU64,
 }
 
 impl Reconciler {
@@ -152,7 +155,13 @@ impl Reconciler {
         if !full && self.applied.lock().unwrap().as_ref() == Some(&desired) {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let outcome = datapath.apply(&desired).await;
+        self.durations.observe(started.elapsed());
+        if outcome.is_err() {
+            self.errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         match &outcome {
             Ok(report) if !report.is_empty() => info!(
                 created = report.created.len(),

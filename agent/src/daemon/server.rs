@@ -147,6 +147,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             Request::Services { network } => Response::Services(self.services(network.as_deref())),
             Request::Endpoints => Response::Endpoints(self.endpoints()),
             Request::RotateKey => Response::Key(self.rotate_key().await?),
+            Request::NodeList => Response::Nodes(self.list_nodes()),
+            Request::NodeRemove { name } => Response::Node(self.remove_node(&name).await?),
         })
     }
 }

@@ -1,22 +1,16 @@
 //! What `status`, `peers`, `services` and `endpoints` show, read from the cluster
-//! view, plus the round-trip probe behind `peers`.
+//! view.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::time::Duration;
-
-use netagent_overlay::block_gateway;
 
 use super::datapath::Datapath;
 use super::keys::encode_key;
 use super::Agent;
 use crate::api::{
-    AgentState, EndpointInfo, MeshPeerInfo, PeerInfo, PeerState, ServiceInfo, Status,
+    AgentState, DockerStatus, EndpointInfo, MeshPeerInfo, PeerInfo, PeerState, ServiceInfo, Status,
 };
-use crate::store::Store;
-
-const RTT_EVERY: Duration = Duration::from_secs(2);
+use crate::store::{Store, StoreHealth};
 
 impl<S: Store, D: Datapath> Agent<S, D> {
     pub fn status(&self) -> Status {
@@ -30,7 +24,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             underlay: self.node.underlay,
             version: self.node.version.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
-            state: if store.connected && docker.as_ref().is_none_or(|d| d.connected) {
+            state: if degraded_because(&store, docker.as_ref()).is_none() {
                 AgentState::Ok
             } else {
                 AgentState::Degraded
@@ -57,6 +51,40 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         })
     }
 
+    /// Why `status` says `degraded` (None: `ok`), in one line.
+    pub fn degraded_because(&self) -> Option<String> {
+        let store = self.view.store().health().borrow().clone();
+        let docker = self.docker.as_ref().map(|d| d.status());
+        degraded_because(&store, docker.as_ref())
+    }
+
+    /// Ready: `status` says `ok` (store and Docker reached), and every attached
+    /// namespace has its DNS listener. Otherwise why not, in one line. The agent
+    /// exists only after its first reconcile, so that is implied. While a change is
+    /// under way its namespace may be between the two lists; the listener check
+    /// then waits for the next call rather than for the change.
+    pub async fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.degraded_because() {
+            return Err(why);
+        }
+        let Ok(_changes) = self.changes.try_lock() else {
+            return Ok(());
+        };
+        let attached: BTreeSet<u64> = self.local.snapshot().values().map(|e| e.ino).collect();
+        let listening = self.listeners.scopes().await;
+        let missing = attached
+            .iter()
+            .filter(|ino| !listening.contains_key(ino))
+            .count();
+        if missing > 0 {
+            return Err(format!(
+                "{missing} of {} attached namespaces have no DNS listener (the log says why)",
+                attached.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// Every other host that is alive or holds a block: up while its lease lives.
     pub fn peers(&self) -> Vec<PeerInfo> {
         // By public key, as the store's records name them.
@@ -77,6 +105,11 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         rtt: &HashMap<String, f64>,
     ) -> Vec<PeerInfo> {
         let mut peers: BTreeMap<String, PeerInfo> = BTreeMap::new();
+        // Counted in one pass: per peer it would cost peers × endpoints.
+        let mut endpoints_of: HashMap<&str, usize> = HashMap::new();
+        for e in c.endpoints.values() {
+            *endpoints_of.entry(e.node.as_str()).or_default() += 1;
+        }
         for b in c.blocks.values().filter(|b| b.node != self.node.name) {
             peer(&mut peers, &b.node, b.underlay)
                 .networks
@@ -103,7 +136,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             } else {
                 PeerState::Down
             };
-            p.endpoints = c.endpoints.values().filter(|e| e.node == p.name).count();
+            p.endpoints = endpoints_of.get(p.name.as_str()).copied().unwrap_or(0);
             p.rtt_ms = rtt.get(&p.name).copied();
         }
         peers.into_values().collect()
@@ -116,45 +149,6 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     pub fn endpoints(&self) -> Vec<EndpointInfo> {
         let records: Vec<_> = self.view.read(|c| c.endpoints.values().cloned().collect());
         records.iter().map(|e| self.endpoint_info(e)).collect()
-    }
-
-    /// Measures each live peer's round trip to its gateway on one shared network.
-    pub(super) async fn rtt_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(RTT_EVERY);
-        loop {
-            tick.tick().await;
-            let targets: BTreeMap<Ipv4Addr, String> = self.view.read(|c| {
-                let mine: BTreeSet<&str> = c
-                    .blocks
-                    .values()
-                    .filter(|b| b.node == self.node.name)
-                    .map(|b| b.network.as_str())
-                    .collect();
-                c.blocks
-                    .values()
-                    .filter(|b| b.node != self.node.name && mine.contains(b.network.as_str()))
-                    .filter(|b| c.is_alive(&b.node))
-                    .map(|b| (block_gateway(&b.block), b.node.clone()))
-                    .collect()
-            });
-            // One gateway per peer is enough.
-            let mut seen = BTreeSet::new();
-            let targets: BTreeMap<Ipv4Addr, String> = targets
-                .into_iter()
-                .filter(|(_, n)| seen.insert(n.clone()))
-                .collect();
-            let measured = self
-                .datapath
-                .rtt(targets.keys().copied().collect(), Duration::from_secs(1))
-                .await;
-            let mut rtt = self.rtt.lock().unwrap();
-            rtt.clear();
-            for (ip, d) in measured {
-                if let Some(node) = targets.get(&ip) {
-                    rtt.insert(node.clone(), d.as_secs_f64() * 1000.0);
-                }
-            }
-        }
     }
 }
 
@@ -189,7 +183,7 @@ fn services_in(c: &crate::model::Cluster, network: Option<&str>) -> Vec<ServiceI
                 replicas: Vec::new(),
                 nodes: Vec::new(),
             });
-        if c.is_alive(&e.node) && e.in_service {
+        if serves(c, e) {
             s.replicas.push(e.address);
             if !s.nodes.contains(&e.node) {
                 s.nodes.push(e.node.clone());
@@ -197,4 +191,30 @@ fn services_in(c: &crate::model::Cluster, network: Option<&str>) -> Vec<ServiceI
         }
     }
     services.into_values().collect()
+}
+
+/// Whether DNS answers a service's name with this replica.
+pub(super) fn serves(c: &crate::model::Cluster, e: &crate::model::EndpointRecord) -> bool {
+    c.is_alive(&e.node) && e.in_service
+}
+
+/// The one rule behind `ok` and `degraded`: the store and (when enabled) the Docker
+/// engine are reached. Otherwise which is not, and why.
+fn degraded_because(store: &StoreHealth, docker: Option<&DockerStatus>) -> Option<String> {
+    if !store.connected {
+        return Some(format!(
+            "{} at {} unreachable: {}",
+            store.kind,
+            store.location,
+            store.error.as_deref().unwrap_or("not connected yet")
+        ));
+    }
+    match docker {
+        Some(d) if !d.connected => Some(format!(
+            "Docker engine at {} unreachable: {}",
+            d.socket,
+            d.error.as_deref().unwrap_or("not connected yet")
+        )),
+        _ => None,
+    }
 }

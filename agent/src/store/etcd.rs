@@ -1,25 +1,34 @@
 //! etcd v3 as the cluster store. Reads and transactions share one client that is
 //! rebuilt after a failure; the watch and the lease each run their own loop with
 //! their own connection, so a stalled watch cannot starve the keep-alive. Short
-//! gRPC keep-alives notice a cut underlay within about two seconds; every reconnect
-//! starts with a fresh full read, so nothing missed while away is lost. TLS and
-//! credentials come from `etcd_credentials`.
+//! gRPC keep-alives notice a cut underlay within about four seconds. A reconnecting
+//! watch resumes after the last revision it delivered (etcd replays what was missed),
+//! and reads everything again only when that history was compacted away; a
+//! reconnecting lease keeps its lease while etcd still has it. So an etcd restart
+//! costs each agent a watch and a keep-alive, not a full read and a node-key write
+//! seen by every other agent. TLS and credentials come from `etcd_credentials`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, GetOptions,
-    PutOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{info, warn};
 
+use super::backoff::Backoff;
 use super::etcd_credentials::{EtcdCredentials, Security};
 use super::{Change, Compare, Loaded, Result, Store, StoreError, StoreEvent, StoreHealth, Txn};
 
-/// Pause between reconnect attempts.
-const RETRY: Duration = Duration::from_millis(250);
+/// The longest a request may take.
+const REQUEST_LIMIT: Duration = Duration::from_secs(5);
+/// Keys per page of a full read: 200 of the largest records a check lets through
+/// (16 KiB) stay under gRPC's 4 MiB message limit.
+const PAGE_KEYS: i64 = 200;
+/// A session that lasted this long worked: the next reconnect starts with a short pause.
+const SESSION_WORKED: Duration = Duration::from_secs(5);
 /// How long a TLS problem explains later failures that say less.
 const TLS_PROBLEM_STANDS: Duration = Duration::from_secs(5);
 
@@ -73,8 +82,13 @@ impl Inner {
     async fn connect(&self) -> std::result::Result<Client, etcd_client::Error> {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(500))
-            .with_timeout(Duration::from_secs(1))
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            // A busy etcd answers a write in over a second at times (seen with a
+            // hundred agents); a dead connection is noticed by the keep-alives, so a
+            // long request limit costs nothing when etcd is gone.
+            .with_timeout(REQUEST_LIMIT)
+            // A cut underlay is noticed within some four seconds; a shorter answer
+            // limit dropped healthy connections of a busy etcd (a hundred agents).
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
         Client::connect(&self.endpoints, Some(self.security.apply(options))).await
     }
@@ -147,51 +161,108 @@ impl Inner {
             .map(str::to_owned)
     }
 
+    /// Everything under the prefix at one revision, read in pages: one response
+    /// holding a large cluster would pass gRPC's 4 MiB message limit (100,000
+    /// endpoints are some 30 MB), and the pages, pinned to the first page's
+    /// revision, read one consistent picture.
     async fn load_with(
         &self,
         client: &mut Client,
     ) -> std::result::Result<Loaded, etcd_client::Error> {
-        let resp = client
-            .get(
-                self.prefix.as_bytes(),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let pairs = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| Some((self.strip(kv.key())?, kv.value().to_vec())))
-            .collect();
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut from = self.prefix.as_bytes().to_vec();
+        if from.is_empty() {
+            from.push(0);
+        }
+        let mut revision = 0;
+        let mut pairs = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(PAGE_KEYS);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = client.get(from.clone(), Some(options)).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            pairs.extend(
+                resp.kvs()
+                    .iter()
+                    .filter_map(|kv| Some((self.strip(kv.key())?, kv.value().to_vec()))),
+            );
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         Ok(Loaded { revision, pairs })
     }
 
-    /// One watch session: full read, then changes until the stream fails.
-    async fn watch_once(&self, tx: &mpsc::Sender<StoreEvent>) -> std::result::Result<(), String> {
+    /// One watch session: a full read unless `resumed` names the last revision
+    /// delivered, then changes until the stream fails. `resumed` follows what was
+    /// delivered, for the next session.
+    async fn watch_once(
+        &self,
+        tx: &mpsc::Sender<StoreEvent>,
+        resumed: &mut Option<i64>,
+    ) -> std::result::Result<(), String> {
         let e = |e: etcd_client::Error| self.explain(&e);
         let mut client = self.connect().await.map_err(e)?;
-        let loaded = self.load_with(&mut client).await.map_err(e)?;
-        let from = loaded.revision + 1;
-        if tx.send(StoreEvent::Reset(loaded)).await.is_err() {
-            return Ok(());
+        // etcd restored from a snapshot may be behind what was delivered: a watch
+        // from there would wait for revisions that mean other writes now.
+        if let Some(last) = *resumed {
+            let probe = GetOptions::new().with_count_only();
+            let now = client
+                .get(self.prefix.as_bytes(), Some(probe))
+                .await
+                .map_err(e)?;
+            if now.header().map_or(0, |h| h.revision()) < last {
+                *resumed = None;
+            }
         }
-        self.set_health(true, None);
+        let from = match *resumed {
+            Some(last) => last + 1,
+            None => {
+                let loaded = self.load_with(&mut client).await.map_err(e)?;
+                let last = loaded.revision;
+                if tx.send(StoreEvent::Reset(loaded)).await.is_err() {
+                    return Ok(());
+                }
+                *resumed = Some(last);
+                last + 1
+            }
+        };
         let options = WatchOptions::new().with_prefix().with_start_revision(from);
         let mut stream = client
             .watch(self.prefix.as_bytes(), Some(options))
             .await
             .map_err(e)?;
+        self.set_health(true, None);
         loop {
             match stream.message().await {
                 Ok(Some(resp)) => {
+                    if resp.compact_revision() > 0 {
+                        // The history since `from` is gone: only a full read is whole.
+                        *resumed = None;
+                        return Err(format!(
+                            "etcd compacted its history past revision {from}; reading the store again"
+                        ));
+                    }
                     if resp.canceled() {
                         return Err(format!("watch canceled: {}", resp.cancel_reason()));
                     }
+                    let mut last = None;
                     let changes: Vec<Change> = resp
                         .events()
                         .iter()
                         .filter_map(|ev| {
                             let kv = ev.kv()?;
+                            last = last.max(Some(kv.mod_revision()));
                             let key = self.strip(kv.key())?;
                             let value = match ev.event_type() {
                                 etcd_client::EventType::Put => Some(kv.value().to_vec()),
@@ -200,8 +271,14 @@ impl Inner {
                             Some(Change { key, value })
                         })
                         .collect();
-                    if !changes.is_empty() && tx.send(StoreEvent::Changes(changes)).await.is_err() {
-                        return Ok(());
+                    if let (false, Some(revision)) = (changes.is_empty(), last) {
+                        let event = StoreEvent::Changes { revision, changes };
+                        if tx.send(event).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    if last.is_some() {
+                        *resumed = last.max(*resumed);
                     }
                 }
                 Ok(None) => return Err("watch stream ended".into()),
@@ -210,43 +287,114 @@ impl Inner {
         }
     }
 
-    /// One lease session: grant, write the key under it, keep it alive until the
-    /// lease is gone (outage longer than the TTL) or the connection fails.
+    /// The lease `id` kept alive again, if etcd still has it (None: it has not).
+    async fn keep_lease(
+        &self,
+        client: &mut Client,
+        id: i64,
+        ttl: Duration,
+    ) -> std::result::Result<Option<(LeaseKeeper, LeaseKeepAliveStream)>, etcd_client::Error> {
+        let gone = |err: &etcd_client::Error| err.to_string().contains("not found");
+        let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
+            Ok(pair) => pair,
+            Err(err) if gone(&err) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let answer = async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(ttl / 2, answer).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(Some((keeper, stream))),
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(err)) if gone(&err) => Ok(None),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(etcd_client::Error::LeaseKeepAliveError(
+                "keep-alive got no answer in time".into(),
+            )),
+        }
+    }
+
+    /// One lease session: keep the lease of the last session if etcd still has it
+    /// (an etcd restart keeps leases), or grant one and write the key under it; then
+    /// keep it alive until the lease is gone (outage longer than the TTL) or the
+    /// connection fails. `lease` follows the lease in use, for the next session.
     async fn lease_once(
         &self,
         key: &str,
         value: &[u8],
         ttl: Duration,
+        lease: &mut Option<i64>,
     ) -> std::result::Result<(), String> {
         let e = |e: etcd_client::Error| self.explain(&e);
         let mut client = self.connect().await.map_err(e)?;
         let secs = ttl.as_secs().max(1) as i64;
-        let lease = client.lease_grant(secs, None).await.map_err(e)?;
-        client
-            .put(
-                self.key(key),
-                value.to_vec(),
-                Some(PutOptions::new().with_lease(lease.id())),
-            )
-            .await
-            .map_err(e)?;
-        info!(
-            key,
-            lease = lease.id(),
-            ttl_secs = secs,
-            "registered in etcd"
-        );
+        let kept = match *lease {
+            Some(id) => match self.keep_lease(&mut client, id, ttl).await {
+                Ok(Some(kept)) => Some((id, kept.0, kept.1)),
+                // etcd no longer has it: a new lease, and the key written under it.
+                Ok(None) => {
+                    *lease = None;
+                    None
+                }
+                // etcd not answering yet (still starting, say): the lease may well
+                // live on, so it is tried again next time rather than replaced.
+                Err(err) => return Err(e(err)),
+            },
+            None => None,
+        };
+        let (id, mut keeper, mut stream) = match kept {
+            Some(kept) => {
+                // The key may have been deleted meanwhile (by hand, say): it is
+                // written again under the kept lease, as a new lease would have it.
+                let held = client.get(self.key(key), None).await.map_err(e)?;
+                if held.kvs().first().is_none_or(|kv| kv.lease() != kept.0) {
+                    client
+                        .put(
+                            self.key(key),
+                            value.to_vec(),
+                            Some(PutOptions::new().with_lease(kept.0)),
+                        )
+                        .await
+                        .map_err(e)?;
+                }
+                *lease = Some(kept.0);
+                kept
+            }
+            None => {
+                let granted = client.lease_grant(secs, None).await.map_err(e)?;
+                client
+                    .put(
+                        self.key(key),
+                        value.to_vec(),
+                        Some(PutOptions::new().with_lease(granted.id())),
+                    )
+                    .await
+                    .map_err(e)?;
+                info!(
+                    key,
+                    lease = granted.id(),
+                    ttl_secs = secs,
+                    "registered in etcd"
+                );
+                *lease = Some(granted.id());
+                let (keeper, stream) = client.lease_keep_alive(granted.id()).await.map_err(e)?;
+                (granted.id(), keeper, stream)
+            }
+        };
         self.set_health(true, None);
-        let (mut keeper, mut stream) = client.lease_keep_alive(lease.id()).await.map_err(e)?;
         // Three keep-alives per TTL at least, and never less than one a second.
         let period = (ttl / 3).min(Duration::from_secs(1));
         loop {
             keeper.keep_alive().await.map_err(e)?;
-            match tokio::time::timeout(period.max(Duration::from_millis(500)), stream.message())
-                .await
-            {
+            // Half the TTL for an answer: a slow answer is not a lost lease, and
+            // giving up early means a new connection, which a busy etcd can afford least.
+            match tokio::time::timeout((ttl / 2).max(period), stream.message()).await {
                 Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
-                Ok(Ok(Some(_))) => return Err("lease expired; registering again".into()),
+                Ok(Ok(Some(_))) => {
+                    *lease = None;
+                    return Err(format!("lease {id} expired; registering again"));
+                }
                 Ok(Ok(None)) => return Err("keep-alive stream ended".into()),
                 Ok(Err(err)) => return Err(e(err)),
                 Err(_) => return Err("keep-alive got no answer in time".into()),
@@ -300,8 +448,11 @@ impl Store for EtcdStore {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut said = Said::default();
+            let mut backoff = Backoff::default();
+            let mut resumed = None;
             loop {
-                if let Err(reason) = inner.watch_once(&tx).await {
+                let started = Instant::now();
+                if let Err(reason) = inner.watch_once(&tx, &mut resumed).await {
                     if said.is_new(&reason) {
                         warn!(endpoint = %inner.endpoints.join(","), %reason, "etcd watch lost; reconnecting");
                     }
@@ -310,7 +461,10 @@ impl Store for EtcdStore {
                 if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(RETRY).await;
+                if started.elapsed() > SESSION_WORKED {
+                    backoff.succeeded();
+                }
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         });
         rx
@@ -320,14 +474,20 @@ impl Store for EtcdStore {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut said = Said::default();
+            let mut backoff = Backoff::default();
+            let mut lease = None;
             loop {
-                if let Err(reason) = inner.lease_once(&key, &value, ttl).await {
+                let started = Instant::now();
+                if let Err(reason) = inner.lease_once(&key, &value, ttl, &mut lease).await {
                     if said.is_new(&reason) {
                         warn!(endpoint = %inner.endpoints.join(","), %reason, "etcd lease lost; registering again");
                     }
                     inner.set_health(false, Some(reason));
                 }
-                tokio::time::sleep(RETRY).await;
+                if started.elapsed() > SESSION_WORKED {
+                    backoff.succeeded();
+                }
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         });
     }
@@ -335,6 +495,20 @@ impl Store for EtcdStore {
     fn health(&self) -> watch::Receiver<StoreHealth> {
         self.inner.health.subscribe()
     }
+}
+
+/// The end of the key range holding every key that starts with `prefix`, as etcd
+/// defines it: the prefix with its last byte below 0xff incremented; `\0` (no end)
+/// when there is none.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// A retry loop's memory of what it last logged: the same failure four times a
@@ -356,5 +530,18 @@ impl Said {
             self.last = Some((reason.to_owned(), Instant::now()));
         }
         fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn the_range_of_a_prefix_ends_where_etcd_says() {
+        assert_eq!(prefix_end(b"/netagent/"), b"/netagent0".to_vec());
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
     }
 }

@@ -159,7 +159,11 @@ impl Store for LocalStore {
                 match changes.recv().await {
                     Ok((rev, batch)) if rev > seen => {
                         seen = rev;
-                        if tx.send(StoreEvent::Changes(batch)).await.is_err() {
+                        let event = StoreEvent::Changes {
+                            revision: rev,
+                            changes: batch,
+                        };
+                        if tx.send(event).await.is_err() {
                             return;
                         }
                     }

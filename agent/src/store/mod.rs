@@ -3,6 +3,7 @@
 //! JSON. Everything the agent knows about the cluster is rebuilt from `load` plus the
 //! changes `watch` delivers, so a restart or a reconnect never trusts a stale cache.
 
+mod backoff;
 mod etcd;
 mod etcd_credentials;
 mod local;
@@ -52,7 +53,11 @@ pub struct Change {
 #[derive(Debug)]
 pub enum StoreEvent {
     Reset(Loaded),
-    Changes(Vec<Change>),
+    /// Changes up to and including `revision`.
+    Changes {
+        revision: i64,
+        changes: Vec<Change>,
+    },
 }
 
 /// A condition a transaction checks before writing.
@@ -133,8 +138,9 @@ pub trait Store: Send + Sync + 'static {
     /// Writes `put`/`delete` if every `when` holds; false if one did not.
     fn txn(&self, txn: Txn) -> impl Future<Output = Result<bool>> + Send;
 
-    /// Starts delivering the store's contents and changes; reconnects by itself
-    /// (each reconnect begins with a fresh `Reset`).
+    /// Starts delivering the store's contents and changes; reconnects by itself,
+    /// resuming after the last change delivered where the store still has the
+    /// history, and otherwise beginning again with a fresh `Reset`.
     fn watch(&self) -> mpsc::Receiver<StoreEvent>;
 
     /// Keeps `key` present while this agent lives, under a lease of `ttl` where the

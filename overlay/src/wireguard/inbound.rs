@@ -10,7 +10,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use tracing::debug;
 
 use super::peers::{PeerState, Peers};
-use super::receive::{self, Classified, Opened};
+use super::receive::{self, Classified, Dropped, Opened};
 use super::{io, offload, scope, Shared};
 use crate::constants::ENCRYPTED_VXLAN_PORT;
 
@@ -52,20 +52,32 @@ pub(super) fn run(s: &Shared) -> std::result::Result<(), String> {
                 io::BUF,
                 replies.next_buf(),
             ) {
-                Classified::Drop => {
-                    debug!(%from, len = datagram.len(), "datagram dropped unopened");
+                Classified::Drop(why) => {
+                    debug!(%from, len = datagram.len(), ?why, "datagram dropped unopened");
+                    s.drops.count(why);
                     continue;
                 }
                 Classified::CookieReply(len) => {
+                    s.drops.count(Dropped::RateLimited);
                     replies.push(len, from);
                     continue;
                 }
-                Classified::Index(index) => peers.by_index.get(&index).cloned(),
-                Classified::Initiation => initiator(s, &peers, datagram),
+                Classified::Index(index) => peers
+                    .by_index
+                    .get(&index)
+                    .cloned()
+                    .ok_or(Dropped::NoSession),
+                Classified::Initiation => {
+                    initiator(s, &peers, datagram).ok_or(Dropped::UnknownPeer)
+                }
             };
-            let Some(peer) = peer else {
-                debug!(%from, "datagram from no known peer; dropped");
-                continue;
+            let peer = match peer {
+                Ok(peer) => peer,
+                Err(why) => {
+                    debug!(%from, ?why, "datagram from no known peer; dropped");
+                    s.drops.count(why);
+                    continue;
+                }
             };
             let mut tunn = peer.tunn.lock();
             let room = &mut out[offload::FRAME_HEADROOM..];
@@ -75,7 +87,11 @@ pub(super) fn run(s: &Shared) -> std::result::Result<(), String> {
                 *peer.endpoint.lock() = from;
             }
             match opened {
-                Opened::Nothing => debug!(%from, peer = %peer.address, "datagram refused"),
+                Opened::Nothing => {}
+                Opened::Refused(why) => {
+                    debug!(%from, peer = %peer.address, ?why, "datagram refused");
+                    s.drops.count(why);
+                }
                 Opened::Reply {
                     bytes,
                     authenticated,
@@ -113,6 +129,7 @@ pub(super) fn run(s: &Shared) -> std::result::Result<(), String> {
                         &scope,
                     ) {
                         debug!(peer = %peer.address, "packet outside the peer's networks dropped");
+                        s.drops.count(Dropped::OutOfScope);
                         continue;
                     }
                     let len = offload::FRAME_HEADROOM + packet.len();

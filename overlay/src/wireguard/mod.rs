@@ -72,6 +72,8 @@ struct Shared {
     stop: AtomicBool,
     /// Why the datapath stopped by itself (its device deleted, a thread's panic).
     failure: Mutex<Option<String>>,
+    /// Received datagrams dropped, by reason.
+    drops: receive::DropCounts,
 }
 
 /// Called (from a datapath thread) when the datapath stops by itself.
@@ -137,6 +139,7 @@ impl Mesh {
             configured: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
+            drops: receive::DropCounts::default(),
         });
         let spawn = |name: &'static str, f: fn(&Shared) -> std::result::Result<(), String>| {
             let s = shared.clone();
@@ -211,6 +214,12 @@ impl Mesh {
 
     pub fn stats(&self) -> Vec<PeerStats> {
         self.shared.peers.read().unwrap().stats()
+    }
+
+    /// Received datagrams dropped since the mesh started, by reason (every reason,
+    /// as a metric label, with its count).
+    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
+        self.shared.drops.get()
     }
 }
 

@@ -4,7 +4,9 @@
 //! results prove the sender holds the peer's keys and so may move its endpoint).
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
@@ -20,12 +22,87 @@ const HANDSHAKE_INIT: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA: u8 = 4;
 
+/// Why a received datagram (or the packet inside) went no further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// Larger than the receive buffers, or a known type at a wrong length.
+    BadSize,
+    /// No WireGuard message type (or its reserved bytes not zero).
+    BadType,
+    /// A handshake message whose mac1 is not for this host's key.
+    BadMac,
+    /// A handshake message under load: answered with a cookie, or not at all.
+    RateLimited,
+    /// A receiver index no peer holds, or a session that has none for it (expired).
+    NoSession,
+    /// A handshake initiation from a key that is no peer's.
+    UnknownPeer,
+    /// A handshake message that failed inside the session (key, timestamp).
+    BadHandshake,
+    /// A data message whose counter was seen before or is too old.
+    Replayed,
+    /// A data message that does not decrypt under the session's key.
+    DecryptFailed,
+    /// A packet that decrypted but is no VXLAN of a network the peer shares here.
+    OutOfScope,
+}
+
+impl Dropped {
+    pub const ALL: [Dropped; 10] = [
+        Dropped::BadSize,
+        Dropped::BadType,
+        Dropped::BadMac,
+        Dropped::RateLimited,
+        Dropped::NoSession,
+        Dropped::UnknownPeer,
+        Dropped::BadHandshake,
+        Dropped::Replayed,
+        Dropped::DecryptFailed,
+        Dropped::OutOfScope,
+    ];
+
+    /// The reason as a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dropped::BadSize => "bad_size",
+            Dropped::BadType => "bad_type",
+            Dropped::BadMac => "bad_mac",
+            Dropped::RateLimited => "rate_limited",
+            Dropped::NoSession => "no_session",
+            Dropped::UnknownPeer => "unknown_peer",
+            Dropped::BadHandshake => "bad_handshake",
+            Dropped::Replayed => "replayed",
+            Dropped::DecryptFailed => "decrypt_failed",
+            Dropped::OutOfScope => "out_of_scope",
+        }
+    }
+}
+
+/// Drops by reason. Written by the receiving thread alone and only on a drop, so
+/// the datapath's delivered packets never touch it.
+#[derive(Default)]
+pub struct DropCounts([AtomicU64; Dropped::ALL.len()]);
+
+impl DropCounts {
+    pub fn count(&self, why: Dropped) {
+        self.0[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Every reason with its count (zero included).
+    pub fn get(&self) -> Vec<(&'static str, u64)> {
+        Dropped::ALL
+            .iter()
+            .map(|d| (d.name(), self.0[*d as usize].load(Relaxed)))
+            .collect()
+    }
+}
+
 /// The first look at a datagram.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Classified {
     /// Not for any peer: larger than any of ours, no WireGuard message, a handshake
     /// message with a wrong mac1, or one under load that the limiter could not answer.
-    Drop,
+    Drop(Dropped),
     /// Under load, a handshake message without a valid mac2: the first `len` bytes of
     /// the reply buffer are the cookie reply to send back; nothing else happens.
     CookieReply(usize),
@@ -47,7 +124,7 @@ pub fn classify(
 ) -> Classified {
     // boringtun panics when a datagram would not fit the buffer, authenticated or not.
     if datagram.len() > max_len {
-        return Classified::Drop;
+        return Classified::Drop(Dropped::BadSize);
     }
     match limiter.verify_packet(Some(from.into()), datagram, reply) {
         Ok(Packet::HandshakeInit(_)) => Classified::Initiation,
@@ -55,15 +132,29 @@ pub fn classify(
         Ok(Packet::PacketCookieReply(p)) => Classified::Index(p.receiver_idx >> 8),
         Ok(Packet::PacketData(p)) => Classified::Index(p.receiver_idx >> 8),
         Err(TunnResult::WriteToNetwork(cookie)) => Classified::CookieReply(cookie.len()),
-        Err(_) => Classified::Drop,
+        Err(TunnResult::Err(WireGuardError::InvalidPacket)) => Classified::Drop(unparsed(datagram)),
+        Err(TunnResult::Err(WireGuardError::InvalidMac)) => Classified::Drop(Dropped::BadMac),
+        Err(_) => Classified::Drop(Dropped::RateLimited),
+    }
+}
+
+/// Why boringtun could not parse `datagram`: a known type (with its reserved bytes
+/// zero) means the length was wrong.
+fn unparsed(datagram: &[u8]) -> Dropped {
+    match datagram.get(..4) {
+        Some(&[t, 0, 0, 0]) if (HANDSHAKE_INIT..=DATA).contains(&t) => Dropped::BadSize,
+        Some(_) => Dropped::BadType,
+        None => Dropped::BadSize,
     }
 }
 
 /// What a peer's session made of a datagram.
 #[derive(Debug)]
 pub enum Opened<'a> {
-    /// Refused, or nothing to do (a cookie reply taken in): the endpoint stays.
+    /// Nothing to do (a cookie reply taken in): the endpoint stays.
     Nothing,
+    /// Refused by the session: the endpoint stays.
+    Refused(Dropped),
     /// A message to send back. `authenticated` when it completes a handshake (our
     /// response to an initiation, our keepalive after a response): the sender holds
     /// the peer's key. A cookie reply is not.
@@ -83,7 +174,7 @@ impl Opened<'_> {
     /// endpoint move to where the datagram came from.
     pub fn authenticated(&self) -> bool {
         match self {
-            Opened::Nothing => false,
+            Opened::Nothing | Opened::Refused(_) => false,
             Opened::Reply { authenticated, .. } => *authenticated,
             Opened::Data { .. } => true,
         }
@@ -110,7 +201,21 @@ pub fn open<'a>(tunn: &mut Tunn, from: Ipv4Addr, datagram: &[u8], out: &'a mut [
         // Done after a data message is a keepalive; after a cookie reply, nothing
         // authenticated (anyone who saw our initiation can answer with one).
         TunnResult::Done if received == DATA => Opened::Data { packet: None },
+        TunnResult::Err(e) => Opened::Refused(refused(e)),
         _ => Opened::Nothing,
+    }
+}
+
+/// Why a session refused a datagram.
+fn refused(e: WireGuardError) -> Dropped {
+    match e {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => Dropped::Replayed,
+        WireGuardError::InvalidAeadTag => Dropped::DecryptFailed,
+        WireGuardError::NoCurrentSession
+        | WireGuardError::WrongIndex
+        | WireGuardError::ConnectionExpired => Dropped::NoSession,
+        WireGuardError::UnderLoad => Dropped::RateLimited,
+        _ => Dropped::BadHandshake,
     }
 }
 
@@ -201,7 +306,7 @@ mod tests {
     ) -> (bool, Option<Vec<u8>>) {
         let mut reply = [0u8; 256];
         match classify(limiter, FROM, datagram, MAX, &mut reply) {
-            Classified::Drop => (false, None),
+            Classified::Drop(_) => (false, None),
             Classified::CookieReply(len) => (false, Some(reply[..len].to_vec())),
             Classified::Index(i) if i != OUR_INDEX => (false, None),
             Classified::Index(_) | Classified::Initiation => {
@@ -295,7 +400,7 @@ mod tests {
         let mut reply = [0u8; 256];
         assert_eq!(
             classify(&limiter, FROM, &forged, MAX, &mut reply),
-            Classified::Drop
+            Classified::Drop(Dropped::BadMac)
         );
         assert_eq!(receive(&limiter, &mut ours, &forged), (false, None));
     }
@@ -345,7 +450,7 @@ mod tests {
                     let classified = classify(&limiter, FROM, &bytes, MAX, &mut reply);
                     // Handshake messages reach a peer only with a valid mac1.
                     prop_assert!(
-                        matches!(classified, Classified::Drop | Classified::Index(_)),
+                        matches!(classified, Classified::Drop(_) | Classified::Index(_)),
                         "{classified:?}"
                     );
                     if let Classified::Index(_) = classified {
@@ -385,7 +490,7 @@ mod tests {
                     // other: its session's decryption, not mac1, authenticates it.
                     prop_assert!(matches!(got, Classified::Index(_)), "{:?}", got);
                 } else {
-                    prop_assert_eq!(got, Classified::Drop);
+                    prop_assert!(matches!(got, Classified::Drop(_)), "{:?}", got);
                 }
                 Ok(())
             })
@@ -414,7 +519,70 @@ mod tests {
         let mut reply = [0u8; 256];
         assert_eq!(
             classify(&limiter, FROM, &d, MAX, &mut reply),
-            Classified::Drop
+            Classified::Drop(Dropped::BadSize)
         );
+    }
+
+    #[test]
+    fn unparsed_datagrams_are_told_apart_by_type_and_size() {
+        let limiter = limiter(LIMITER_COUNT);
+        let mut reply = [0u8; 256];
+        let mut classify = |d: &[u8]| classify(&limiter, FROM, d, MAX, &mut reply);
+        assert_eq!(
+            classify(&[1, 0, 0, 0, 9]),
+            Classified::Drop(Dropped::BadSize)
+        );
+        assert_eq!(classify(&[4, 0, 0]), Classified::Drop(Dropped::BadSize));
+        assert_eq!(classify(&[9; 148]), Classified::Drop(Dropped::BadType));
+        let mut reserved = vec![0u8; 148];
+        reserved[0] = 1;
+        reserved[2] = 1;
+        assert_eq!(classify(&reserved), Classified::Drop(Dropped::BadType));
+    }
+
+    #[test]
+    fn a_data_message_seen_twice_or_altered_is_refused_with_its_reason() {
+        let limiter = limiter(LIMITER_COUNT);
+        let (mut ours, mut theirs, _) = tunnels(&limiter);
+        let init = initiation(&mut ours);
+        let response = answer(&mut theirs, &init);
+        let (_, keepalive) = receive_bytes(&limiter, &mut ours, &response);
+        let mut buf = [0u8; 256];
+        theirs.decapsulate(
+            Some(FROM.into()),
+            &keepalive.expect("a keepalive"),
+            &mut buf,
+        );
+        let sealed = match theirs.encapsulate(&[], &mut buf) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let mut out = vec![0u8; MAX];
+        assert!(matches!(
+            open(&mut ours, FROM, &sealed, &mut out),
+            Opened::Data { packet: None }
+        ));
+        assert!(matches!(
+            open(&mut ours, FROM, &sealed, &mut out),
+            Opened::Refused(Dropped::Replayed)
+        ));
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        altered[8] ^= 1;
+        assert!(matches!(
+            open(&mut ours, FROM, &altered, &mut out),
+            Opened::Refused(Dropped::DecryptFailed)
+        ));
+    }
+
+    #[test]
+    fn drop_counts_name_every_reason() {
+        let counts = DropCounts::default();
+        counts.count(Dropped::OutOfScope);
+        counts.count(Dropped::OutOfScope);
+        let got = counts.get();
+        assert_eq!(got.len(), Dropped::ALL.len());
+        assert!(got.contains(&("out_of_scope", 2)));
+        assert!(got.contains(&("bad_mac", 0)));
     }
 }

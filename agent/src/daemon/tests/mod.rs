@@ -9,12 +9,13 @@ mod desired_state;
 mod dns;
 mod mesh;
 mod networks;
+mod nodes;
 mod partition;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -36,6 +37,8 @@ pub struct TestStore {
     /// Wakes the watches when the store comes back, to send a fresh picture.
     back: Arc<Notify>,
     health: Arc<watch::Sender<StoreHealth>>,
+    /// Every transaction that took effect through the `Store` trait, in order.
+    committed: Arc<Mutex<Vec<Txn>>>,
 }
 
 impl TestStore {
@@ -49,6 +52,7 @@ impl TestStore {
             down: Arc::new(AtomicBool::new(false)),
             back: Arc::new(Notify::new()),
             health: Arc::new(watch::channel(health).0),
+            committed: Arc::default(),
         }
     }
 
@@ -74,6 +78,11 @@ impl TestStore {
     /// Writes as another host (or an operator) would, bypassing every agent.
     pub async fn write(&self, txn: Txn) {
         assert!(self.inner.txn(txn).await.expect("store writes"));
+    }
+
+    /// The agents' transactions that took effect so far, in order.
+    pub fn committed(&self) -> Vec<Txn> {
+        self.committed.lock().unwrap().clone()
     }
 
     /// Every key and value, as a watch's fresh picture has them.
@@ -112,7 +121,11 @@ impl Store for TestStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(self.unreachable());
         }
-        self.inner.txn(txn).await
+        let done = self.inner.txn(txn.clone()).await?;
+        if done {
+            self.committed.lock().unwrap().push(txn);
+        }
+        Ok(done)
     }
 
     /// Like etcd's: nothing arrives while partitioned, and every reconnection
@@ -220,15 +233,23 @@ impl Bed {
 
     /// Starts host `name` on `kernel` (the one an earlier agent of it left behind).
     pub async fn host_on(&self, name: &str, n: u8, kernel: FakeDatapath) -> Host {
+        self.host_with(name, n, kernel, |_| {}).await
+    }
+
+    /// Starts host `name` on `kernel` with the config `edit` finishes.
+    pub async fn host_with(
+        &self,
+        name: &str,
+        n: u8,
+        kernel: FakeDatapath,
+        edit: impl FnOnce(&mut Config),
+    ) -> Host {
         let underlay = Ipv4Addr::new(192, 0, 2, n);
-        let agent = Agent::start_with(
-            self.config(name),
-            self.store.clone(),
-            kernel.clone(),
-            underlay,
-        )
-        .await
-        .expect("agent starts");
+        let mut cfg = self.config(name);
+        edit(&mut cfg);
+        let agent = Agent::start_with(cfg, self.store.clone(), kernel.clone(), underlay)
+            .await
+            .expect("agent starts");
         Host {
             name: name.into(),
             agent,

@@ -3,6 +3,7 @@
 
 mod bench_convergence;
 mod bench_overlay;
+mod bench_scale;
 mod bench_wireguard;
 mod common;
 mod demo;
@@ -58,6 +59,17 @@ enum Command {
         #[arg(default_value_t = 100)]
         attaches: usize,
     },
+    /// HOSTS agents against one etcd, 10 endpoints each: convergence, attach to
+    /// resolvable on every host, an etcd restart, memory and idle CPU. Last line:
+    /// key=value figures.
+    BenchScale {
+        /// Hosts (each a namespace with its own agent), 2 to 200.
+        #[arg(default_value_t = 100)]
+        hosts: usize,
+        /// Another netagent program to run as the agents (for a before/after).
+        #[arg(long)]
+        agent_bin: Option<std::path::PathBuf>,
+    },
     /// An encrypted network against wireguard-go and boringtun-cli tunnels, plain VXLAN
     /// and the raw underlay (iperf3 -P1, medians of three rounds). BENCH_QUICK=1:
     /// netagent's networks only; BENCH_VERBOSE=1: TCP retransmits of each run.
@@ -82,6 +94,7 @@ fn main() {
         Command::DnsAgent { namespaces } => dns_agent::run(namespaces),
         Command::DnsMemory => dns_memory::run(),
         Command::BenchConvergence { attaches } => bench_convergence::run(attaches),
+        Command::BenchScale { hosts, agent_bin } => bench_scale::run(hosts, agent_bin),
         Command::BenchWireguard {
             seconds,
             boringtun_cli,

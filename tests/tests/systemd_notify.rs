@@ -1,0 +1,111 @@
+//! systemd's notify protocol end to end: a real agent started with `NOTIFY_SOCKET`
+//! and `WATCHDOG_USEC`, as a `Type=notify` unit with `WatchdogSec=` runs it, and
+//! what it sends read from the socket systemd would listen on.
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use netagent_tests::cluster::Cluster;
+use netagent_tests::root_test;
+
+/// What arrives on the socket, read by a thread of its own: a datagram socket's
+/// queue is short, and a full one would lose the agent's messages.
+struct Received(Receiver<String>);
+
+impl Received {
+    fn new(socket: UnixDatagram) -> Self {
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut buf = [0; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Received(rx)
+    }
+
+    /// Every message that arrives within `limit`.
+    fn during(&self, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.0.recv_timeout(left) {
+                Ok(m) => got.push(m),
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
+    /// Messages up to and including the first that starts with `prefix`.
+    fn until(&self, prefix: &str, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(m) = self.0.recv_timeout(left) else {
+                break;
+            };
+            let done = m.starts_with(prefix);
+            got.push(m);
+            if done {
+                return got;
+            }
+        }
+        panic!("no {prefix} within {limit:?}; got {got:?}");
+    }
+}
+
+#[test]
+fn the_agent_tells_systemd_its_state_and_pings_the_watchdog() {
+    root_test!();
+    let mut c = Cluster::new(1, 3);
+    let path = c.dir.join("notify.sock");
+    let received = Received::new(UnixDatagram::bind(&path).unwrap());
+    c.agent_env[0] = vec![
+        format!("NOTIFY_SOCKET={}", path.display()),
+        "WATCHDOG_USEC=1000000".into(),
+    ];
+
+    // etcd down: the agent says what it waits for, and is not ready.
+    c.stop_etcd();
+    c.spawn_agent(1);
+    let first = received.until("STATUS=starting", Duration::from_secs(20));
+    assert!(
+        first.last().unwrap().contains("waiting for etcd at"),
+        "{first:?}"
+    );
+    let waiting = received.during(Duration::from_secs(3));
+    assert!(
+        !first.iter().chain(&waiting).any(|m| m == "READY=1"),
+        "ready without its store: {first:?} {waiting:?}"
+    );
+
+    // etcd up: ready, then a status line about the running agent.
+    c.start_etcd();
+    received.until("READY=1", Duration::from_secs(30));
+    let status = received.until("STATUS=", Duration::from_secs(10));
+    let line = status.last().unwrap();
+    assert!(line.starts_with("STATUS=ok: 0 peers"), "{status:?}");
+
+    // The watchdog is pinged every half of WATCHDOG_USEC.
+    let pings = received
+        .during(Duration::from_secs(2))
+        .into_iter()
+        .filter(|m| m == "WATCHDOG=1")
+        .count();
+    assert!(pings >= 3, "{pings} watchdog pings in 2 s");
+
+    // SIGTERM: stopping.
+    c.stop_agent(1);
+    let last = received.during(Duration::from_millis(500));
+    assert!(
+        last.iter().any(|m| m == "STOPPING=1"),
+        "no STOPPING=1 on SIGTERM: {last:?}"
+    );
+}

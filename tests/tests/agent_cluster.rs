@@ -204,6 +204,14 @@ fn a_host_cut_off_from_etcd_catches_up_from_history_or_reads_again_after_compact
     let client = with_client(&mut c);
     let b = c.bed.container("b");
     c.attach(2, &b, "app-net", &["--name", "b"]);
+    // When host 2's node key was last written: a reconnect that keeps its lease
+    // leaves it alone (a new lease would write it again, an event for every host).
+    let written = |c: &Cluster| {
+        let out = c.etcdctl("get /netagent/nodes/host2 -w json");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["kvs"][0]["mod_revision"].as_i64().unwrap()
+    };
+    let registered = written(&c);
     for (round, compact) in [("resumed", false), ("compacted", true)] {
         c.set_underlay(2, false);
         wait_for(Duration::from_secs(10), "host 2 to lose etcd", || {
@@ -228,6 +236,14 @@ fn a_host_cut_off_from_etcd_catches_up_from_history_or_reads_again_after_compact
             || resolve(&b, &name) == vec![ip],
         );
         assert_eq!(resolve(&client, "b").len(), 1);
+        wait_for(Duration::from_secs(5), "host 2 back on etcd", || {
+            store_connected(&c, 2)
+        });
+        assert_eq!(
+            written(&c),
+            registered,
+            "{round}: host 2's node key rewritten"
+        );
     }
 }
 

@@ -172,7 +172,7 @@ pub fn run(hosts: usize, agent_bin: Option<PathBuf>) {
     let said = |m: &str| requests.get(m).copied().unwrap_or(0);
     println!("every agent ok {back_s:.1} s after etcd started");
     println!(
-        "etcd requests since its restart: {} full reads (Range), {} watches, {} lease grants, {} keep-alive streams, {} writes (Put/Txn)",
+        "etcd requests since its restart: {} reads (Range: one-key or count-only, or pages of a full read), {} watches, {} lease grants, {} keep-alive streams, {} writes (Put/Txn)",
         said("Range"),
         said("Watch"),
         said("LeaseGrant"),

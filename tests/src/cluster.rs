@@ -122,7 +122,15 @@ impl Cluster {
     /// host 1 and s2 on host 2 in it, and the mesh between them up: the cluster, s1,
     /// s2 and s2's address.
     pub fn encrypted_pair(hosts: usize) -> (Self, String, String, Ipv4Addr) {
-        let mut c = Cluster::running(hosts, 3);
+        Cluster::encrypted_pair_of(Cluster::new(hosts, 3))
+    }
+
+    /// [`Cluster::encrypted_pair`] of a cluster configured beforehand (its agents
+    /// not started yet).
+    pub fn encrypted_pair_of(mut c: Cluster) -> (Self, String, String, Ipv4Addr) {
+        for host in 1..=c.agents.len() {
+            c.start_agent(host);
+        }
         c.create_encrypted_network("secure", "100.66.0.0/16");
         let s1 = c.bed.container("s1");
         let s2 = c.bed.container("s2");

@@ -64,16 +64,7 @@ fn wg_show_lists_mesh_peers_read_only() {
     let _cleanup = SocketFile(path.clone());
     let mut c = Cluster::new(2, 3);
     c.mesh_config[0] = format!("uapi_socket = \"{}\"", path.display());
-    c.start_agent(1);
-    c.start_agent(2);
-    c.create_encrypted_network("secure", "100.66.0.0/16");
-    let s1 = c.bed.container("s1");
-    let s2 = c.bed.container("s2");
-    c.attach(1, &s1, "secure", &[]);
-    let ip_s2 = c.attach(2, &s2, "secure", &[]);
-    wait_for(Duration::from_secs(10), "the mesh", || {
-        c.bed.ping(&s1, ip_s2)
-    });
+    let (mut c, s1, _s2, ip_s2) = Cluster::encrypted_pair_of(c);
 
     // Root's alone, in a directory others may enter.
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

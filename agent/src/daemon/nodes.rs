@@ -31,6 +31,9 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Most operations in one store transaction: etcd refuses more than 128 by default.
 /// A node with more records loses them in several transactions, each guarded.
 const MAX_TXN_OPS: usize = 100;
+/// Bytes of keys and compared values in one transaction: etcd refuses requests over
+/// 1.5 MiB by default (`--max-request-bytes`).
+const MAX_TXN_BYTES: usize = 1 << 20;
 
 /// The store as read for one decision: its checked records, and the exact bytes of
 /// each gone record (by node), which a guard compares.
@@ -347,7 +350,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     }
 
     /// Deletes what `node` holds and its gone record, each transaction under
-    /// `guard`. Beyond [`MAX_TXN_OPS`] the first transactions take endpoints and
+    /// `guard`. Beyond [`MAX_TXN_OPS`] or [`MAX_TXN_BYTES`] the first transactions take endpoints and
     /// blocks (deleting them twice is harmless); the last one, with the gone record,
     /// decides. False: a guard failed.
     async fn forget_node(
@@ -359,9 +362,21 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let mut keys = holdings(&fresh.cluster, node);
         let gone = model::gone_key(node);
         keys.push(gone.clone());
+        // Batches within etcd's operation count and request size (each compare
+        // carries its record's bytes); the gone record, last, is in the last batch.
         let room = MAX_TXN_OPS - guard.len();
-        let (early, last) = keys.split_at(keys.len().saturating_sub(room));
-        for batch in early.chunks(room).chain([last]) {
+        let mut batches: Vec<&[String]> = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, key) in keys.iter().enumerate() {
+            let size = key.len() * 2 + fresh.raw.get(key).map_or(0, Vec::len);
+            if i > start && (i - start == room || bytes + size > MAX_TXN_BYTES) {
+                batches.push(&keys[start..i]);
+                (start, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        batches.push(&keys[start..]);
+        for batch in batches {
             let mut txn = Txn {
                 when: guard.clone(),
                 ..Txn::default()

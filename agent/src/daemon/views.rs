@@ -210,11 +210,15 @@ fn degraded_because(store: &StoreHealth, docker: Option<&DockerStatus>) -> Optio
         ));
     }
     match docker {
-        Some(d) if !d.connected => Some(format!(
-            "Docker engine at {} unreachable: {}",
-            d.socket,
-            d.error.as_deref().unwrap_or("not connected yet")
-        )),
+        // The engine's error names it already ("Docker engine at ... unreachable").
+        Some(d) if !d.connected => Some(match d.error.as_deref() {
+            Some(e) if e.starts_with("Docker engine") => e.to_owned(),
+            e => format!(
+                "Docker engine at {} unreachable: {}",
+                d.socket,
+                e.unwrap_or("not connected yet")
+            ),
+        }),
         _ => None,
     }
 }

@@ -68,14 +68,15 @@ pub async fn stream(mut conn: TcpStream, phase: watch::Receiver<Phase>) {
 /// twice a second.
 fn shared_picture(phase: &watch::Receiver<Phase>) -> Option<Arc<str>> {
     static LATEST: Mutex<Option<(Instant, Arc<str>)>> = Mutex::new(None);
-    let mut latest = LATEST.lock().unwrap();
-    if let Some((at, json)) = &*latest {
+    if let Some((at, json)) = &*LATEST.lock().unwrap() {
         if at.elapsed() < COMPARE_EVERY {
             return Some(json.clone());
         }
     }
+    // Built outside the lock: a stream waiting on another's build would hold a
+    // runtime worker the while. Two building at once now and then is fine.
     let phase = phase.borrow().clone();
     let json: Arc<str> = serde_json::to_string(&phase.picture()).ok()?.into();
-    *latest = Some((Instant::now(), json.clone()));
+    *LATEST.lock().unwrap() = Some((Instant::now(), json.clone()));
     Some(json)
 }

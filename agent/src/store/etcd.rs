@@ -294,7 +294,8 @@ impl Inner {
         id: i64,
         ttl: Duration,
     ) -> std::result::Result<Option<(LeaseKeeper, LeaseKeepAliveStream)>, etcd_client::Error> {
-        let gone = |err: &etcd_client::Error| err.to_string().contains("not found");
+        // How etcd-client says etcd answered TTL 0: the lease is not there.
+        let gone = |err: &etcd_client::Error| matches!(err, etcd_client::Error::LeaseKeepAliveError(m) if m == "lease not found");
         let (mut keeper, mut stream) = match client.lease_keep_alive(id).await {
             Ok(pair) => pair,
             Err(err) if gone(&err) => return Ok(None),
@@ -306,7 +307,10 @@ impl Inner {
         };
         match tokio::time::timeout(ttl / 2, answer).await {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(Some((keeper, stream))),
-            Ok(Ok(_)) => Ok(None),
+            Ok(Ok(Some(_))) => Ok(None),
+            Ok(Ok(None)) => Err(etcd_client::Error::LeaseKeepAliveError(
+                "keep-alive stream ended".into(),
+            )),
             Ok(Err(err)) if gone(&err) => Ok(None),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(etcd_client::Error::LeaseKeepAliveError(

@@ -11,7 +11,12 @@ use crate::common::{show, step};
 /// replicas spread over the hosts, seen from a client on host 1.
 pub fn run() {
     step("etcd over mutual TLS (a CA, server and client certificates made with openssl) and three hosts (network namespaces on one underlay: 192.0.2.11-13), `netagent agent` on each");
-    let mut c = Cluster::running(3, 5);
+    let mut c = Cluster::new(3, 5);
+    // Host 1 also serves metrics, health and the live page (in its own namespace).
+    c.extra_tables[0] = "[http]\nlisten = \"127.0.0.1:9464\"\n".into();
+    for host in 1..=3 {
+        c.start_agent(host);
+    }
     let run = |c: &Cluster, host: usize, args: &[&str]| {
         println!("$ netagent {}        # on host{host}", args.join(" "));
         print!("{}", c.cli_ok(host, args));
@@ -200,6 +205,22 @@ pub fn run() {
     }
     docker_exec(&["nslookup", "-type=a", "db"]);
     run(&c, 1, &["services"]);
+    step("operating it: the hosts the store knows, and host 1's HTTP endpoint (readiness, a few of its Prometheus series)");
+    run(&c, 1, &["node", "ls"]);
+    let h1 = c.bed.hosts[0].netns.clone();
+    show(
+        &c.bed,
+        &h1,
+        "host1",
+        "curl -s http://127.0.0.1:9464/readyz; echo",
+    );
+    show(
+        &c.bed,
+        &h1,
+        "host1",
+        "curl -s http://127.0.0.1:9464/metrics | grep -E '^netagent_(peers|endpoints|store_connected|dns_requests_total)' | head -8",
+    );
+
     drop(engines);
 
     step("cleaning up");

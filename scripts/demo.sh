@@ -4,8 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-[ "$(id -u)" = 0 ] || { echo "run as root: sudo $0" >&2; exit 1; }
-scripts/deps.sh
-cargo build --release --workspace --bins
+prepare_test_bed
 bin_dir=$(release_dir)
 exec "$bin_dir/netagent-testbed" demo

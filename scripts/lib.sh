@@ -17,3 +17,11 @@ release_dir() {
   dir=$(target_dir) || return
   echo "$dir/release"
 }
+
+# What every script that drives the test bed does first: checks it runs as root,
+# installs the Debian packages and builds the binaries (release).
+prepare_test_bed() {
+  [ "$(id -u)" = 0 ] || { echo "run as root: sudo $0" >&2; exit 1; }
+  scripts/deps.sh
+  cargo build --release --workspace --bins
+}

@@ -10,9 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
-[ "$(id -u)" = 0 ] || { echo "run as root: sudo $0" >&2; exit 1; }
-scripts/deps.sh
-cargo build --release --workspace --bins
+prepare_test_bed
 bin_dir=$(release_dir)
 # etcd's data and the agents' state in memory: this one disk also carries builds, and
 # etcd waiting seconds on fsync would measure the disk, not the agents.

@@ -319,6 +319,11 @@ impl<S: Store> ClusterView<S> {
     /// stays out; its endpoints missing from the read become suspects).
     pub async fn reload(&self) -> store::Result<()> {
         let loaded = self.store.load().await?;
+        // Checked once more under the write lock below; this spares the DNS a whole
+        // new derivation for a read that will not be applied.
+        if loaded.revision < self.read(|c| c.revision) {
+            return Ok(());
+        }
         self.change(None, |c| {
             // A read older than what the watch has applied since would undo those
             // changes, and the watch does not deliver them again (seen with a

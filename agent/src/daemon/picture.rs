@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::datapath::Datapath;
 use super::views::serves;
 use super::Agent;
-use crate::api::PeerState;
+use crate::api::{AgentState, PeerState};
 use crate::store::Store;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -80,13 +80,20 @@ impl Picture {
 
 impl<S: Store, D: Datapath> Agent<S, D> {
     pub fn picture(&self) -> Picture {
-        let status = self.status();
+        // The state as `status` decides it, without building the rest of `status`
+        // (its peers are listed just below).
+        let detail = self.degraded_because();
+        let state = if detail.is_none() {
+            AgentState::Ok
+        } else {
+            AgentState::Degraded
+        };
         let mut hosts = vec![HostPicture {
-            name: status.node.clone(),
-            underlay: status.underlay,
+            name: self.node.name.clone(),
+            underlay: self.node.underlay,
             state: "self".into(),
             rtt_ms: None,
-            endpoints: status.local_endpoints,
+            endpoints: self.local.len(),
         }];
         hosts.extend(self.peers().into_iter().map(|p| {
             HostPicture {
@@ -102,6 +109,11 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             }
         }));
         let (networks, services) = self.view.read(|c| {
+            // Counted in one pass: per network it would cost networks × endpoints.
+            let mut endpoints_of: BTreeMap<&str, usize> = BTreeMap::new();
+            for e in c.endpoints.values() {
+                *endpoints_of.entry(e.network.as_str()).or_default() += 1;
+            }
             let networks = c
                 .networks
                 .values()
@@ -116,7 +128,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                         vni: n.vni,
                         encrypted: n.encrypted,
                         hosts: holders,
-                        endpoints: c.endpoints.values().filter(|e| e.network == n.name).count(),
+                        endpoints: endpoints_of.get(n.name.as_str()).copied().unwrap_or(0),
                     }
                 })
                 .collect();
@@ -141,10 +153,9 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             }
             (networks, services.into_values().collect())
         });
-        let detail = self.degraded_because();
         Picture {
-            node: status.node,
-            state: status.state.to_string(),
+            node: self.node.name.clone(),
+            state: state.to_string(),
             detail,
             hosts,
             networks,

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::api::{MeshPeerInfo, Reply, Request, Response};
 use crate::config::{Config, StoreConfig, DEFAULT_PATH};
-use crate::daemon::{bind_api, serve_api, serve_requests, Agent};
+use crate::daemon::{bind_api, serve_api, serve_requests, Agent, PluginDriver};
 use crate::http::HttpEndpoint;
 use crate::model;
 use crate::store::{EtcdStore, LocalStore, Store, StoreTransport, Txn};
@@ -65,6 +65,21 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
         Some(addr) => Some(HttpEndpoint::start(addr, &cfg.node, health.clone()).await?),
         None => None,
     };
+    // Served before anything that may wait: dockerd blocks on a silent plugin.
+    let driver = std::sync::Arc::new(PluginDriver::<S>::new(health.clone()));
+    let plugin = match &cfg.docker_plugin_socket {
+        Some(path) => match crate::plugin::server::serve(path, driver.clone()).await {
+            Ok(server) => {
+                info!(socket = %server.path().display(), "serving Docker's network and IPAM driver \"netagent\"");
+                Some(server)
+            }
+            Err(e) => {
+                warn!(error = %e, "Docker's network driver is not served; docker network create -d netagent will fail");
+                None
+            }
+        },
+        None => None,
+    };
     let agent = tokio::select! {
         a = Agent::start(cfg, store) => a?,
         _ = answer_while_starting(&listener, health) => unreachable!("answers until dropped"),
@@ -88,6 +103,7 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
     if let Some(http) = &http {
         http.running(agent.clone());
     }
+    driver.running(agent.clone());
     let api = tokio::spawn(serve_api(agent.clone(), listener));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -98,6 +114,10 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
     // No request may open a listener again once they are closing.
     api.abort();
     drop(http);
+    // Calls in flight end first; then dockerd finds no plugin until the next start.
+    if let Some(plugin) = plugin {
+        plugin.close().await;
+    }
     agent.stop().await;
     // The kernel keeps forwarding and the lease lives on for its TTL: a restart
     // within it is invisible to the other hosts.

@@ -20,6 +20,8 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_KEEP_SOCKETS_SECS: u64 = 60;
 /// Where `wg show nawg0` looks for the mesh (the cross-platform WireGuard UAPI).
 pub const DEFAULT_UAPI_SOCKET: &str = "/var/run/wireguard/nawg0.sock";
+/// Where dockerd looks for a legacy plugin named `netagent` (`-d netagent`).
+pub const DEFAULT_PLUGIN_SOCKET: &str = "/run/docker/plugins/netagent.sock";
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +62,7 @@ struct MeshFile {
 struct DockerFile {
     enabled: Option<bool>,
     socket: Option<PathBuf>,
+    plugin_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -91,6 +94,9 @@ pub struct Config {
     pub dns_keep_sockets: std::time::Duration,
     /// The Docker engine whose containers join networks by label; None: off.
     pub docker_socket: Option<PathBuf>,
+    /// Where the Docker network and IPAM driver is served; None: off (and always
+    /// off without Docker integration).
+    pub docker_plugin_socket: Option<PathBuf>,
     /// UDP port of the encrypted mesh (WireGuard) on the underlay address.
     pub mesh_port: u16,
     /// Whole TCP bursts inside VXLAN through the mesh device where the kernel offers
@@ -172,6 +178,17 @@ impl Config {
             ),
             (_, socket) => Some(socket.unwrap_or_else(|| DEFAULT_DOCKER_SOCKET.into())),
         };
+        let docker_plugin_socket = match f.docker.plugin_socket {
+            _ if docker_socket.is_none() => None,
+            None => Some(DEFAULT_PLUGIN_SOCKET.into()),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) if !p.is_absolute() => bail!(
+                "{}plugin_socket {:?} must be an absolute path (default {DEFAULT_PLUGIN_SOCKET}; \"\" turns it off)",
+                at("plugin_socket"),
+                p.display().to_string()
+            ),
+            Some(p) => Some(p),
+        };
         Ok(Config {
             node,
             underlay_address: f.underlay_address,
@@ -184,6 +201,7 @@ impl Config {
             dns_keeper_socket,
             dns_keep_sockets: std::time::Duration::from_secs(keep_secs),
             docker_socket,
+            docker_plugin_socket,
             mesh_port: match f.mesh.listen_port {
                 Some(0) => bail!(
                     "{}listen_port = 0: give a port (default 51820)",
@@ -294,9 +312,21 @@ tunnel_offload = false
         assert_eq!(c.docker_socket, Some("/run/docker-h1.sock".into()));
         assert_eq!((c.mesh_port, c.mesh_tunnel_offload), (51821, false));
         let off = Config::parse("node = \"h\"\n[docker]\nenabled = false\n").unwrap();
-        assert_eq!(off.docker_socket, None);
+        assert_eq!((off.docker_socket, off.docker_plugin_socket), (None, None));
         let default = Config::parse("node = \"h\"\n").unwrap();
         assert_eq!(default.docker_socket, Some(DEFAULT_DOCKER_SOCKET.into()));
+        assert_eq!(
+            default.docker_plugin_socket,
+            Some(DEFAULT_PLUGIN_SOCKET.into())
+        );
+        let no_plugin = Config::parse("node = \"h\"\n[docker]\nplugin_socket = \"\"\n").unwrap();
+        assert_eq!(no_plugin.docker_plugin_socket, None);
+        assert!(
+            Config::parse("node = \"h\"\n[docker]\nplugin_socket = \"x.sock\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("absolute")
+        );
         assert_eq!(
             (
                 default.dns_keeper_socket.as_path(),

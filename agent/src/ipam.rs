@@ -170,6 +170,19 @@ pub fn free_block(network: &NetworkRecord, taken: &BTreeSet<Ipv4Net>) -> Option<
 
 /// The lowest address of a block that is neither its network, gateway, broadcast
 /// nor taken.
+/// Refuses an address a container may not have in `block`: outside it, or the
+/// block's network, gateway or broadcast address.
+pub fn check_in_block(network: &str, block: Ipv4Net, address: Ipv4Addr) -> Result<(), String> {
+    let first = Ipv4Addr::from(u32::from(block.network()) + 2);
+    let last = Ipv4Addr::from(u32::from(block.broadcast()).saturating_sub(1));
+    if address < first || address > last {
+        return Err(format!(
+            "address {address} is not in this host's block {block} of network {network:?}; give one from {first} to {last}, or none"
+        ));
+    }
+    Ok(())
+}
+
 pub fn free_address(block: Ipv4Net, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
     let first = u32::from(block.network()) + 2;
     let last = u32::from(block.broadcast()).checked_sub(1)?;

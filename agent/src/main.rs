@@ -13,6 +13,7 @@ mod ipam;
 mod keeper;
 mod model;
 mod names;
+mod plugin;
 mod record_check;
 mod static_state;
 mod store;

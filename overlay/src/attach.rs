@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::host::Host;
-use crate::naming::{host_veth_name, vxlan_name, Mac};
+use crate::naming::{docker_peer_name, host_veth_name, vxlan_name, Mac};
 use crate::netlink::{Link, Netlink};
 use crate::netns::Netns;
 use crate::spec::{Endpoint, NetworkSpec};
@@ -28,6 +28,75 @@ impl Host {
             });
         };
         self.attach_to(spec, ep, device.mtu).await
+    }
+
+    /// Makes an endpoint's veth pair for Docker to finish: the host end routed as
+    /// [`Host::attach`] does, the other end left in the host's namespace, down,
+    /// under the returned name. Docker moves it into the container's namespace when
+    /// that exists (after its driver's join), and sets its address and routes there.
+    pub async fn prepare_for_docker(&self, spec: &NetworkSpec, ep: &Endpoint) -> Result<String> {
+        spec.validate_endpoint_address(ep.address)?;
+        let Some(device) = self.nl.link(&vxlan_name(spec.vni)).await? else {
+            return Err(Error::UnknownNetwork {
+                network: spec.name.clone(),
+                vni: spec.vni,
+            });
+        };
+        let host_name = host_veth_name(ep.address);
+        let peer_name = docker_peer_name(ep.address);
+        if let Some(existing) = self.nl.link(&host_name).await? {
+            let same = existing.alias.as_deref() == Some(ep.id.as_str());
+            if same && self.nl.link(&peer_name).await?.is_some() {
+                return Ok(peer_name);
+            }
+            if let Some(holder) = existing.alias.filter(|_| !same) {
+                return Err(Error::AddressInUse {
+                    network: spec.name.clone(),
+                    address: ep.address,
+                    holder,
+                });
+            }
+            self.nl.delete_link(existing.index, &host_name).await?;
+        }
+        if let Some(stale) = self.nl.link(&peer_name).await? {
+            self.nl.delete_link(stale.index, &peer_name).await?;
+        }
+        let host_mac = Mac::for_ip(spec.gateway());
+        self.nl
+            .try_create_veth(
+                &host_name,
+                spec.vni,
+                host_mac,
+                device.mtu,
+                &peer_name,
+                None,
+                ep.mac(),
+            )
+            .await?;
+        let routed = async {
+            self.harden_host_end(&host_name).await?;
+            let host = self
+                .nl
+                .link(&host_name)
+                .await?
+                .ok_or_else(|| Error::Worker(format!("{host_name} vanished")))?;
+            self.nl.set_up(host.index, &host_name).await?;
+            self.nl
+                .replace_neighbour(host.index, ep.address, ep.mac())
+                .await?;
+            self.nl
+                .replace_link_route(Ipv4Net::from(ep.address), host.index)
+                .await?;
+            // The commit point, as for any attach.
+            self.nl.set_alias(host.index, &host_name, &ep.id).await
+        }
+        .await;
+        if let Err(e) = routed {
+            let _ = self.detach(ep.address).await;
+            return Err(e);
+        }
+        info!(ns = %self.ns, endpoint = %ep.id, address = %ep.address, network = %spec.name, peer = %peer_name, "prepared for Docker");
+        Ok(peer_name)
     }
 
     /// Detaches the endpoint holding `address` (nothing to do when it is not there).
@@ -97,7 +166,7 @@ impl Host {
                     host_mac,
                     mtu,
                     &candidate,
-                    target_fd,
+                    Some(target_fd),
                     ep.mac(),
                 )
                 .await?;
@@ -172,7 +241,7 @@ impl Host {
         inner
             .replace_route(spec.subnet, gateway, peer.index, true)
             .await?;
-        if !has_default {
+        if !has_default && ep.default_route {
             inner
                 .replace_route(Ipv4Net::default(), gateway, peer.index, true)
                 .await?;

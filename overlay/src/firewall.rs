@@ -207,6 +207,7 @@ fn render_body(spec: &FirewallSpec) -> String {
          \t\toifgroup @overlay_groups ct state established,related {mark} accept\n\
          \t\toifgroup @overlay_groups drop\n\
          \t\tiifgroup @overlay_groups jump overlay_egress\n\
+         \t\tiifname \"{DOCKER_GATEWAY_BRIDGE}\" ct state new jump overlay_egress\n\
          \t}}\n\
          \tchain overlay_egress {{\n\
          \t\tip daddr @protected drop\n\
@@ -216,15 +217,17 @@ fn render_body(spec: &FirewallSpec) -> String {
          \t\t{mark} accept\n\
          \t}}\n"
     ));
-    // Published ports, once supported, are a DNAT to a container: their way in is an
-    // exemption (`ct status dnat`) before the `oifgroup @overlay_groups drop` above.
-    // The host takes from its networks only replies to its own connections, and
-    // pings of a network's own gateway (the first check users make; the peers' RTT
-    // probe); VXLAN only from known peers, the mesh's only through the mesh.
+    // Containers Docker attached through the driver also have Docker's gateway
+    // bridge (their egress and published ports): what they start there meets the
+    // same checks as what leaves the overlay, and the host takes nothing from it but
+    // replies. The host takes from its networks only replies to its own connections,
+    // and pings of a network's own gateway (the first check users make; the peers'
+    // RTT probe); VXLAN only from known peers, the mesh's only through the mesh.
     s.push_str(&format!(
         "\tchain input {{\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
          \t\tiifgroup @overlay_groups jump overlay_to_host\n\
+         \t\tiifname \"{DOCKER_GATEWAY_BRIDGE}\" ct state != {{ established, related }} drop\n\
          \t\tudp dport {VXLAN_PORT} ip saddr != @vxlan_peers drop\n\
          \t\tudp dport {ENCRYPTED_VXLAN_PORT} iifname != \"{MESH_INTERFACE}\" drop\n\
          \t\tudp dport {ENCRYPTED_VXLAN_PORT} ip saddr != @mesh_peers drop\n\
@@ -453,6 +456,41 @@ fn run(ns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<St
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Docker's bridge for the egress and published ports of containers on driver
+/// networks (Docker adds it to a container whose driver gives no gateway).
+pub const DOCKER_GATEWAY_BRIDGE: &str = "docker_gwbridge";
+
+/// The table that keeps Docker's embedded resolver from taking the namespace's DNS.
+pub const DNS_DIVERT_TABLE: &str = "netagent_dns";
+
+/// The rules of [`DNS_DIVERT_TABLE`]: queries to 127.0.0.11:53 and their answers go
+/// untracked. Docker's resolver listens at 127.0.0.11 on a random port and DNATs port
+/// 53 to it in the container's nat table; NAT only ever applies to tracked packets,
+/// so untracked ones reach the embedded DNS listening at 127.0.0.11:53 itself. The
+/// chain runs at raw priority, before conntrack: no rule order against Docker's.
+pub fn dns_divert_ruleset() -> String {
+    let mut rules = String::new();
+    for (dir, port) in [("daddr", "dport"), ("saddr", "sport")] {
+        for proto in ["udp", "tcp"] {
+            rules.push_str(&format!(
+                "    ip {dir} 127.0.0.11 {proto} {port} 53 notrack\n"
+            ));
+        }
+    }
+    format!(
+        "table ip {DNS_DIVERT_TABLE} {{}}\nflush table ip {DNS_DIVERT_TABLE}\ntable ip {DNS_DIVERT_TABLE} {{\n  chain output {{\n    type filter hook output priority raw; policy accept;\n{rules}  }}\n}}\n"
+    )
+}
+
+/// Installs [`dns_divert_ruleset`] in the namespace `netns` names, if it is still the
+/// one of `identity` (idempotent: the table is replaced whole).
+pub async fn divert_dns_from_docker(netns: &crate::NetnsRef, identity: u64) -> Result<()> {
+    let ns = Netns::open_expecting(netns, identity)?;
+    let name = ns.to_string();
+    ns.run(move || nft(&name, &["-f", "-"], Some(&dns_divert_ruleset())).map(|_| ()))
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,6 +669,7 @@ mod tests {
             input,
             [
                 "iifgroup @overlay_groups jump overlay_to_host",
+                "iifname \"docker_gwbridge\" ct state != { established, related } drop",
                 "udp dport 4789 ip saddr != @vxlan_peers drop",
                 "udp dport 4790 iifname != \"nawg0\" drop",
                 "udp dport 4790 ip saddr != @mesh_peers drop",
@@ -677,8 +716,12 @@ mod tests {
         // Traffic within a network is decided first: the new checks cost it nothing.
         assert!(forward[0].starts_with("iifgroup . oifgroup @same_network"));
         assert_eq!(
-            forward.last(),
-            Some(&"iifgroup @overlay_groups jump overlay_egress")
+            &forward[forward.len() - 2..],
+            [
+                "iifgroup @overlay_groups jump overlay_egress",
+                // Containers' new connections over Docker's gateway bridge too.
+                "iifname \"docker_gwbridge\" ct state new jump overlay_egress"
+            ]
         );
         let egress = chain(&r, "overlay_egress");
         assert_eq!(egress[0], "ip daddr @protected drop");

@@ -30,14 +30,14 @@ pub use constants::{
     VXLAN_PORT, WIREGUARD_OVERHEAD,
 };
 pub use error::{Error, Result};
-pub use firewall::DockerForward;
+pub use firewall::{divert_dns_from_docker, dns_divert_ruleset, DockerForward};
 pub use firewall_guard::FirewallGuard;
 pub use handover::{
     raise_descriptor_limit, received_listeners, socket_namespace, spawn_in_new_session,
     wait_readable, HandoverChannel, HandoverListener,
 };
 pub use host::{ApplyReport, Host, Underlay};
-pub use naming::{host_veth_name, vxlan_name, Mac};
+pub use naming::{docker_peer_name, host_veth_name, vxlan_name, Mac};
 pub use netns::{Netns, NetnsRef};
 pub use netns_watch::NetnsWatch;
 pub use pinned::{rewrite_in_root, PinnedProcess, Rewrite, MAX_CONTAINER_FILE};

@@ -26,6 +26,12 @@ pub fn host_veth_name(address: Ipv4Addr) -> String {
     format!("nav{:08x}", u32::from(address))
 }
 
+/// The container end of a Docker endpoint's pair while it waits in the host's
+/// namespace for Docker to move it into the container (where it becomes `ethN`).
+pub fn docker_peer_name(address: Ipv4Addr) -> String {
+    format!("nad{:08x}", u32::from(address))
+}
+
 /// The endpoint address encoded in a host veth name, if it is one of ours.
 pub fn host_veth_address(name: &str) -> Option<Ipv4Addr> {
     let hex = name.strip_prefix("nav")?;

@@ -166,14 +166,15 @@ impl Netlink {
         mac: Mac,
         mtu: u32,
         peer_name: &str,
-        peer_ns_fd: std::os::fd::RawFd,
+        peer_ns_fd: Option<std::os::fd::RawFd>,
         peer_mac: Mac,
     ) -> Result<bool> {
-        let peer = LinkUnspec::new_with_name(peer_name)
-            .setns_by_fd(peer_ns_fd)
-            .address(peer_mac.0.to_vec())
-            .mtu(mtu)
-            .build();
+        let peer = LinkUnspec::new_with_name(peer_name);
+        let peer = match peer_ns_fd {
+            Some(fd) => peer.setns_by_fd(fd),
+            None => peer,
+        };
+        let peer = peer.address(peer_mac.0.to_vec()).mtu(mtu).build();
         let msg = rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVeth>::new_with_info_kind(
             InfoKind::Veth,
         )

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -65,6 +65,42 @@ impl NetnsRef {
 }
 
 impl NetnsRef {
+    /// Waits until the path names a network namespace (an nsfs file, not the empty
+    /// file a bind mount is made over) and returns its identity. For a namespace
+    /// another program is about to create, such as the sandbox of a container Docker
+    /// is starting; blocking, so call it off the runtime's workers.
+    pub fn wait_for_namespace(&self, limit: std::time::Duration) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        const NSFS_MAGIC: i64 = 0x6e73_6673;
+        let path = self.file_path();
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(file) = File::open(&path) {
+                let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+                // SAFETY: fstatfs writes into the buffer it is given; the fd is open.
+                let ok = unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } == 0;
+                // SAFETY: initialised by the successful call.
+                if ok && unsafe { fs.assume_init() }.f_type == NSFS_MAGIC {
+                    let ino = file
+                        .metadata()
+                        .map_err(|source| self.open_error(path.clone(), source))?
+                        .ino();
+                    return Ok(ino);
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::OpenNetns {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no network namespace appeared within {limit:?}"),
+                    ),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// The nsfs file naming this namespace.
     fn file_path(&self) -> PathBuf {
         match self {

@@ -181,6 +181,7 @@ mod tests {
                         address: ip.parse().unwrap(),
                         mac: None,
                         identity: None,
+                        default_route: true,
                     })
                     .collect(),
             }],

@@ -117,6 +117,15 @@ pub struct Endpoint {
     /// opened only if it still is that one (a `pid:N` may name another process now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<u64>,
+    /// Route everything else through the host too, when the namespace has no
+    /// default route yet. False where another party owns the default route (Docker
+    /// gives a container on a driver network its own egress bridge).
+    #[serde(default = "yes")]
+    pub default_route: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Endpoint {
@@ -312,6 +321,7 @@ mod tests {
             address: ip.parse().unwrap(),
             mac: None,
             identity: None,
+            default_route: true,
         }
     }
 

@@ -121,6 +121,7 @@ impl Mesh {
                         address: e.address,
                         mac: None,
                         identity: None,
+                        default_route: true,
                     })
                     .collect(),
             })

@@ -24,6 +24,7 @@ fn bad_attaches_are_refused_and_leave_nothing() {
         address: Ipv4Addr::from(ip),
         mac: None,
         identity: None,
+        default_route: true,
     };
     let attach = |spec: &NetworkSpec, e: Endpoint| rt.block_on(host.attach(spec, &e));
     let clean = bed.dump(&h1.netns);

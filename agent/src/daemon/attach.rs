@@ -283,6 +283,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             netns,
             ino,
             upstreams: req.dns.clone(),
+            docker_endpoint: None,
         };
         let endpoint = local.kernel_endpoint();
         if let Err(e) = self.datapath.attach(&spec, &endpoint).await {
@@ -360,7 +361,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
 
     /// Takes one endpoint of this host away: from the store, the kernel, the DNS and
     /// the local view. The caller holds `changes`.
-    async fn retire(&self, key: &str, why: &str, order: Retire) -> Result<()> {
+    pub(super) async fn retire(&self, key: &str, why: &str, order: Retire) -> Result<()> {
         if order == Retire::StoreFirst {
             self.view
                 .commit(Txn::default().delete(key))
@@ -384,7 +385,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
 
     /// This host's block of a network, taken from the subnet if it has none yet. The
     /// store's create-if-absent decides between hosts racing for the same block.
-    async fn own_block(&self, network: &model::NetworkRecord) -> Result<ipnet::Ipv4Net> {
+    pub(super) async fn own_block(&self, network: &model::NetworkRecord) -> Result<ipnet::Ipv4Net> {
         let node = &self.node;
         let claimed = self
             .view
@@ -433,7 +434,10 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     /// An apply that fails (possibly for another network's object) is returned for
     /// the attach to name if its own step fails too; a network that cannot be here
     /// at all is an error.
-    async fn ensure_network_here(&self, network: &str) -> Result<Option<netagent_overlay::Error>> {
+    pub(super) async fn ensure_network_here(
+        &self,
+        network: &str,
+    ) -> Result<Option<netagent_overlay::Error>> {
         self.ensure_mesh().await;
         let desired = self.desired_state();
         if let Some(why) = self.reconciler.why_left_out(network) {
@@ -477,7 +481,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
 
 /// Which goes first when an endpoint is retired.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Retire {
+pub(super) enum Retire {
     /// A detach asked for: the store must agree first, or nothing changes.
     StoreFirst,
     /// The namespace is gone: the kernel and DNS let go at once, and the store

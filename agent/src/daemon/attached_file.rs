@@ -20,6 +20,9 @@ pub struct Attached {
     /// The namespace's own DNS servers, if it has any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<std::net::SocketAddr>,
+    /// Docker's endpoint id, when the engine attached it through the network driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_endpoint: Option<String>,
 }
 
 pub type AttachedList = BTreeMap<String, Attached>;
@@ -79,6 +82,7 @@ mod tests {
                 netns: "pid:42".into(),
                 ino: 4026532000,
                 upstreams: vec!["198.51.100.53:53".parse().unwrap()],
+                docker_endpoint: None,
             },
         )]);
         save(&p, &list).await.unwrap();

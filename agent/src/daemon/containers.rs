@@ -32,6 +32,8 @@ pub(super) struct DockerLink {
     status: StdMutex<LinkStatus>,
     /// Look at the labelled containers again (a network they name may exist now).
     resync: Notify,
+    /// The cluster's networks changed: mirror them as Docker networks again.
+    mirror: Notify,
 }
 
 #[derive(Default)]
@@ -49,6 +51,7 @@ impl DockerLink {
             engine: StdMutex::new(None),
             status: StdMutex::new(LinkStatus::default()),
             resync: Notify::new(),
+            mirror: Notify::new(),
         }
     }
 
@@ -75,6 +78,7 @@ impl DockerLink {
         if !self.status.lock().unwrap().problems.is_empty() {
             self.resync.notify_one();
         }
+        self.mirror.notify_one();
     }
 
     fn connected(&self, engine: Engine, version: String) {
@@ -162,8 +166,24 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         if let Err(e) = self.attach_labelled(link, engine).await {
             return e;
         }
+        let driver = self.cfg.docker_plugin_socket.is_some();
+        let mut mirrored = None;
+        if driver {
+            match self.mirror_networks(engine).await {
+                Ok(m) => mirrored = Some(m),
+                Err(e) => return e,
+            }
+        }
         loop {
             tokio::select! {
+                _ = link.mirror.notified(), if driver => {
+                    if mirrored.as_ref() != Some(&self.networks_to_mirror()) {
+                        match self.mirror_networks(engine).await {
+                            Ok(m) => mirrored = Some(m),
+                            Err(e) => return e,
+                        }
+                    }
+                }
                 event = events.next() => match event {
                     None => {
                         return DockerError::Unreachable {
@@ -208,6 +228,15 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             Event::Started(id) => self.container_started(link, engine, &id).await?,
             Event::Died(id) => self.container_died(link, &id).await,
             Event::Health { id, healthy } => self.set_in_service(&id, healthy).await,
+            Event::NetworkChanged { id, name } => {
+                if self.cfg.docker_plugin_socket.is_some() {
+                    info!(
+                        network = name,
+                        id, "Docker network of netagent's driver created or removed"
+                    );
+                    self.mirror_networks(engine).await?;
+                }
+            }
         }
         Ok(())
     }
@@ -262,6 +291,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             Err(DockerError::NotRunning(_) | DockerError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
+        self.name_driver_endpoints(&c).await;
         let wanted = match labels::wanted(&c.labels) {
             Ok(Some(w)) => w,
             Ok(None) if !c.image_only_labels.is_empty() => {

@@ -46,6 +46,29 @@ pub trait Datapath: Send + Sync + 'static {
     /// Lets overlay traffic through dockerd's FORWARD chain.
     fn open_docker_forward(&self) -> impl Future<Output = Result<DockerForward>> + Send;
 
+    /// Makes an endpoint's veth pair for Docker to move into the container; returns
+    /// the name of the end Docker moves.
+    fn prepare_docker_endpoint(
+        &self,
+        network: &NetworkSpec,
+        endpoint: &Endpoint,
+    ) -> impl Future<Output = Result<String>> + Send;
+
+    /// Waits until `netns` names a network namespace; returns its identity.
+    fn wait_for_namespace(
+        &self,
+        netns: &NetnsRef,
+        limit: Duration,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Keeps Docker's embedded resolver from taking port 53 at 127.0.0.11 in a
+    /// namespace Docker also serves, so queries reach the embedded DNS.
+    fn divert_docker_dns(
+        &self,
+        netns: &NetnsRef,
+        identity: u64,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Starts the encrypted mesh at `address`/`prefix`.
     fn start_mesh(
         &self,
@@ -205,6 +228,25 @@ impl Datapath for KernelDatapath {
             attached.remove(&address);
         });
         detached
+    }
+
+    async fn prepare_docker_endpoint(
+        &self,
+        network: &NetworkSpec,
+        endpoint: &Endpoint,
+    ) -> Result<String> {
+        self.host.prepare_for_docker(network, endpoint).await
+    }
+
+    async fn wait_for_namespace(&self, netns: &NetnsRef, limit: Duration) -> Result<u64> {
+        let netns = netns.clone();
+        tokio::task::spawn_blocking(move || netns.wait_for_namespace(limit))
+            .await
+            .map_err(|e| netagent_overlay::Error::Worker(format!("waiting for a namespace: {e}")))?
+    }
+
+    async fn divert_docker_dns(&self, netns: &NetnsRef, identity: u64) -> Result<()> {
+        netagent_overlay::divert_dns_from_docker(netns, identity).await
     }
 
     async fn open_docker_forward(&self) -> Result<DockerForward> {

@@ -23,6 +23,7 @@ pub enum Call {
     Detach { address: Ipv4Addr },
     StartMesh { address: Ipv4Addr },
     OpenDockerForward,
+    DivertDockerDns(String),
 }
 
 #[derive(Default)]
@@ -181,6 +182,36 @@ impl Datapath for FakeDatapath {
         let mut m = self.model.lock().unwrap();
         m.calls.push(Call::Detach { address });
         m.endpoints.remove(&address);
+        Ok(())
+    }
+
+    async fn prepare_docker_endpoint(
+        &self,
+        network: &NetworkSpec,
+        endpoint: &Endpoint,
+    ) -> Result<String> {
+        let mut m = self.model.lock().unwrap();
+        if !m.networks.contains(&network.name) {
+            return Err(Error::Worker(format!(
+                "network {} has no device in the fake kernel",
+                network.name
+            )));
+        }
+        m.endpoints
+            .insert(endpoint.address, (network.name.clone(), 0));
+        m.calls.push(Call::Attach {
+            network: network.name.clone(),
+            address: endpoint.address,
+        });
+        Ok(netagent_overlay::docker_peer_name(endpoint.address))
+    }
+
+    async fn wait_for_namespace(&self, netns: &NetnsRef, _limit: Duration) -> Result<u64> {
+        self.identity(netns).await
+    }
+
+    async fn divert_docker_dns(&self, netns: &NetnsRef, _identity: u64) -> Result<()> {
+        self.record(Call::DivertDockerDns(netns.to_string()));
         Ok(())
     }
 

@@ -47,6 +47,9 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             let watched: Vec<((String, u64), NetnsRef, u64)> = self.local.read(|endpoints| {
                 endpoints
                     .iter()
+                    // A Docker sandbox not made yet is not gone: the engine says
+                    // when the endpoint leaves.
+                    .filter(|(_, e)| e.ino != 0)
                     .map(|(k, e)| ((k.clone(), e.ino), e.netns.clone(), e.ino))
                     .collect()
             });

@@ -22,6 +22,9 @@ pub struct LocalEndpoint {
     /// host's. Kept here and in `attached.json`, never in the store: no other host
     /// needs them.
     pub upstreams: Vec<std::net::SocketAddr>,
+    /// Docker's id for the endpoint, when the engine attached it through the network
+    /// driver (then Docker, not netagent, gives the namespace its default route).
+    pub docker_endpoint: Option<String>,
 }
 
 impl LocalEndpoint {
@@ -32,6 +35,7 @@ impl LocalEndpoint {
             address: self.record.address,
             mac: None,
             identity: Some(self.ino),
+            default_route: self.docker_endpoint.is_none(),
         }
     }
 }
@@ -97,6 +101,19 @@ impl LocalEndpoints {
         }
     }
 
+    /// Records the identity of an endpoint's namespace, found after its attach (a
+    /// Docker sandbox appears after the join); false if the endpoint is gone or
+    /// names another namespace now.
+    pub fn set_identity(&self, key: &str, netns: &NetnsRef, ino: u64) -> bool {
+        match self.endpoints.lock().unwrap().get_mut(key) {
+            Some(e) if &e.netns == netns && e.ino == 0 => {
+                e.ino = ino;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The file adoption trusts at the next start.
     pub fn file(&self) -> &std::path::Path {
         &self.file
@@ -115,6 +132,7 @@ impl LocalEndpoints {
                         netns: e.record.netns.clone(),
                         ino: e.ino,
                         upstreams: e.upstreams.clone(),
+                        docker_endpoint: e.docker_endpoint.clone(),
                     };
                     (key.clone(), attached)
                 })

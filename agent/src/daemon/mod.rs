@@ -21,6 +21,8 @@ mod cluster_view;
 mod containers;
 mod datapath;
 mod dns_publish;
+mod docker_driver;
+mod docker_mirror;
 mod keys;
 mod listeners;
 mod liveness;
@@ -30,6 +32,7 @@ mod metrics;
 mod networks;
 mod nodes;
 mod picture;
+mod plugin_driver;
 mod protected;
 mod reconcile;
 mod rtt;
@@ -49,6 +52,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use netagent_dns::{DnsServer, Forwarder};
+use netagent_overlay::NetnsRef;
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
@@ -66,6 +70,7 @@ use reconcile::{HostFacts, Reconciler};
 
 pub use metrics::starting_metrics_text;
 pub use picture::Picture;
+pub use plugin_driver::PluginDriver;
 pub use server::{bind_api, serve_api, serve_requests};
 
 /// How often the whole datapath is compared with the kernel even without a change.
@@ -84,6 +89,8 @@ pub struct Agent<S: Store, D: Datapath = KernelDatapath> {
     mesh: MeshState,
     /// None: Docker integration is off.
     docker: Option<containers::DockerLink>,
+    /// What Docker's engine told the network and IPAM driver.
+    docker_book: docker_driver::DriverBook,
     /// Serialises changes to this host's endpoints (see the module's comment).
     changes: Mutex<()>,
     /// Wakes the reconciler; shared with the mesh's datapath threads, which call it
@@ -153,6 +160,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             listeners,
             mesh: MeshState::new(keys),
             docker: cfg.docker_socket.clone().map(containers::DockerLink::new),
+            docker_book: docker_driver::DriverBook::load(&cfg.state_dir).await,
             changes: Mutex::new(()),
             reconcile: Arc::new(Notify::new()),
             rtt: StdMutex::new(HashMap::new()),
@@ -241,7 +249,14 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let mut found = BTreeMap::new();
         let mut unreadable = Vec::new();
         for (key, record) in mine {
-            let recorded = liveness::recorded_namespace(&record)
+            let listed = list.as_ref().and_then(|l| l.get(&key));
+            // A Docker endpoint's record names the engine's endpoint, not the
+            // namespace: this host's list has the namespace.
+            let recorded = match listed.filter(|a| a.docker_endpoint.is_some()) {
+                Some(a) => NetnsRef::parse(&a.netns).ok().map(|n| (n, a.ino)),
+                None => liveness::recorded_namespace(&record),
+            };
+            let recorded = recorded
                 .filter(|(_, ino)| !self.host_namespaces.contains(ino))
                 .filter(|(_, ino)| {
                     list.as_ref().is_none_or(|l| {
@@ -251,11 +266,9 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 });
             match recorded {
                 Some((netns, ino)) => {
-                    let upstreams = list
-                        .as_ref()
-                        .and_then(|l| l.get(&key))
-                        .map(|a| a.upstreams.clone())
-                        .unwrap_or_default();
+                    let listed = list.as_ref().and_then(|l| l.get(&key));
+                    let upstreams = listed.map(|a| a.upstreams.clone()).unwrap_or_default();
+                    let docker_endpoint = listed.and_then(|a| a.docker_endpoint.clone());
                     found.insert(
                         key,
                         LocalEndpoint {
@@ -263,6 +276,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                             netns,
                             ino,
                             upstreams,
+                            docker_endpoint,
                         },
                     );
                 }
@@ -394,7 +408,9 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     /// adoption trusts) and their DNS listeners.
     async fn local_endpoints_changed(&self) {
         self.local.save().await;
-        let endpoints = self.local.snapshot();
+        let mut endpoints = self.local.snapshot();
+        // A Docker sandbox not made yet has no DNS yet.
+        endpoints.retain(|_, e| e.ino != 0);
         self.listeners
             .sync(&self.datapath, self.dns.server(), &endpoints)
             .await;

@@ -4,13 +4,14 @@
 //! [`labels`] and the daemon.
 
 pub mod labels;
+pub mod networks;
 pub mod resolv_conf;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use bollard::errors::Error as BollardError;
-use bollard::models::HealthStatusEnum;
+use bollard::models::{EventMessageTypeEnum, HealthStatusEnum};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
 use futures::{Stream, StreamExt};
@@ -53,6 +54,17 @@ pub struct Container {
     /// Its own DNS servers (`docker run --dns`, Compose `dns:`), as the engine's
     /// configuration says; empty: the host's.
     pub dns_servers: Vec<std::net::SocketAddr>,
+    /// The Docker networks it is on, with its endpoint and aliases on each.
+    pub networks: Vec<ContainerNetwork>,
+}
+
+/// A container's place on one Docker network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerNetwork {
+    pub network_id: String,
+    pub endpoint_id: String,
+    /// `--network-alias`, Compose's service name and `aliases:`, the short id.
+    pub aliases: Vec<String>,
 }
 
 /// Splits a container's labels (Docker merges its image's into them) into those set
@@ -102,7 +114,15 @@ pub struct Listed {
 pub enum Event {
     Started(String),
     Died(String),
-    Health { id: String, healthy: bool },
+    Health {
+        id: String,
+        healthy: bool,
+    },
+    /// A network of netagent's driver was created or removed on this engine.
+    NetworkChanged {
+        id: String,
+        name: String,
+    },
 }
 
 #[derive(Clone)]
@@ -200,6 +220,20 @@ impl Engine {
             .resolv_conf_path
             .filter(|p| !p.is_empty())
             .map(std::path::PathBuf::from);
+        let networks = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref())
+            .map(|n| {
+                n.values()
+                    .map(|e| ContainerNetwork {
+                        network_id: e.network_id.clone().unwrap_or_default(),
+                        endpoint_id: e.endpoint_id.clone().unwrap_or_default(),
+                        aliases: e.aliases.clone().unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let merged = c.config.and_then(|c| c.labels).unwrap_or_default();
         let image_labels = match c.image.as_deref().filter(|i| !i.is_empty()) {
             Some(image) => self
@@ -226,6 +260,7 @@ impl Engine {
             resolv_conf_path,
             in_service,
             dns_servers,
+            networks,
         })
     }
 
@@ -260,10 +295,19 @@ impl Engine {
     /// when the engine goes away.
     pub fn events(&self, since: u64) -> impl Stream<Item = Result<Event>> + Send + 'static {
         let filters = HashMap::from([
-            ("type".to_owned(), vec!["container".to_owned()]),
+            (
+                "type".to_owned(),
+                vec!["container".to_owned(), "network".to_owned()],
+            ),
             (
                 "event".to_owned(),
-                vec!["start".into(), "die".into(), "health_status".into()],
+                vec![
+                    "start".into(),
+                    "die".into(),
+                    "health_status".into(),
+                    "create".into(),
+                    "destroy".into(),
+                ],
             ),
         ]);
         let options = EventsOptions {
@@ -275,8 +319,16 @@ impl Engine {
         self.docker.events(Some(options)).filter_map(move |item| {
             let out = match item {
                 Ok(msg) => {
-                    let id = msg.actor.and_then(|a| a.id).unwrap_or_default();
-                    msg.action.as_deref().and_then(|a| event(a, id)).map(Ok)
+                    let network = msg.typ == Some(EventMessageTypeEnum::NETWORK);
+                    let actor = msg.actor.unwrap_or_default();
+                    let id = actor.id.unwrap_or_default();
+                    let action = msg.action.as_deref().unwrap_or_default();
+                    if network {
+                        let attributes = actor.attributes.unwrap_or_default();
+                        network_event(action, id, &attributes).map(Ok)
+                    } else {
+                        event(action, id).map(Ok)
+                    }
                 }
                 Err(e) => Some(Err(engine.error("the event stream", e))),
             };
@@ -319,6 +371,18 @@ fn dns_servers(configured: &[String]) -> Vec<std::net::SocketAddr> {
         .filter(|ip| !ip.is_unspecified() && !ip.is_multicast() && !local(ip))
         .map(|ip| std::net::SocketAddr::new(ip, 53))
         .collect()
+}
+
+/// A network event: the creation or removal of one of netagent's driver.
+fn network_event(action: &str, id: String, attributes: &HashMap<String, String>) -> Option<Event> {
+    let name = attributes.get("name")?;
+    let ours = attributes.get("type").map(String::as_str) == Some(networks::DRIVER);
+    (matches!(action, "create" | "destroy") && ours && !id.is_empty()).then(|| {
+        Event::NetworkChanged {
+            id,
+            name: name.clone(),
+        }
+    })
 }
 
 /// An event action as the engine writes it (`start`, `health_status: healthy`).

@@ -82,6 +82,7 @@ fn endpoint(network: &str, address: &str, ino: u64) -> (String, LocalEndpoint) {
             netns: NetnsRef::parse(&netns).unwrap(),
             ino,
             upstreams: Vec::new(),
+            docker_endpoint: None,
         },
     )
 }

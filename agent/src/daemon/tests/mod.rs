@@ -7,6 +7,7 @@ mod attach;
 mod cluster;
 mod desired_state;
 mod dns;
+mod docker_driver;
 mod mesh;
 mod networks;
 mod nodes;

@@ -47,7 +47,7 @@ async fn has_key(bed: &Bed, key: &str) -> bool {
 }
 
 async fn wait_for_key(bed: &Bed, key: &str, present: bool) {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         if has_key(bed, key).await == present {
             return;
         }

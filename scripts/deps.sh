@@ -5,11 +5,12 @@ set -euo pipefail
 # protobuf-compiler and libprotobuf-dev (the well-known .proto files, only a
 # Recommends of the compiler): etcd-client generates its gRPC code at build time.
 # docker.io (dockerd, containerd, runc) and iptables: the Docker tests start their
-# own engines; util-linux has nsenter; openssl makes the test etcd's certificates.
+# own engines, where docker-compose (1.29) runs examples/; util-linux has nsenter;
+# openssl makes the test etcd's certificates.
 # prometheus (with promtool) scrapes the agent's metrics, chromium renders its live
 # page headless, wireguard-tools' `wg show` reads the mesh; curl asks the HTTP endpoint.
 packages=(iproute2 nftables iptables iputils-ping busybox-static iperf3 dnsutils procps tcpdump
-  util-linux protobuf-compiler libprotobuf-dev etcd-server etcd-client docker.io openssl
+  util-linux protobuf-compiler libprotobuf-dev etcd-server etcd-client docker.io docker-compose openssl
   prometheus chromium wireguard-tools curl)
 missing=()
 for p in "${packages[@]}"; do

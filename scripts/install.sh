@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs netagent on this host: the binary, the systemd unit and a commented
 # default config (kept if one exists). Run from a checkout, as root:
-#   sudo scripts/install.sh && sudo systemctl enable --now netagent
+#   sudo scripts/install.sh && sudo systemctl enable --now netagent-plugin.socket netagent
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -11,6 +11,7 @@ cargo build --release -p netagent
 bin_dir=$(release_dir)
 install -m 0755 "$bin_dir/netagent" /usr/local/bin/netagent
 install -m 0644 scripts/netagent.service /etc/systemd/system/netagent.service
+install -m 0644 scripts/netagent-plugin.socket /etc/systemd/system/netagent-plugin.socket
 install -d -m 0755 /etc/netagent
 if [ ! -e /etc/netagent/netagent.toml ]; then
   cat > /etc/netagent/netagent.toml <<'CONF'
@@ -46,16 +47,18 @@ if [ ! -e /etc/netagent/netagent.toml ]; then
 # listen_port = 51820
 # tunnel_offload = true  # whole TCP bursts through the mesh device (Linux 6.17+)
 
-# Docker containers with the label netagent.network=NAME join that network.
+# Docker: `docker network create -d netagent --ipam-driver netagent`, and
+# containers with the label netagent.network=NAME join that network.
 # [docker]
 # enabled = true
 # socket = "/var/run/docker.sock"
+# plugin_socket = "/run/docker/plugins/netagent.sock"  # "" turns the driver off
 CONF
   echo "wrote /etc/netagent/netagent.toml (defaults; edit [store] for a multi-host cluster)"
 fi
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload
-  echo "installed; start with: systemctl enable --now netagent"
+  echo "installed; start with: systemctl enable --now netagent-plugin.socket netagent"
 else
   echo "installed; systemd is not running here: start with: netagent agent --config /etc/netagent/netagent.toml"
 fi

@@ -54,6 +54,9 @@ pub async fn run_agent(config: &Path) -> Result<()> {
     }
 }
 
+/// The plugin socket's name in a systemd socket unit (`FileDescriptorName=`).
+const PLUGIN_SOCKET_NAME: &str = "docker-plugin";
+
 async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListener) -> Result<()> {
     let socket = cfg.api_socket.clone();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -67,8 +70,21 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
     };
     // Served before anything that may wait: dockerd blocks on a silent plugin.
     let driver = std::sync::Arc::new(PluginDriver::<S>::new(health.clone()));
-    let plugin = match &cfg.docker_plugin_socket {
-        Some(path) => match crate::plugin::server::serve(path, driver.clone()).await {
+    let inherited = cfg
+        .docker_plugin_socket
+        .as_ref()
+        .and_then(|_| crate::systemd::listening_socket(PLUGIN_SOCKET_NAME));
+    let plugin = match (&cfg.docker_plugin_socket, inherited) {
+        (Some(_), Some(listener)) => {
+            match crate::plugin::server::serve_inherited(listener, driver.clone()) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    warn!(error = %e, "Docker's network driver is not served");
+                    None
+                }
+            }
+        }
+        (Some(path), None) => match crate::plugin::server::serve(path, driver.clone()).await {
             Ok(server) => {
                 info!(socket = %server.path().display(), "serving Docker's network and IPAM driver \"netagent\"");
                 Some(server)
@@ -78,7 +94,7 @@ async fn serve<S: Store>(cfg: Config, store: S, listener: tokio::net::UnixListen
                 None
             }
         },
-        None => None,
+        (None, _) => None,
     };
     let agent = tokio::select! {
         a = Agent::start(cfg, store) => a?,

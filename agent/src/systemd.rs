@@ -171,6 +171,46 @@ pub fn summary(s: &Status) -> String {
     line
 }
 
+/// The listening socket systemd passed under `name` (a socket unit's
+/// `FileDescriptorName=`), if this process was started with one: the socket-activation
+/// protocol's `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`, descriptors from 3 on.
+/// Each descriptor is taken at most once per process.
+pub fn listening_socket(name: &str) -> Option<std::os::unix::net::UnixListener> {
+    use std::os::fd::FromRawFd;
+    static TAKEN: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+    const FIRST: i32 = 3;
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if pid != std::process::id() {
+        return None;
+    }
+    let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let index = names.split(':').position(|n| n == name)? as i32;
+    if index >= count {
+        return None;
+    }
+    let fd = FIRST + index;
+    let mut taken = TAKEN.lock().unwrap();
+    if taken.contains(&fd) {
+        return None;
+    }
+    taken.push(fd);
+    // SAFETY: systemd handed this descriptor to this process, and it is taken once.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // A unix socket with a path, or not ours to serve.
+    let bound = listener.local_addr().ok()?.as_pathname().is_some();
+    if !bound {
+        warn!(
+            fd,
+            name, "systemd passed a descriptor that is not a unix socket with a path; ignored"
+        );
+        return None;
+    }
+    // systemd's descriptors are blocking; tokio needs them not to be.
+    listener.set_nonblocking(true).ok()?;
+    Some(listener)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

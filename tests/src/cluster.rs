@@ -36,6 +36,9 @@ pub struct Cluster {
     local_store: bool,
     /// Per host: the Docker engine its agent follows (None: integration off).
     pub docker_sockets: Vec<Option<PathBuf>>,
+    /// Per host: where its agent serves Docker's network and IPAM plugin API
+    /// (`[docker] plugin_socket`; None: not served, `plugin_socket = ""`).
+    pub plugin_sockets: Vec<Option<PathBuf>>,
     /// Per host: lines for its agent's `[mesh]` table.
     pub mesh_config: Vec<String>,
     /// etcd's CA and certificates (None: plaintext etcd or the local store).
@@ -78,6 +81,7 @@ impl Cluster {
             dns_extra: String::new(),
             local_store: false,
             docker_sockets: vec![None; hosts],
+            plugin_sockets: vec![None; hosts],
             mesh_config: vec![String::new(); hosts],
             pki: None,
             store_keys: vec![None; hosts],
@@ -110,6 +114,7 @@ impl Cluster {
             dns_extra: String::new(),
             local_store: true,
             docker_sockets: vec![None],
+            plugin_sockets: vec![None],
             mesh_config: vec![String::new()],
             pki: None,
             store_keys: vec![None],
@@ -265,10 +270,21 @@ impl Cluster {
                 self.lease_ttl
             )
         };
-        let docker = match &self.docker_sockets[host - 1] {
+        let mut docker = match &self.docker_sockets[host - 1] {
             Some(socket) => format!("socket = \"{}\"", socket.display()),
             None => "enabled = false".into(),
         };
+        // Off unless asked for: the default socket is in the machine's one plugin directory.
+        match (
+            &self.docker_sockets[host - 1],
+            &self.plugin_sockets[host - 1],
+        ) {
+            (_, Some(plugin)) => {
+                docker.push_str(&format!("\nplugin_socket = \"{}\"", plugin.display()))
+            }
+            (Some(_), None) => docker.push_str("\nplugin_socket = \"\""),
+            (None, None) => {}
+        }
         let mesh = &self.mesh_config[host - 1];
         // Each host's own UAPI socket: the default path is one per machine.
         let uapi = if mesh.contains("uapi_socket") {

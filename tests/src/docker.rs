@@ -6,7 +6,14 @@
 //! the latter mounts a private /sys, which hides the cgroup hierarchies dockerd needs.
 //! As on a freshly booted Docker host, forwarding is off until dockerd turns it on,
 //! so dockerd sets its iptables FORWARD policy to DROP, as users' hosts have it.
+//!
+//! [`DockerHost::start_with_plugins`] also gives dockerd a mount namespace of its own
+//! in which `<dir>/plugins` is /run/docker/plugins: the legacy plugin directory is one
+//! per machine, and each test engine must find only its own host's plugin socket.
+//! `<dir>` is a shared mount, so the network namespaces dockerd mounts under it
+//! (its containers' SandboxKeys) are visible to agents in the root mount namespace.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -15,6 +22,11 @@ use crate::cluster::wait_for;
 use crate::run::{sh, sh_ok};
 
 pub const IMAGE: &str = "netagent-test-busybox";
+
+/// Where a test dockerd takes the subnets of networks it makes by itself
+/// (`docker_gwbridge`): [`GATEWAY_POOL`], in /24s.
+const GATEWAY_POOL_FLAG: &str = "base=100.126.0.0/16,size=24";
+pub const GATEWAY_POOL: &str = "100.126.0.0/16";
 
 /// Root, dockerd and busybox, or a printed skip (a failure under CI=true).
 pub fn require_docker(test: &str) -> bool {
@@ -41,7 +53,33 @@ pub struct DockerHost {
     dockerd: Option<Child>,
     /// More dockerd flags (e.g. `--storage-driver vfs`).
     flags: Vec<String>,
+    /// dockerd runs in its own mount namespace with `<dir>/plugins` as its plugin directory.
+    own_plugin_dir: bool,
 }
+
+/// A file for [`DockerHost::build_image`].
+pub enum ImageFile<'a> {
+    /// These bytes.
+    Bytes(&'a [u8]),
+    /// A copy of this file on the test machine.
+    Copy(&'a Path),
+}
+
+/// Run by `unshare --mount` before dockerd: `$1` (the host's plugin directory) becomes
+/// /run/docker/plugins and `$2` (an empty directory) hides the machine's plugin spec
+/// directories; `$3` is the network namespace. The mount holding /run/docker/plugins
+/// is made private (only it: `<dir>` must stay shared) so these mounts stay here.
+const PLUGIN_DIR_SETUP: &str = r#"set -e
+mkdir -p /run/docker/plugins
+mount --make-private "$(findmnt -n -o TARGET --target /run/docker/plugins)"
+mount --bind "$1" /run/docker/plugins
+for spec in /etc/docker/plugins /usr/lib/docker/plugins; do
+  if [ -d "$spec" ]; then mount --bind "$2" "$spec"; fi
+done
+netns=$3
+shift 3
+exec nsenter --net="$netns" "$@"
+"#;
 
 impl DockerHost {
     /// Starts dockerd in `netns`, keeping its files under `dir`, and builds the image.
@@ -51,6 +89,23 @@ impl DockerHost {
 
     /// As [`DockerHost::start`], with more dockerd flags.
     pub fn start_with(netns: &str, dir: &Path, flags: &[&str]) -> Self {
+        Self::launch(netns, dir, flags, false)
+    }
+
+    /// As [`DockerHost::start`], with dockerd seeing [`DockerHost::plugin_dir`] (and
+    /// nothing else) as its legacy plugin directory /run/docker/plugins.
+    pub fn start_with_plugins(netns: &str, dir: &Path) -> Self {
+        // Networks Docker makes by itself (its gateway bridge for driver networks'
+        // egress) inside the test ranges too.
+        Self::launch(
+            netns,
+            dir,
+            &["--default-address-pool", GATEWAY_POOL_FLAG],
+            true,
+        )
+    }
+
+    fn launch(netns: &str, dir: &Path, flags: &[&str], own_plugin_dir: bool) -> Self {
         remove_stale();
         std::fs::create_dir_all(dir).unwrap();
         sh_ok(&format!(
@@ -62,19 +117,88 @@ impl DockerHost {
             dir: dir.to_owned(),
             dockerd: None,
             flags: flags.iter().map(|f| f.to_string()).collect(),
+            own_plugin_dir,
         };
+        if own_plugin_dir {
+            std::fs::create_dir_all(host.plugin_dir()).unwrap();
+            std::fs::create_dir_all(dir.join("no-plugin-specs")).unwrap();
+            // Shared, so what dockerd mounts under `dir` in its namespace shows here too.
+            sh_ok(&format!(
+                "mount --bind {d} {d} && mount --make-shared {d}",
+                d = dir.display()
+            ));
+        }
         host.start_engine();
-        let img = dir.join("img");
-        std::fs::create_dir_all(&img).unwrap();
-        std::fs::copy("/bin/busybox", img.join("busybox"))
-            .expect("/bin/busybox (Debian's busybox-static)");
-        std::fs::write(
-            img.join("Dockerfile"),
-            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nRUN [\"/bin/mkdir\", \"-p\", \"/www\", \"/tmp\"]\n",
-        )
-        .unwrap();
-        host.docker_ok(&["build", "-q", "-t", IMAGE, img.to_str().unwrap()]);
+        host.build_image(
+            IMAGE,
+            &[("/bin/busybox", ImageFile::Copy(Path::new("/bin/busybox")))],
+            "RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nRUN [\"/bin/mkdir\", \"-p\", \"/www\", \"/tmp\"]\n",
+        );
         host
+    }
+
+    /// Where this engine looks for legacy plugin sockets (with
+    /// [`DockerHost::start_with_plugins`]): a plugin listening on `<dir>/NAME.sock` is
+    /// the driver `NAME`.
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.dir.join("plugins")
+    }
+
+    /// The running dockerd's process id.
+    pub fn dockerd_pid(&self) -> Option<u32> {
+        self.dockerd.as_ref().map(Child::id)
+    }
+
+    /// Builds image `name` `FROM scratch` with `files` (path in the image, content;
+    /// all executable) and then the Dockerfile lines `dockerfile_extra`.
+    pub fn build_image(&self, name: &str, files: &[(&str, ImageFile<'_>)], dockerfile_extra: &str) {
+        let context = self.dir.join("images").join(name);
+        let _ = std::fs::remove_dir_all(&context);
+        std::fs::create_dir_all(&context).unwrap();
+        let mut dockerfile = String::from("FROM scratch\n");
+        for (i, (target, content)) in files.iter().enumerate() {
+            let local = context.join(format!("f{i}"));
+            match content {
+                ImageFile::Bytes(bytes) => std::fs::write(&local, bytes).unwrap(),
+                ImageFile::Copy(from) => {
+                    std::fs::copy(from, &local)
+                        .unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+                }
+            }
+            std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o755)).unwrap();
+            dockerfile.push_str(&format!("COPY f{i} {target}\n"));
+        }
+        dockerfile.push_str(dockerfile_extra);
+        std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
+        self.docker_ok(&["build", "-q", "-t", name, context.to_str().unwrap()]);
+    }
+
+    /// Runs Debian's `docker-compose` (1.29) against this engine in `project_dir`
+    /// (`-f` paths are relative to it). Compose files see `BUSYBOX_IMAGE` set to the
+    /// test image: no registry is reachable.
+    pub fn compose(&self, project_dir: &Path, args: &[&str]) -> Output {
+        Command::new("docker-compose")
+            .current_dir(project_dir)
+            .arg("--project-directory")
+            .arg(project_dir)
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .env("BUSYBOX_IMAGE", IMAGE)
+            .output()
+            .expect("run docker-compose (Debian's docker-compose)")
+    }
+
+    /// [`DockerHost::compose`] that must succeed; returns its stdout.
+    pub fn compose_ok(&self, project_dir: &Path, args: &[&str]) -> String {
+        let out = self.compose(project_dir, args);
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Starts dockerd (again) and waits until it answers.
@@ -85,8 +209,20 @@ impl DockerHost {
             .open(self.dir.join("dockerd.log"))
             .unwrap();
         let d = |p: &str| self.dir.join(p).display().to_string();
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns))
+        let netns = format!("/run/netns/{}", self.netns);
+        let mut command = if self.own_plugin_dir {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "unchanged", "sh", "-c"])
+                .args([PLUGIN_DIR_SETUP, "sh"])
+                .args([&d("plugins"), &d("no-plugin-specs"), &netns]);
+            c
+        } else {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={netns}"));
+            c
+        };
+        // unshare, sh and nsenter each exec the next: the child's pid is dockerd's.
+        let child = command
             .args([
                 "dockerd",
                 "--data-root",

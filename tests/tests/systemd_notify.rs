@@ -109,3 +109,73 @@ fn the_agent_tells_systemd_its_state_and_pings_the_watchdog() {
         "no STOPPING=1 on SIGTERM: {last:?}"
     );
 }
+
+/// What `netagent-plugin.socket` does at boot: systemd listens on the plugin socket
+/// before any service starts and hands it to the agent (`LISTEN_FDS`), so a dockerd
+/// that connects before the agent runs is answered once it does, with no socket file
+/// of the agent's own. Here a small program plays systemd's part: it binds and
+/// listens, then execs the agent with the socket as descriptor 3.
+#[test]
+fn the_agent_serves_the_plugin_socket_systemd_passes_it() {
+    root_test!();
+    let mut c = Cluster::new(1, 3);
+    let socket = c.dir.join("plugins").join("netagent.sock");
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    // The engine is not needed to answer the handshake; the agent only says it is away.
+    c.docker_sockets[0] = Some(c.dir.join("no-docker.sock"));
+    c.plugin_sockets[0] = Some(socket.clone());
+    let systemd = "import os, socket, sys\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+        s.bind(sys.argv[1]); s.listen(16)\n\
+        os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n\
+        os.environ['LISTEN_PID'] = str(os.getpid())\n\
+        os.execv(sys.argv[2], sys.argv[2:])\n";
+    c.agent_env[0] = vec![
+        "LISTEN_FDS=1".into(),
+        "LISTEN_FDNAMES=docker-plugin".into(),
+        "python3".into(),
+        "-c".into(),
+        systemd.into(),
+        socket.display().to_string(),
+    ];
+    // etcd down: the agent is still starting, and the plugin socket answers anyway.
+    c.stop_etcd();
+    c.spawn_agent(1);
+    let activate = || {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "3", "-X", "POST", "--unix-socket"])
+            .arg(&socket)
+            .arg("http://plugin/Plugin.Activate")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    netagent_tests::cluster::wait_for(Duration::from_secs(20), "the plugin's handshake", || {
+        activate().contains("\"NetworkDriver\"")
+    });
+    assert_eq!(
+        activate(),
+        r#"{"Implements":["NetworkDriver","IpamDriver"]}"#
+    );
+    let log = c.log(1);
+    assert!(
+        log.contains("Docker plugin socket passed by systemd"),
+        "{log}"
+    );
+    // A driver call before the store is read: refused at once, saying why.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "3", "-X", "POST", "--unix-socket"])
+        .arg(&socket)
+        .args([
+            "-d",
+            r#"{"Pool":"100.80.0.0/16"}"#,
+            "http://plugin/IpamDriver.RequestPool",
+        ])
+        .output()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(reply.contains("netagent is starting"), "{reply}");
+    // The socket stays systemd's: the agent's exit leaves it in place.
+    c.kill_agent(1);
+    assert!(socket.exists());
+}

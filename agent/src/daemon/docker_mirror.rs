@@ -148,6 +148,25 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 })
                 .collect()
         });
+        // Its own DNS servers (`--dns`, Compose `dns:`) stay its upstreams.
+        let keys: Vec<String> = self.local.read(|endpoints| {
+            endpoints
+                .iter()
+                .filter(|(_, e)| {
+                    e.docker_endpoint
+                        .as_deref()
+                        .is_some_and(|id| c.networks.iter().any(|n| n.endpoint_id == id))
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
+        });
+        let mut upstreams_changed = false;
+        for key in keys {
+            upstreams_changed |= self.local.set_upstreams(&key, &c.dns_servers);
+        }
+        if upstreams_changed {
+            self.local_endpoints_changed().await;
+        }
         if changed.is_empty() {
             return;
         }

@@ -101,6 +101,17 @@ impl LocalEndpoints {
         }
     }
 
+    /// Changes the DNS servers of the endpoint at `key`; true if they changed.
+    pub fn set_upstreams(&self, key: &str, upstreams: &[std::net::SocketAddr]) -> bool {
+        match self.endpoints.lock().unwrap().get_mut(key) {
+            Some(e) if e.upstreams != upstreams => {
+                e.upstreams = upstreams.to_vec();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records the identity of an endpoint's namespace, found after its attach (a
     /// Docker sandbox appears after the join); false if the endpoint is gone or
     /// names another namespace now.

@@ -54,8 +54,8 @@ const LINGER_BYTES: usize = 64 << 10;
 /// ends every connection, and removes the socket file if it is still this one.
 pub struct PluginServer {
     path: PathBuf,
-    /// (device, inode) of the socket file bound.
-    file: (u64, u64),
+    /// (device, inode) of the socket file bound; None: systemd's socket.
+    file: Option<(u64, u64)>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -82,8 +82,8 @@ impl Drop for PluginServer {
             accept.abort();
         }
         // Another server may have replaced the file since: its socket is left alone.
-        let ours =
-            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| Some((m.dev(), m.ino())) == self.file);
         if ours {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 warn!(path = %self.path.display(), error = %e, "cannot remove the plugin socket");
@@ -95,6 +95,31 @@ impl Drop for PluginServer {
 /// Serves Docker's network and IPAM driver API on the unix socket `path`.
 pub async fn serve(path: &Path, driver: Arc<dyn Driver>) -> Result<PluginServer, PluginError> {
     serve_with(path, driver, LIMITS, LINGER).await
+}
+
+/// Serves on a socket systemd listens on for the agent (socket activation): dockerd
+/// can connect from boot, before the agent runs. The file stays systemd's.
+pub fn serve_inherited(
+    listener: std::os::unix::net::UnixListener,
+    driver: Arc<dyn Driver>,
+) -> Result<PluginServer, PluginError> {
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_owned))
+        .unwrap_or_default();
+    let listener = UnixListener::from_std(listener).map_err(|source| PluginError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    info!(path = %path.display(), "Docker plugin socket passed by systemd");
+    let accept = tokio::spawn(accept_loop(listener, driver, LIMITS, LINGER));
+    Ok(PluginServer {
+        path,
+        // No file of ours: nothing is removed on close.
+        file: None,
+        accept: Some(accept),
+    })
 }
 
 async fn serve_with(
@@ -112,7 +137,7 @@ async fn serve_with(
     let accept = tokio::spawn(accept_loop(listener, driver, limits, linger));
     Ok(PluginServer {
         path: path.to_owned(),
-        file: (meta.dev(), meta.ino()),
+        file: Some((meta.dev(), meta.ino())),
         accept: Some(accept),
     })
 }

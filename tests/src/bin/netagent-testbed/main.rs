@@ -2,6 +2,7 @@
 //! (scripts/bench/). Runs as root; everything it makes is removed on exit.
 
 mod bench_convergence;
+mod bench_docker;
 mod bench_overlay;
 mod bench_scale;
 mod bench_wireguard;
@@ -59,6 +60,15 @@ enum Command {
         #[arg(default_value_t = 100)]
         attaches: usize,
     },
+    /// Two hosts with a dockerd and an agent serving the Docker network driver each:
+    /// `docker run -d` latency on a netagent network against a Docker bridge network
+    /// and `--network none`, and a container started on host 1 -> its name resolving
+    /// in a container on host 2. Last line: key=value figures.
+    BenchDocker {
+        /// Containers per measured kind.
+        #[arg(default_value_t = 50)]
+        containers: usize,
+    },
     /// HOSTS agents against one etcd, 10 endpoints each: convergence, attach to
     /// resolvable on every host, an etcd restart, memory and idle CPU. Last line:
     /// key=value figures.
@@ -94,6 +104,7 @@ fn main() {
         Command::DnsAgent { namespaces } => dns_agent::run(namespaces),
         Command::DnsMemory => dns_memory::run(),
         Command::BenchConvergence { attaches } => bench_convergence::run(attaches),
+        Command::BenchDocker { containers } => bench_docker::run(containers),
         Command::BenchScale { hosts, agent_bin } => bench_scale::run(hosts, agent_bin),
         Command::BenchWireguard {
             seconds,

@@ -703,3 +703,289 @@ fn bad_input_is_refused_with_the_fix_and_leaves_nothing_behind() {
         assert_eq!(got, expected, "Docker networks on host {h}");
     }
 }
+
+/// A container's network namespace under /run/netns, for the test bed's probes;
+/// removed (the name only) when dropped.
+struct NamedNetns(String);
+
+impl NamedNetns {
+    fn of(d: &DockerHost, container: &str, name: &str) -> Self {
+        sh_ok(&format!("ip netns attach {name} {}", d.pid(container)));
+        NamedNetns(name.to_owned())
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip netns del {}", self.0));
+    }
+}
+
+/// Which of `targets` a TCP connection from namespace `netns` reaches.
+fn reachable(netns: &str, targets: &[std::net::SocketAddr]) -> Vec<std::net::SocketAddr> {
+    targets
+        .iter()
+        .copied()
+        .filter(|t| {
+            let t = *t;
+            netagent_tests::in_netns(netns, move || {
+                std::net::TcpStream::connect_timeout(&t, Duration::from_millis(800)).is_ok()
+            })
+            .join()
+            .unwrap()
+        })
+        .collect()
+}
+
+/// A container on a driver network has Docker's gateway bridge too; through either,
+/// it reaches none of its host's services (at the underlay address, the gateway
+/// bridge's or the network's gateway), the cluster store or a peer host, while the
+/// outside world and the network itself still work.
+#[test]
+fn driver_containers_reach_no_host_store_or_mesh() {
+    docker_test!();
+    let t = PluginCluster::new(2);
+    t.create_ch03();
+    let (h1, h2) = (&t.engines[0], &t.engines[1]);
+    h1.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "probe",
+        "--network",
+        "ch03",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    h2.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "peer",
+        "--network",
+        "ch03",
+        IMAGE,
+        "sh",
+        "-c",
+        "mkdir -p /www && echo peer > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]);
+    let probe = NamedNetns::of(h1, "probe", &format!("{}-probe", t.c.bed.id));
+    let (host1, host2) = (&t.c.bed.hosts[0], &t.c.bed.hosts[1]);
+    const SERVICE: u16 = 2222;
+    let _services: Vec<std::net::TcpListener> = [&host1.netns, &host2.netns, &t.c.bed.outside_ns]
+        .iter()
+        .map(|ns| {
+            netagent_tests::in_netns(ns, || {
+                std::net::TcpListener::bind(("0.0.0.0", SERVICE)).unwrap()
+            })
+            .join()
+            .unwrap()
+        })
+        .collect();
+    // The host's side of Docker's gateway bridge: the container's default gateway.
+    let gw_bridge: Ipv4Addr = h1
+        .docker_ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+            "docker_gwbridge",
+        ])
+        .parse()
+        .expect("docker_gwbridge has a gateway");
+    let at = |ip: Ipv4Addr, port: u16| std::net::SocketAddr::from((ip, port));
+    let forbidden = [
+        at(host1.underlay, SERVICE),
+        at(gw_bridge, SERVICE),
+        at(Ipv4Addr::new(100, 80, 0, 1), SERVICE),
+        at(host2.underlay, SERVICE),
+        at(netagent_tests::cluster::ETCD_ADDRESS, 2379),
+    ];
+    assert_eq!(
+        reachable(&probe.0, &forbidden),
+        vec![],
+        "a driver container reached these"
+    );
+    // What must keep working: the outside world (egress through Docker's bridge) and
+    // the network across hosts, by name.
+    let outside = at(OUTSIDE_ADDRESS, SERVICE);
+    assert_eq!(reachable(&probe.0, &[outside]), vec![outside]);
+    wait_for(Duration::from_secs(10), "peer by name from host 1", || {
+        h1.docker(&[
+            "exec",
+            "probe",
+            "timeout",
+            "3",
+            "wget",
+            "-qO-",
+            "http://peer:8080/",
+        ])
+        .stdout
+        .starts_with(b"peer")
+    });
+}
+
+/// Restarts: dockerd restarted with containers that have restart policies (they come
+/// back attached and resolvable on both hosts, a pinned --ip kept); the agent
+/// restarted under running containers (none loses its network); etcd away (a start
+/// fails at once, saying why, and works once etcd is back).
+#[test]
+fn containers_come_back_after_engine_and_agent_restarts() {
+    docker_test!();
+    let mut t = PluginCluster::new(2);
+    t.create_ch03();
+    let web = |d: &DockerHost, name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--restart",
+            "always",
+            "--name",
+            name,
+            "--network",
+            "ch03",
+            "--network-alias",
+            "api",
+        ];
+        args.extend_from_slice(extra);
+        args.extend([
+            IMAGE,
+            "sh",
+            "-c",
+            "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ]);
+        d.docker_ok(&args);
+    };
+    web(&t.engines[0], "pinned", &["--ip", "100.80.0.77"]);
+    web(&t.engines[0], "loose", &[]);
+    t.engines[1].docker_ok(&[
+        "run",
+        "-d",
+        "--restart",
+        "always",
+        "--name",
+        "client",
+        "--network",
+        "ch03",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    let api_from_host2 = |t: &PluginCluster| -> BTreeSet<Ipv4Addr> {
+        resolve_in(t.engines[1].pid("client"), "api")
+            .into_iter()
+            .collect()
+    };
+    let both = |t: &PluginCluster| {
+        [
+            ch03_address(&t.engines[0], "pinned"),
+            ch03_address(&t.engines[0], "loose"),
+        ]
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+    };
+    wait_for(
+        Duration::from_secs(10),
+        "api's two replicas from host 2",
+        || api_from_host2(&t) == both(&t),
+    );
+    assert_eq!(
+        ch03_address(&t.engines[0], "pinned"),
+        Ipv4Addr::new(100, 80, 0, 77)
+    );
+
+    // dockerd on host 1 stops (its containers with it) and starts again.
+    t.engines[0].stop_engine();
+    wait_for(
+        Duration::from_secs(10),
+        "api gone from host 2's answers",
+        || api_from_host2(&t).is_empty(),
+    );
+    t.engines[0].start_engine();
+    wait_for(
+        Duration::from_secs(60),
+        "both replicas back in host 2's answers",
+        || {
+            t.engines[0]
+                .docker(&["inspect", "-f", "{{.State.Running}}", "loose"])
+                .stdout
+                .starts_with(b"true")
+                && api_from_host2(&t) == both(&t)
+        },
+    );
+    assert_eq!(
+        ch03_address(&t.engines[0], "pinned"),
+        Ipv4Addr::new(100, 80, 0, 77)
+    );
+    let url = "http://api:8080/";
+    wait_for(
+        Duration::from_secs(10),
+        "HTTP across hosts after the engine's restart",
+        || {
+            t.engines[1]
+                .docker(&["exec", "client", "timeout", "3", "wget", "-qO-", url])
+                .status
+                .success()
+        },
+    );
+
+    // The agent on host 1 restarts under running containers: nothing moves.
+    let before = both(&t);
+    t.c.kill_agent(1);
+    t.c.start_agent(1);
+    wait_for(
+        Duration::from_secs(10),
+        "the same answers after the agent's restart",
+        || api_from_host2(&t) == before,
+    );
+    assert_eq!(both(&t), before);
+    let pid = t.engines[0].pid("loose");
+    wait_for(
+        Duration::from_secs(10),
+        "host 1's container resolves through its new agent",
+        || resolve_in(pid, "client") == vec![ch03_address(&t.engines[1], "client")],
+    );
+
+    // etcd away: a new container's join fails at once with the reason; back: it starts.
+    t.c.stop_etcd();
+    let started = std::time::Instant::now();
+    let out = t.engines[0].docker(&[
+        "run",
+        "-d",
+        "--name",
+        "late",
+        "--network",
+        "ch03",
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with etcd away");
+    assert!(err.contains("store"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    t.c.start_etcd();
+    t.engines[0].docker_ok(&["rm", "-f", "late"]);
+    wait_for(Duration::from_secs(30), "a start once etcd is back", || {
+        let _ = t.engines[0].docker(&["rm", "-f", "late"]);
+        t.engines[0]
+            .docker(&[
+                "run",
+                "-d",
+                "--name",
+                "late",
+                "--network",
+                "ch03",
+                IMAGE,
+                "sleep",
+                "3600",
+            ])
+            .status
+            .success()
+    });
+}

@@ -206,7 +206,10 @@ pub fn listening_socket(name: &str) -> Option<std::os::unix::net::UnixListener> 
         );
         return None;
     }
-    // systemd's descriptors are blocking; tokio needs them not to be.
+    // A copy closed on exec (systemd's descriptor is not): the programs the agent
+    // runs must not hold the plugin socket open. systemd's descriptors are blocking;
+    // tokio needs them not to be.
+    let listener = listener.try_clone().ok()?;
     listener.set_nonblocking(true).ok()?;
     Some(listener)
 }

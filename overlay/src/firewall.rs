@@ -212,7 +212,7 @@ fn render_body(spec: &FirewallSpec) -> String {
          \tchain overlay_egress {{\n\
          \t\tip daddr @protected drop\n\
          \t\toifname \"{MESH_INTERFACE}\" drop\n\
-         \t\toifname {{ \"docker0\", \"br-*\" }} drop\n\
+         \t\toifname {{ \"docker0\", \"br-*\", \"{DOCKER_GATEWAY_BRIDGE}\" }} drop\n\
          \t\tudp dport {vxlan} drop\n\
          \t\t{mark} accept\n\
          \t}}\n"
@@ -728,7 +728,10 @@ mod tests {
         assert_eq!(egress[1], "oifname \"nawg0\" drop");
         // Nor to containers on Docker's bridges (past Docker's own isolation), nor
         // VXLAN to anyone's port.
-        assert_eq!(egress[2], "oifname { \"docker0\", \"br-*\" } drop");
+        assert_eq!(
+            egress[2],
+            "oifname { \"docker0\", \"br-*\", \"docker_gwbridge\" } drop"
+        );
         assert_eq!(egress[3], "udp dport { 4789, 4790 } drop");
         assert!(egress[4].ends_with(" accept"));
         assert!(render(&FirewallSpec::default()).contains("set protected"));

@@ -48,7 +48,8 @@ pub(super) struct Joined {
 /// A Docker endpoint's id in the store: the engine's endpoint id (its namespace is
 /// not there yet when the endpoint is made).
 fn docker_endpoint_id(endpoint: &str) -> String {
-    format!("docker:{}", &endpoint[..endpoint.len().min(12)])
+    let short: String = endpoint.chars().take(12).collect();
+    format!("docker:{short}")
 }
 /// Driver options a netagent network takes (`-o`, Compose `driver_opts`).
 const OPTIONS: &str = "encrypted=true|false, block_size=PREFIX, mtu=BYTES, vni=N";
@@ -87,6 +88,8 @@ pub(super) struct DriverBook {
     book: StdMutex<Book>,
     save: tokio::sync::Mutex<()>,
     reserved: StdMutex<BTreeMap<Ipv4Addr, String>>,
+    /// Keys of this host's endpoints whose record the store has not taken yet.
+    unrecorded: StdMutex<BTreeSet<String>>,
 }
 
 impl DriverBook {
@@ -104,6 +107,7 @@ impl DriverBook {
             book: StdMutex::new(book),
             save: tokio::sync::Mutex::new(()),
             reserved: StdMutex::new(BTreeMap::new()),
+            unrecorded: StdMutex::new(BTreeSet::new()),
         }
     }
 
@@ -143,6 +147,15 @@ impl DriverBook {
             }
         })
         .await;
+    }
+
+    /// The store missed this endpoint's record: written again once it is back.
+    pub(super) fn owe_record(&self, key: &str) {
+        self.unrecorded.lock().unwrap().insert(key.to_owned());
+    }
+
+    pub(super) fn owes_records(&self) -> bool {
+        !self.unrecorded.lock().unwrap().is_empty()
     }
 
     fn reserved_addresses(&self) -> BTreeSet<Ipv4Addr> {
@@ -332,7 +345,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let existing: Vec<NetworkRecord> = self.view.read(|c| {
             c.networks
                 .values()
-                .filter(|n| n.subnet != subnet)
+                // The name is not known yet: only the subnet and options are checked.
+                .filter(|n| n.subnet != subnet && n.name != new.name)
                 .cloned()
                 .collect()
         });
@@ -394,7 +408,11 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         network_id: &str,
         endpoint_id: &str,
         address: &str,
+        mac: &str,
     ) -> Result<()> {
+        if !mac.is_empty() {
+            bail!("netagent networks give each container its MAC address; leave out --mac-address");
+        }
         if self.docker_book.network(network_id).is_none() {
             bail!("Docker network {network_id} is unknown to netagent; remove it and create it again with -d netagent --ipam-driver netagent");
         }
@@ -453,6 +471,13 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             bail!("sandbox {sandbox_key:?} is not a namespace path");
         }
         let network = self.network_of_subnet(net.subnet).await?;
+        if net.name.as_ref().is_some_and(|name| name != &network.name) {
+            bail!(
+                "Docker network {:?} is no longer a netagent network (its subnet is {:?}'s now); remove it and create it again",
+                net.name.unwrap_or_default(),
+                network.name
+            );
+        }
         let block = self.own_block(&network).await?;
         let joined = self
             .join_prepared(&network, block, endpoint_id, ep.address, sandbox_key)
@@ -463,9 +488,12 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             .lock()
             .unwrap()
             .remove(&ep.address);
-        let (key, peer) = joined?;
+        let (key, peer, owed) = joined?;
         self.docker_book.matched(network_id, &network.name).await;
         info!(network = network.name, address = %ep.address, endpoint = endpoint_id, "Docker endpoint joined");
+        if owed {
+            self.docker_book.owe_record(&key);
+        }
         let agent = self.clone();
         let netns = NetnsRef::Path(PathBuf::from(sandbox_key));
         self.spawn(async move { agent.finish_docker_join(key, netns).await });
@@ -485,7 +513,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         endpoint_id: &str,
         address: Ipv4Addr,
         sandbox_key: &str,
-    ) -> Result<(String, String)> {
+    ) -> Result<(String, String, bool)> {
         let _changes = self.changes.lock().await;
         let key = model::endpoint_key(&network.name, address);
         let joined = self.local.read(|endpoints| {
@@ -546,33 +574,70 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 });
             }
         };
+        let mut owed = false;
         if !joined {
             let txn = Txn::default()
                 .when(Compare::Absent(key.clone()))
                 .put(key.clone(), model::encode(&local.record));
-            let stored = self.view.commit(txn).await;
-            if !matches!(stored, Ok(true)) {
-                if let Err(e) = self.datapath.detach(address).await {
-                    warn!(error = %e, %address, "undoing the join failed; the next reconcile removes it");
+            match self.view.commit(txn).await {
+                Ok(true) => {}
+                // The address is of this host's own block, which no other host hands
+                // out: the container starts, and its record follows the store's return.
+                Err(e) => {
+                    warn!(%address, network = network.name, error = %e, "the store is away: the container starts with its address, and its record is written when the store is back");
+                    owed = true;
                 }
-                return Err(match stored {
-                    Err(e) => anyhow!("{e}; the container was not attached (the store must be reachable)"),
-                    _ => anyhow!("address {address} was taken in the store meanwhile; start the container again"),
-                });
+                Ok(false) => {
+                    if let Err(e) = self.datapath.detach(address).await {
+                        warn!(error = %e, %address, "undoing the join failed; the next reconcile removes it");
+                    }
+                    bail!("address {address} was taken in the store meanwhile; start the container again");
+                }
             }
             self.local.insert(key.clone(), local);
             self.reconciler.attached(&spec, endpoint);
             self.publish_dns();
             self.local.save().await;
         }
-        Ok((key, peer))
+        Ok((key, peer, owed))
+    }
+
+    /// Writes the records of this host's endpoints that the store missed (a join or
+    /// a naming while it was away), from what this host holds now; each until the
+    /// store takes it, or the endpoint has gone.
+    pub(super) async fn write_unrecorded(&self) {
+        let keys: Vec<String> = self
+            .docker_book
+            .unrecorded
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        for key in keys {
+            let _changes = self.changes.lock().await;
+            let Some(record) = self
+                .local
+                .read(|endpoints| endpoints.get(&key).map(|e| e.record.clone()))
+            else {
+                self.docker_book.unrecorded.lock().unwrap().remove(&key);
+                continue;
+            };
+            let txn = Txn::default().put(key.clone(), model::encode(&record));
+            if self.view.commit(txn).await.is_err() {
+                return;
+            }
+            info!(key, "store back: the endpoint's record is written");
+            self.docker_book.unrecorded.lock().unwrap().remove(&key);
+            self.publish_dns();
+        }
     }
 
     /// Once the container's namespace exists: its DNS listener, then the rules that
     /// keep Docker's resolver off port 53. Raced against the container's first
     /// process; a query that wins the race is answered by Docker's resolver (this
     /// host's replicas), every later one by the embedded DNS.
-    async fn finish_docker_join(self: Arc<Self>, key: String, netns: NetnsRef) {
+    pub(super) async fn finish_docker_join(self: Arc<Self>, key: String, netns: NetnsRef) {
         let ino = match self.datapath.wait_for_namespace(&netns, SANDBOX_WAIT).await {
             Ok(ino) => ino,
             Err(e) => {
@@ -580,6 +645,10 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 return;
             }
         };
+        if self.host_namespaces.contains(&ino) {
+            warn!(key, netns = %netns, "the sandbox is the host's own namespace; it gets no DNS listener");
+            return;
+        }
         {
             let _changes = self.changes.lock().await;
             if !self.local.set_identity(&key, &netns, ino) {
@@ -602,8 +671,22 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 .map(|(k, _)| k.clone())
         });
         if let Some(key) = key {
+            let held = self.local.read(|endpoints| {
+                endpoints
+                    .get(&key)
+                    .map(|e| (e.record.address, e.record.network.clone()))
+            });
             self.retire(&key, "left its Docker network", Retire::KernelFirst)
                 .await?;
+            // The engine holds the address until its ReleaseAddress: nobody else
+            // gets it before.
+            if let Some((address, network)) = held {
+                self.docker_book
+                    .reserved
+                    .lock()
+                    .unwrap()
+                    .insert(address, network);
+            }
         }
         Ok(())
     }

@@ -82,10 +82,14 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 .create_netagent_network(&n.name, n.subnet, options_of(n))
                 .await
             {
-                Ok(_) => info!(
-                    network = n.name,
-                    "netagent network mirrored as a Docker network"
-                ),
+                Ok(id) => {
+                    // Known as this network from now: never registered as a new one.
+                    self.docker_book.matched(&id, &n.name).await;
+                    info!(
+                        network = n.name,
+                        "netagent network mirrored as a Docker network"
+                    )
+                }
                 Err(e @ DockerError::Unreachable { .. }) => return Err(e),
                 Err(e) => {
                     warn!(network = n.name, error = %e, "cannot mirror the netagent network as a Docker network")
@@ -177,7 +181,11 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                     info!(container = c.name, network = record.network, address = %record.address, "container named in the DNS");
                     self.local.update_record(&key, record);
                 }
-                Err(e) => warn!(key, error = %e, "cannot record the container's names"),
+                Err(e) => {
+                    warn!(key, error = %e, "cannot record the container's names yet; written when the store is back");
+                    self.local.update_record(&key, record);
+                    self.docker_book.owe_record(&key);
+                }
             }
         }
         self.publish_dns();

@@ -41,6 +41,9 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                     if self.view.has_owed() {
                         self.view.pay_owed().await;
                     }
+                    if self.docker_book.owes_records() {
+                        self.write_unrecorded().await;
+                    }
                 }
                 () = self.datapath.namespace_may_be_gone() => {}
             }

@@ -196,6 +196,16 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             }
         }
         agent.adopt().await;
+        let waiting: Vec<(String, NetnsRef)> = agent.local.read(|endpoints| {
+            endpoints
+                .iter()
+                .filter(|(_, e)| e.ino == 0 && e.docker_endpoint.is_some())
+                .map(|(k, e)| (k.clone(), e.netns.clone()))
+                .collect()
+        });
+        for (key, netns) in waiting {
+            agent.spawn(agent.clone().finish_docker_join(key, netns));
+        }
         agent.publish_dns();
         agent.reconcile_once(true).await;
         agent.listeners.release_unclaimed();
@@ -292,6 +302,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         }
         let watched = found
             .iter()
+            // A Docker sandbox not made yet is waited for again, not taken as gone.
+            .filter(|(_, e)| e.ino != 0)
             .map(|(k, e)| (k.clone(), e.netns.clone(), e.ino))
             .collect();
         let gone = self.datapath.gone(watched).await;

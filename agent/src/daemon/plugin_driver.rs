@@ -142,8 +142,13 @@ impl<S: Store, D: Datapath> Driver for PluginDriver<S, D> {
                 .as_ref()
                 .map(|i| i.address.as_str())
                 .unwrap_or("");
+            let mac = r
+                .interface
+                .as_ref()
+                .map(|i| i.mac_address.as_str())
+                .unwrap_or("");
             self.agent()?
-                .docker_create_endpoint(&r.network_id, &r.endpoint_id, address)
+                .docker_create_endpoint(&r.network_id, &r.endpoint_id, address, mac)
                 .await
                 .map_err(say)?;
             // Nothing echoed back: the engine rolls back an endpoint whose driver

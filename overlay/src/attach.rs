@@ -75,20 +75,7 @@ impl Host {
             .await?;
         let routed = async {
             self.harden_host_end(&host_name).await?;
-            let host = self
-                .nl
-                .link(&host_name)
-                .await?
-                .ok_or_else(|| Error::Worker(format!("{host_name} vanished")))?;
-            self.nl.set_up(host.index, &host_name).await?;
-            self.nl
-                .replace_neighbour(host.index, ep.address, ep.mac())
-                .await?;
-            self.nl
-                .replace_link_route(Ipv4Net::from(ep.address), host.index)
-                .await?;
-            // The commit point, as for any attach.
-            self.nl.set_alias(host.index, &host_name, &ep.id).await
+            self.route_host_end(ep).await
         }
         .await;
         if let Err(e) = routed {
@@ -246,6 +233,12 @@ impl Host {
                 .replace_route(Ipv4Net::default(), gateway, peer.index, true)
                 .await?;
         }
+        self.route_host_end(ep).await
+    }
+
+    /// The host end up, with the endpoint's neighbour entry and /32 route, and then
+    /// its id: the commit point of every attach.
+    async fn route_host_end(&self, ep: &Endpoint) -> Result<()> {
         let host_name = host_veth_name(ep.address);
         let host = self
             .nl
@@ -259,7 +252,6 @@ impl Host {
         self.nl
             .replace_link_route(Ipv4Net::from(ep.address), host.index)
             .await?;
-        // The commit point.
         self.nl.set_alias(host.index, &host_name, &ep.id).await
     }
 }

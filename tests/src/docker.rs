@@ -426,3 +426,24 @@ fn remove_stale() {
         remove_dir(&dir);
     }
 }
+
+/// A dockerd with its own plugin directory on every host of `c`, started first (as
+/// at boot), then each host's agent following it and serving the network driver in
+/// that directory. The engines must be dropped before `c`.
+pub fn engines_with_driver(c: &mut crate::cluster::Cluster) -> Vec<DockerHost> {
+    let hosts = c.bed.hosts.len();
+    let engines: Vec<DockerHost> = (1..=hosts)
+        .map(|h| {
+            let dir = std::env::temp_dir().join(format!("{}-docker{h}", c.bed.id));
+            DockerHost::start_with_plugins(&c.bed.hosts[h - 1].netns, &dir)
+        })
+        .collect();
+    for (i, e) in engines.iter().enumerate() {
+        c.docker_sockets[i] = Some(e.socket.clone());
+        c.plugin_sockets[i] = Some(e.plugin_dir().join("netagent.sock"));
+    }
+    for h in 1..=hosts {
+        c.start_agent(h);
+    }
+    engines
+}

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use netagent_tests::cluster::{wait_for, Cluster};
-use netagent_tests::docker::{resolve_in, DockerHost, ImageFile, GATEWAY_POOL, IMAGE};
+use netagent_tests::docker::{
+    engines_with_driver, resolve_in, DockerHost, ImageFile, GATEWAY_POOL, IMAGE,
+};
 use netagent_tests::{docker_test, sh, sh_ok, Testbed, OUTSIDE_ADDRESS};
 
 const SUBNET: &str = "100.80.0.0/16";
@@ -41,19 +43,7 @@ impl PluginCluster {
     /// following it and serving the plugin API in that engine's plugin directory.
     fn new(hosts: usize) -> Self {
         let mut c = Cluster::new(hosts, 3);
-        let engines: Vec<DockerHost> = (1..=hosts)
-            .map(|h| {
-                let dir = std::env::temp_dir().join(format!("{}-docker{h}", c.bed.id));
-                DockerHost::start_with_plugins(&c.bed.hosts[h - 1].netns, &dir)
-            })
-            .collect();
-        for (i, e) in engines.iter().enumerate() {
-            c.docker_sockets[i] = Some(e.socket.clone());
-            c.plugin_sockets[i] = Some(e.plugin_dir().join("netagent.sock"));
-        }
-        for h in 1..=hosts {
-            c.start_agent(h);
-        }
+        let engines = engines_with_driver(&mut c);
         PluginCluster { engines, c }
     }
 

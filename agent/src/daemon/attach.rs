@@ -238,14 +238,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             return Ok(self.endpoint_info(&existing));
         }
         let block = self.own_block(&network).await?;
-        let mut taken: BTreeSet<Ipv4Addr> = self
-            .view
-            .read(|c| c.endpoints_of(&network.name).map(|e| e.address).collect());
-        self.local.read(|endpoints| {
-            taken.extend(endpoints.values().map(|e| e.record.address));
-        });
-        // Deleted here, not yet in the store: its record would refuse the address.
-        taken.extend(self.view.owed_addresses(&network.name));
+        let taken = self.taken_addresses(&network.name);
         let address = ipam::free_address(block, &taken).ok_or_else(|| {
             anyhow!(
                 "network {:?}: this host's block {block} is full; create a network with larger blocks (--block-size)",
@@ -457,6 +450,21 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             Ok(()) => Ok(None),
             Err(e) => Ok(Some(e)),
         }
+    }
+
+    /// The addresses of `network` no new endpoint may have: those in the store, this
+    /// host's, those deleted here but not yet in the store (its record would refuse
+    /// the address), and those the Docker driver handed out and not yet released.
+    pub(super) fn taken_addresses(&self, network: &str) -> BTreeSet<Ipv4Addr> {
+        let mut taken: BTreeSet<Ipv4Addr> = self
+            .view
+            .read(|c| c.endpoints_of(network).map(|e| e.address).collect());
+        self.local.read(|endpoints| {
+            taken.extend(endpoints.values().map(|e| e.record.address));
+        });
+        taken.extend(self.view.owed_addresses(network));
+        taken.extend(self.docker_book.reserved_addresses());
+        taken
     }
 
     pub(super) fn endpoint_info(&self, e: &EndpointRecord) -> EndpointInfo {

@@ -158,7 +158,7 @@ impl DriverBook {
         !self.unrecorded.lock().unwrap().is_empty()
     }
 
-    fn reserved_addresses(&self) -> BTreeSet<Ipv4Addr> {
+    pub(super) fn reserved_addresses(&self) -> BTreeSet<Ipv4Addr> {
         self.reserved.lock().unwrap().keys().copied().collect()
     }
 }
@@ -262,14 +262,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         let network = self.network_of_subnet(subnet).await?;
         let block = self.own_block(&network).await?;
         let _changes = self.changes.lock().await;
-        let mut taken: BTreeSet<Ipv4Addr> = self
-            .view
-            .read(|c| c.endpoints_of(&network.name).map(|e| e.address).collect());
-        self.local.read(|endpoints| {
-            taken.extend(endpoints.values().map(|e| e.record.address));
-        });
-        taken.extend(self.view.owed_addresses(&network.name));
-        taken.extend(self.docker_book.reserved_addresses());
+        let taken = self.taken_addresses(&network.name);
         let address = match wanted {
             Some(a) => {
                 ipam::check_in_block(&network.name, block, a).map_err(|e| anyhow!(e))?;

@@ -42,19 +42,7 @@ impl DockerCluster {
     fn new() -> Self {
         let hosts = 2;
         let mut c = Cluster::new(hosts, 3);
-        let engines: Vec<DockerHost> = (1..=hosts)
-            .map(|h| {
-                let dir = std::env::temp_dir().join(format!("{}-docker{h}", c.bed.id));
-                DockerHost::start_with_plugins(&c.bed.hosts[h - 1].netns, &dir)
-            })
-            .collect();
-        for (i, e) in engines.iter().enumerate() {
-            c.docker_sockets[i] = Some(e.socket.clone());
-            c.plugin_sockets[i] = Some(e.plugin_dir().join("netagent.sock"));
-        }
-        for h in 1..=hosts {
-            c.start_agent(h);
-        }
+        let engines = netagent_tests::docker::engines_with_driver(&mut c);
         DockerCluster {
             engines,
             _cluster: c,

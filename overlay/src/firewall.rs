@@ -463,7 +463,7 @@ pub const DOCKER_GATEWAY_BRIDGE: &str = "docker_gwbridge";
 /// The table that keeps Docker's embedded resolver from taking the namespace's DNS.
 pub const DNS_DIVERT_TABLE: &str = "netagent_dns";
 
-/// The rules of [`DNS_DIVERT_TABLE`]: queries to 127.0.0.11:53 and their answers go
+/// The rules of the `netagent_dns` table: queries to 127.0.0.11:53 and their answers go
 /// untracked. Docker's resolver listens at 127.0.0.11 on a random port and DNATs port
 /// 53 to it in the container's nat table; NAT only ever applies to tracked packets,
 /// so untracked ones reach the embedded DNS listening at 127.0.0.11:53 itself. The

@@ -87,7 +87,7 @@ pub(super) struct DriverBook {
     file: PathBuf,
     book: StdMutex<Book>,
     save: tokio::sync::Mutex<()>,
-    reserved: StdMutex<BTreeMap<Ipv4Addr, String>>,
+    reserved: StdMutex<BTreeSet<Ipv4Addr>>,
     /// Keys of this host's endpoints whose record the store has not taken yet.
     unrecorded: StdMutex<BTreeSet<String>>,
 }
@@ -106,7 +106,7 @@ impl DriverBook {
             file,
             book: StdMutex::new(book),
             save: tokio::sync::Mutex::new(()),
-            reserved: StdMutex::new(BTreeMap::new()),
+            reserved: StdMutex::new(BTreeSet::new()),
             unrecorded: StdMutex::new(BTreeSet::new()),
         }
     }
@@ -159,7 +159,7 @@ impl DriverBook {
     }
 
     pub(super) fn reserved_addresses(&self) -> BTreeSet<Ipv4Addr> {
-        self.reserved.lock().unwrap().keys().copied().collect()
+        self.reserved.lock().unwrap().clone()
     }
 }
 
@@ -278,11 +278,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 )
             })?,
         };
-        self.docker_book
-            .reserved
-            .lock()
-            .unwrap()
-            .insert(address, network.name.clone());
+        self.docker_book.reserved.lock().unwrap().insert(address);
         // A /32, as every attached namespace has: routed, never bridged.
         Ok(Ipv4Net::from(address))
     }
@@ -664,21 +660,15 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 .map(|(k, _)| k.clone())
         });
         if let Some(key) = key {
-            let held = self.local.read(|endpoints| {
-                endpoints
-                    .get(&key)
-                    .map(|e| (e.record.address, e.record.network.clone()))
-            });
+            let held = self
+                .local
+                .read(|endpoints| endpoints.get(&key).map(|e| e.record.address));
             self.retire(&key, "left its Docker network", Retire::KernelFirst)
                 .await?;
             // The engine holds the address until its ReleaseAddress: nobody else
             // gets it before.
-            if let Some((address, network)) = held {
-                self.docker_book
-                    .reserved
-                    .lock()
-                    .unwrap()
-                    .insert(address, network);
+            if let Some(address) = held {
+                self.docker_book.reserved.lock().unwrap().insert(address);
             }
         }
         Ok(())

@@ -14,6 +14,7 @@ use super::Agent;
 use crate::docker::{labels, Container, DockerError, Engine};
 use crate::model::{self, EndpointRecord, NetworkRecord};
 use crate::names::check_dns_name;
+use crate::record_check::MAX_ALIASES;
 use crate::store::{Store, Txn};
 
 /// What the mirror last made the engine match: the cluster's networks by name and
@@ -119,14 +120,30 @@ impl<S: Store, D: Datapath> Agent<S, D> {
     /// names: the container's name, its Compose service, its aliases on each network
     /// (`--network-alias`, Compose `aliases:`) and its short id.
     pub(super) async fn name_driver_endpoints(&self, c: &Container) {
+        // The container's endpoints that joined through the driver, by key: none for
+        // most starts (labelled containers, other drivers), which then cost no lock.
+        let driver_endpoint = |e: &super::local::LocalEndpoint| {
+            e.docker_endpoint
+                .as_deref()
+                .and_then(|id| c.networks.iter().find(|n| n.endpoint_id == id))
+        };
+        let mine = |endpoints: &std::collections::BTreeMap<String, super::local::LocalEndpoint>| {
+            endpoints
+                .iter()
+                .filter(|(_, e)| driver_endpoint(e).is_some())
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<String>>()
+        };
+        if self.local.read(mine).is_empty() {
+            return;
+        }
         let service = labels::service_of(&c.labels);
         let _changes = self.changes.lock().await;
         let changed: Vec<(String, EndpointRecord)> = self.local.read(|endpoints| {
             endpoints
                 .iter()
                 .filter_map(|(key, e)| {
-                    let endpoint = e.docker_endpoint.as_deref()?;
-                    let on = c.networks.iter().find(|n| n.endpoint_id == endpoint)?;
+                    let on = driver_endpoint(e)?;
                     let mut aliases: Vec<String> = Vec::new();
                     for a in on.aliases.iter().map(String::as_str).chain([c.short_id()]) {
                         let repeated = a == c.name
@@ -134,6 +151,13 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                             || aliases.iter().any(|x| x == a);
                         if repeated {
                             continue;
+                        }
+                        if aliases.len() == MAX_ALIASES {
+                            warn!(
+                                container = c.name,
+                                "more than {MAX_ALIASES} aliases: the rest are left out of the DNS"
+                            );
+                            break;
                         }
                         match check_dns_name("alias", a) {
                             Ok(()) => aliases.push(a.to_owned()),
@@ -153,19 +177,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
                 .collect()
         });
         // Its own DNS servers (`--dns`, Compose `dns:`) stay its upstreams.
-        let keys: Vec<String> = self.local.read(|endpoints| {
-            endpoints
-                .iter()
-                .filter(|(_, e)| {
-                    e.docker_endpoint
-                        .as_deref()
-                        .is_some_and(|id| c.networks.iter().any(|n| n.endpoint_id == id))
-                })
-                .map(|(k, _)| k.clone())
-                .collect()
-        });
         let mut upstreams_changed = false;
-        for key in keys {
+        for key in self.local.read(mine) {
             upstreams_changed |= self.local.set_upstreams(&key, &c.dns_servers);
         }
         if upstreams_changed {

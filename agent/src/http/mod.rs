@@ -12,8 +12,8 @@
 
 mod events;
 mod phase;
-mod request;
-mod response;
+pub(crate) mod request;
+pub(crate) mod response;
 mod routes;
 
 use std::net::SocketAddr;

@@ -67,7 +67,7 @@ async fn read_head_within<R: AsyncRead + Unpin>(
 }
 
 /// Where the head ends (after `\r\n\r\n`, or a bare `\n\n` as lenient clients send).
-fn head_end(buf: &[u8]) -> Option<usize> {
+pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
     let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
     let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
     match (crlf, lf) {

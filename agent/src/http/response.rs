@@ -94,13 +94,16 @@ pub async fn close_lingering(mut conn: TcpStream) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-fn reason(status: u16) -> &'static str {
+/// The reason phrase of the statuses this program's HTTP servers send.
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",

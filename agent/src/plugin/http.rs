@@ -8,6 +8,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::http::request::head_end;
+use crate::http::response::reason;
+
 /// Bounds on one connection.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Limits {
@@ -193,16 +196,6 @@ struct Head {
     close: bool,
 }
 
-/// Where the head ends: after `\r\n\r\n`, or a bare `\n\n` as lenient clients send.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 fn parse_head(head: &[u8]) -> Result<Head, ReadError> {
     let head = std::str::from_utf8(head).map_err(|_| ReadError::Malformed("not UTF-8"))?;
     let mut lines = head.lines();
@@ -263,21 +256,6 @@ fn parse_head(head: &[u8]) -> Result<Head, ReadError> {
         chunked,
         close,
     })
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        _ => "",
-    }
 }
 
 #[cfg(test)]

@@ -227,6 +227,32 @@ impl Cluster {
         c
     }
 
+    /// The full keys the view holds under `prefix`, records left out included: what
+    /// a prefix delete takes out of it.
+    pub fn keys_under(&self, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut add = |kind: &str, names: &mut dyn Iterator<Item = &String>| {
+            keys.extend(
+                names
+                    .map(|k| format!("{kind}{k}"))
+                    .filter(|k| k.starts_with(prefix)),
+            );
+        };
+        add(NODES, &mut self.nodes.keys());
+        add(NETWORKS, &mut self.networks.keys());
+        add(BLOCKS, &mut self.blocks.keys());
+        add(ENDPOINTS, &mut self.endpoints.keys());
+        add(MESH, &mut self.mesh.keys());
+        add(GONE, &mut self.gone.keys());
+        add("", &mut self.rejected.keys());
+        if self.networks_guard.is_some() && NETWORKS_GUARD.starts_with(prefix) {
+            keys.push(NETWORKS_GUARD.to_owned());
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     pub fn apply(&mut self, changes: &[Change]) {
         for ch in changes {
             self.set(&ch.key, ch.value.as_deref());

@@ -6,18 +6,25 @@
 //! every fresh picture until the store has them). Decisions that must not use a
 //! cached view (networks) read the store through `fresh`.
 //!
+//! A mirrored write is kept (`unseen`, with the revision the store gave it) until the
+//! watch reaches that revision: an event or a picture older than the write, arriving
+//! after it, must not undo it in the view (a network removed and made again at once
+//! would otherwise lose its new record to the old removal's event, and keep its old
+//! blocks until the watch brought their prefix delete).
+//!
 //! An endpoint of this host that leaves the view by someone else's hand is only a
-//! suspect: a picture read before this host's own latest write, or a deletion event
-//! older than it, may arrive after that write. The reconcile pass detaches only what
-//! a fresh read confirms (`confirm_deleted`).
+//! suspect: a picture read before this host's own latest write may arrive after that
+//! write. The reconcile pass detaches only what a fresh read confirms
+//! (`confirm_deleted`).
 //!
 //! Every write also notes the keys it touched (`dirty`), so the DNS, which is derived
 //! from the view, can follow a change at the cost of the change rather than of the
 //! cluster's size.
 //!
-//! Lock order: `cluster`, then `owed` or `dirty`; no other lock is taken inside them.
+//! Lock order: `cluster`, then `unseen`, `owed` or `dirty`; no other lock is taken
+//! inside them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, RwLock};
 
 use tracing::{info, warn};
@@ -37,7 +44,14 @@ pub struct ClusterView<S> {
     suspects: Mutex<BTreeSet<String>>,
     /// What changed since [`ClusterView::read_changed`] last took it.
     dirty: Mutex<Dirty>,
+    /// This host's writes the watch has not delivered yet, by key. Bounded by what
+    /// this host writes between two watch events.
+    unseen: Mutex<BTreeMap<String, Unseen>>,
 }
+
+/// A write of this host's: the store's revision after it, and the value (None: a
+/// deletion).
+type Unseen = (i64, Option<Vec<u8>>);
 
 /// The keys written since the last look, or the whole view (a fresh picture).
 #[derive(Debug, PartialEq)]
@@ -94,6 +108,7 @@ impl<S: Store> ClusterView<S> {
             owed: Mutex::new(BTreeSet::new()),
             suspects: Mutex::new(BTreeSet::new()),
             dirty: Mutex::new(Dirty::All),
+            unseen: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -154,6 +169,8 @@ impl<S: Store> ClusterView<S> {
         let mut c = self.cluster.write().unwrap();
         let before = mine(&c);
         f(&mut c);
+        let newer = self.unseen_after(c.revision);
+        c.apply(&newer);
         let owed: Vec<Change> = self
             .owed
             .lock()
@@ -169,12 +186,28 @@ impl<S: Store> ClusterView<S> {
         {
             let mut dirty = self.dirty.lock().unwrap();
             match touched {
-                Some(changes) => dirty.add(changes.iter().chain(&owed).map(|ch| &ch.key)),
+                Some(changes) => {
+                    dirty.add(changes.iter().chain(&newer).chain(&owed).map(|ch| &ch.key))
+                }
                 None => *dirty = Dirty::All,
             }
         }
         drop(c);
         self.suspects.lock().unwrap().extend(gone);
+    }
+
+    /// This host's writes newer than `revision`, to apply again over a picture of
+    /// it; the others the picture holds already and are forgotten.
+    fn unseen_after(&self, revision: i64) -> Vec<Change> {
+        let mut unseen = self.unseen.lock().unwrap();
+        unseen.retain(|_, (at, _)| *at > revision);
+        unseen
+            .iter()
+            .map(|(key, (_, value))| Change {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect()
     }
 
     /// This host's endpoints that left the view since the last call.
@@ -240,31 +273,50 @@ impl<S: Store> ClusterView<S> {
             .collect()
     }
 
-    /// Writes `txn` to the store; when it took effect, its puts and deletes are
-    /// mirrored into the view (prefix deletes come with the watch).
+    /// Writes `txn` to the store; when it took effect, it is mirrored into the view
+    /// in the store's order (prefix deletes, deletes, puts), a prefix delete as the
+    /// keys the view holds under it (the watch brings any others).
     pub async fn commit(&self, txn: Txn) -> store::Result<bool> {
-        let changes: Vec<Change> = txn
-            .put
+        let prefixes = txn.delete_prefix.clone();
+        let written: Vec<Change> = txn
+            .delete
             .iter()
-            .map(|(key, value)| Change {
-                key: key.clone(),
-                value: Some(value.clone()),
-            })
-            .chain(txn.delete.iter().map(|key| Change {
+            .map(|key| Change {
                 key: key.clone(),
                 value: None,
+            })
+            .chain(txn.put.iter().map(|(key, value)| Change {
+                key: key.clone(),
+                value: Some(value.clone()),
             }))
             .collect();
-        let done = self.store.txn(txn).await?;
-        if done {
-            let mut c = self.cluster.write().unwrap();
-            c.apply(&changes);
-            self.dirty
-                .lock()
-                .unwrap()
-                .add(changes.iter().map(|ch| &ch.key));
+        let Some(revision) = self.store.txn(txn).await? else {
+            return Ok(false);
+        };
+        let mut c = self.cluster.write().unwrap();
+        if c.revision >= revision {
+            // The watch brought this write already, and maybe later ones over it.
+            return Ok(true);
         }
-        Ok(done)
+        let mut unseen = self.unseen.lock().unwrap();
+        let changes: Vec<Change> = prefixes
+            .iter()
+            .flat_map(|p| c.keys_under(p))
+            .map(|key| Change { key, value: None })
+            .chain(written)
+            // A later write of this host's got there first (two tasks racing).
+            .filter(|ch| unseen.get(&ch.key).is_none_or(|(at, _)| *at <= revision))
+            .collect();
+        c.apply(&changes);
+        for ch in &changes {
+            unseen.insert(ch.key.clone(), (revision, ch.value.clone()));
+        }
+        drop(unseen);
+        self.dirty
+            .lock()
+            .unwrap()
+            .add(changes.iter().map(|ch| &ch.key));
+        Ok(true)
     }
 
     /// Deletes `key` in the store, or, while the store is away, owes it the

@@ -414,7 +414,7 @@ impl Store for EtcdStore {
         inner.with_client(async |c| inner.load_with(c).await).await
     }
 
-    async fn txn(&self, txn: Txn) -> Result<bool> {
+    async fn txn(&self, txn: Txn) -> Result<Option<i64>> {
         let inner = &self.inner;
         let when: Vec<EtcdCompare> = txn
             .when
@@ -443,7 +443,12 @@ impl Store for EtcdStore {
         }
         let request = EtcdTxn::new().when(when).and_then(ops);
         inner
-            .with_client(async |c| c.txn(request).await.map(|r| r.succeeded()))
+            .with_client(async |c| {
+                c.txn(request).await.map(|r| {
+                    r.succeeded()
+                        .then(|| r.header().map_or(0, |h| h.revision()))
+                })
+            })
             .await
     }
 

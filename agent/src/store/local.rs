@@ -96,14 +96,14 @@ impl Store for LocalStore {
         Ok(loaded(&*self.contents.lock().await))
     }
 
-    async fn txn(&self, txn: Txn) -> Result<bool> {
+    async fn txn(&self, txn: Txn) -> Result<Option<i64>> {
         let mut c = self.contents.lock().await;
         let holds = txn.when.iter().all(|w| match w {
             Compare::Absent(k) => !c.keys.contains_key(k),
             Compare::Value(k, v) => c.keys.get(k).is_some_and(|(text, _)| text.as_bytes() == v),
         });
         if !holds {
-            return Ok(false);
+            return Ok(None);
         }
         let revision = c.revision + 1;
         let mut changes = Vec::new();
@@ -141,7 +141,7 @@ impl Store for LocalStore {
         c.revision = revision;
         self.persist(&c).await?;
         let _ = self.changes.send((revision, changes));
-        Ok(true)
+        Ok(Some(revision))
     }
 
     fn watch(&self) -> mpsc::Receiver<StoreEvent> {

@@ -135,8 +135,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every key under the prefix and the revision it was read at.
     fn load(&self) -> impl Future<Output = Result<Loaded>> + Send;
 
-    /// Writes `put`/`delete` if every `when` holds; false if one did not.
-    fn txn(&self, txn: Txn) -> impl Future<Output = Result<bool>> + Send;
+    /// Writes `put`/`delete` if every `when` holds: the store's revision after the
+    /// write, or None if a condition did not hold.
+    fn txn(&self, txn: Txn) -> impl Future<Output = Result<Option<i64>>> + Send;
 
     /// Starts delivering the store's contents and changes; reconnects by itself,
     /// resuming after the last change delivered where the store still has the

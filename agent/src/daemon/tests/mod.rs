@@ -12,6 +12,7 @@ mod mesh;
 mod networks;
 mod nodes;
 mod partition;
+mod view;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -78,7 +79,7 @@ impl TestStore {
 
     /// Writes as another host (or an operator) would, bypassing every agent.
     pub async fn write(&self, txn: Txn) {
-        assert!(self.inner.txn(txn).await.expect("store writes"));
+        assert!(self.inner.txn(txn).await.expect("store writes").is_some());
     }
 
     /// The agents' transactions that took effect so far, in order.
@@ -118,12 +119,12 @@ impl Store for TestStore {
         self.inner.load().await
     }
 
-    async fn txn(&self, txn: Txn) -> store::Result<bool> {
+    async fn txn(&self, txn: Txn) -> store::Result<Option<i64>> {
         if self.down.load(Ordering::SeqCst) {
             return Err(self.unreachable());
         }
         let done = self.inner.txn(txn.clone()).await?;
-        if done {
+        if done.is_some() {
             self.committed.lock().unwrap().push(txn);
         }
         Ok(done)

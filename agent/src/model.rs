@@ -231,20 +231,13 @@ impl Cluster {
     /// a prefix delete takes out of it.
     pub fn keys_under(&self, prefix: &str) -> Vec<String> {
         let mut keys: Vec<String> = Vec::new();
-        let mut add = |kind: &str, names: &mut dyn Iterator<Item = &String>| {
-            keys.extend(
-                names
-                    .map(|k| format!("{kind}{k}"))
-                    .filter(|k| k.starts_with(prefix)),
-            );
-        };
-        add(NODES, &mut self.nodes.keys());
-        add(NETWORKS, &mut self.networks.keys());
-        add(BLOCKS, &mut self.blocks.keys());
-        add(ENDPOINTS, &mut self.endpoints.keys());
-        add(MESH, &mut self.mesh.keys());
-        add(GONE, &mut self.gone.keys());
-        add("", &mut self.rejected.keys());
+        under(&mut keys, NODES, &self.nodes, prefix);
+        under(&mut keys, NETWORKS, &self.networks, prefix);
+        under(&mut keys, BLOCKS, &self.blocks, prefix);
+        under(&mut keys, ENDPOINTS, &self.endpoints, prefix);
+        under(&mut keys, MESH, &self.mesh, prefix);
+        under(&mut keys, GONE, &self.gone, prefix);
+        under(&mut keys, "", &self.rejected, prefix);
         if self.networks_guard.is_some() && NETWORKS_GUARD.starts_with(prefix) {
             keys.push(NETWORKS_GUARD.to_owned());
         }
@@ -345,4 +338,19 @@ fn put<T: for<'de> Deserialize<'de> + CheckRecord>(
 
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).expect("records serialize")
+}
+
+/// Adds the keys of `map` (its keys are the full keys less `kind`) under `prefix`.
+fn under<V>(keys: &mut Vec<String>, kind: &str, map: &BTreeMap<String, V>, prefix: &str) {
+    let full = |k: &String| format!("{kind}{k}");
+    if let Some(rest) = prefix.strip_prefix(kind) {
+        let from = (std::ops::Bound::Included(rest), std::ops::Bound::Unbounded);
+        keys.extend(
+            map.range::<str, _>(from)
+                .take_while(|(k, _)| k.starts_with(rest))
+                .map(|(k, _)| full(k)),
+        );
+    } else if kind.starts_with(prefix) {
+        keys.extend(map.keys().map(full));
+    }
 }

@@ -933,7 +933,9 @@ mod tests {
                 };
                 let full = Cluster::from_loaded(&loaded);
                 prop_assert_eq!(kinds(&full), kept);
-                prop_assert_eq!(full.rejected, c.rejected);
+                // Keys, not reasons: a reason may quote this host's clock, which
+                // can tick between the two.
+                prop_assert!(full.rejected.keys().eq(c.rejected.keys()));
             }
         }
     }

@@ -168,7 +168,15 @@ impl<S: Store> ClusterView<S> {
         };
         let mut c = self.cluster.write().unwrap();
         let before = mine(&c);
+        let was = c.revision;
         f(&mut c);
+        if c.revision < was {
+            // The store went back in revisions (restored from a backup): what this
+            // host wrote under the old numbering is either in the picture or lost.
+            self.unseen.lock().unwrap().clear();
+        }
+        // Keys the event did not touch hold these values already; touched ones are
+        // dirty anyway.
         let newer = self.unseen_after(c.revision);
         c.apply(&newer);
         let owed: Vec<Change> = self
@@ -186,9 +194,7 @@ impl<S: Store> ClusterView<S> {
         {
             let mut dirty = self.dirty.lock().unwrap();
             match touched {
-                Some(changes) => {
-                    dirty.add(changes.iter().chain(&newer).chain(&owed).map(|ch| &ch.key))
-                }
+                Some(changes) => dirty.add(changes.iter().chain(&owed).map(|ch| &ch.key)),
                 None => *dirty = Dirty::All,
             }
         }
@@ -299,9 +305,20 @@ impl<S: Store> ClusterView<S> {
             return Ok(true);
         }
         let mut unseen = self.unseen.lock().unwrap();
-        let changes: Vec<Change> = prefixes
+        let swept: Vec<String> = prefixes.iter().flat_map(|p| c.keys_under(p)).collect();
+        // This host's endpoints a prefix delete took (a network removed): suspects,
+        // as the watch would have made them, so the reconcile pass detaches them.
+        let mine: Vec<String> = swept
             .iter()
-            .flat_map(|p| c.keys_under(p))
+            .filter(|k| {
+                k.strip_prefix(model::ENDPOINTS)
+                    .and_then(|k| c.endpoints.get(k))
+                    .is_some_and(|e| e.node == self.node)
+            })
+            .cloned()
+            .collect();
+        let changes: Vec<Change> = swept
+            .into_iter()
             .map(|key| Change { key, value: None })
             .chain(written)
             // A later write of this host's got there first (two tasks racing).
@@ -316,6 +333,8 @@ impl<S: Store> ClusterView<S> {
             .lock()
             .unwrap()
             .add(changes.iter().map(|ch| &ch.key));
+        drop(c);
+        self.suspects.lock().unwrap().extend(mine);
         Ok(true)
     }
 

@@ -268,14 +268,14 @@ impl Bed {
     }
 
     /// A host's lease is back (it came back up): its node record returns.
-    pub async fn revive(&self, host: &Host) {
+    pub async fn revive(&self, name: &str, underlay: Ipv4Addr) {
         let node = model::NodeRecord {
-            name: host.name.clone(),
-            underlay: host.underlay,
+            name: name.to_owned(),
+            underlay,
             version: env!("CARGO_PKG_VERSION").into(),
             started: 0,
         };
-        self.store.put(&model::node_key(&host.name), &node).await;
+        self.store.put(&model::node_key(name), &node).await;
     }
 }
 

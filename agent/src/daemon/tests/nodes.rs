@@ -29,6 +29,9 @@ async fn with_dead_h3(bed: &Bed, edit: impl Fn(&mut Config) + Copy) -> (Host, Ho
     (h1, h2)
 }
 
+/// Two passes of the gone-node check.
+const CHECK_EVERY_TWICE: Duration = Duration::from_millis(2100);
+
 const H3_BLOCK: &str = "blocks/app/100.64.2.0_24";
 const H3_ENDPOINT: &str = "endpoints/app/100.64.2.2";
 const H3_MESH: &str = "mesh/100.127.192.3";
@@ -236,9 +239,14 @@ async fn the_gone_record_is_cleared_when_the_node_returns() {
     let h2 = bed.host("h2", 12).await;
     h1.create_network("app", "100.64.0.0/16").await;
     let b = h2.attach("b", "app", None).await.address;
+    // Stopped, so that only h1 can clear the record (a running agent clears its own).
+    let (name, underlay) = (h2.name.clone(), h2.underlay);
+    h2.crash().await;
     bed.expire("h2").await;
     wait_for_key(&bed, "gone/h2", true).await;
-    bed.revive(&h2).await;
+    tokio::time::sleep(CHECK_EVERY_TWICE).await;
+    assert!(has_key(&bed, "gone/h2").await, "kept while h2 is gone");
+    bed.revive(&name, underlay).await;
     wait_for_key(&bed, "gone/h2", false).await;
     assert_eq!(h1.agent.list_nodes()[1].state, NodeState::Up);
     // Nothing of it was taken.

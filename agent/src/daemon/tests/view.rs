@@ -38,6 +38,18 @@ fn remove(name: &str) -> Txn {
         .delete_prefix(format!("{ENDPOINTS}{name}/"))
 }
 
+/// An endpoint record of `node` at `address` on "app".
+fn endpoint(node: &str, address: &str) -> (String, Vec<u8>) {
+    let record = serde_json::json!({
+        "network": "app", "address": address, "node": node,
+        "id": format!("netns:{address}"), "netns": format!("/run/netns/{address}"),
+    });
+    (
+        model::endpoint_key("app", address.parse().unwrap()),
+        serde_json::to_vec(&record).unwrap(),
+    )
+}
+
 fn held(view: &ClusterView<TestStore>) -> (Option<String>, Vec<String>) {
     view.read(|c| {
         (
@@ -63,9 +75,14 @@ async fn a_network_made_again_survives_the_late_events_of_its_removal() {
         .commit(Txn::default().put(key, model::encode(&old_block)))
         .await
         .unwrap());
-    for _ in 0..2 {
+    let (mine, _) = endpoint("h1", "100.64.0.2");
+    for (key, value) in [endpoint("h1", "100.64.0.2"), endpoint("h2", "100.64.1.2")] {
+        bed.store.write(Txn::default().put(key, value)).await;
+    }
+    for _ in 0..4 {
         view.apply_event(watch.recv().await.unwrap());
     }
+    assert_eq!(view.read(|c| c.endpoints.len()), 2);
     assert_eq!(
         held(&view),
         (Some("100.64.0.0/16".into()), vec!["100.64.0.0/24".into()])
@@ -74,6 +91,9 @@ async fn a_network_made_again_survives_the_late_events_of_its_removal() {
     // Removed and made again before the watch delivers either.
     assert!(view.commit(remove("app")).await.unwrap());
     assert_eq!(held(&view), (None, vec![]), "the prefix delete is mirrored");
+    assert_eq!(view.read(|c| c.endpoints.len()), 0);
+    // This host's endpoint went with it: the reconcile pass is to detach it.
+    assert_eq!(view.take_suspects(), [mine]);
     assert!(view
         .commit(create(&network("100.70.0.0/16")))
         .await
@@ -82,7 +102,7 @@ async fn a_network_made_again_survives_the_late_events_of_its_removal() {
     assert_eq!(held(&view), new);
 
     let removal = watch.recv().await.unwrap();
-    assert!(matches!(&removal, StoreEvent::Changes { changes, .. } if changes.len() == 2));
+    assert!(matches!(&removal, StoreEvent::Changes { changes, .. } if changes.len() == 4));
     view.apply_event(removal);
     assert_eq!(
         held(&view),
@@ -91,8 +111,8 @@ async fn a_network_made_again_survives_the_late_events_of_its_removal() {
     );
     // A fresh picture read before the create is older too.
     view.apply_event(StoreEvent::Reset(Loaded {
-        revision: 3,
-        pairs: vec![],
+        revision: 5,
+        pairs: vec![(NETWORKS_GUARD.into(), b"1".to_vec())],
     }));
     assert_eq!(held(&view), new);
 
@@ -102,4 +122,28 @@ async fn a_network_made_again_survives_the_late_events_of_its_removal() {
     bed.store.write(remove("app")).await;
     view.apply_event(watch.recv().await.unwrap());
     assert_eq!(held(&view), (None, vec![]));
+}
+
+#[tokio::test]
+async fn a_store_restored_to_an_older_revision_is_believed() {
+    let bed = Bed::new().await;
+    let view = ClusterView::new(bed.store.clone(), "h1");
+    let mut watch = bed.store.watch();
+    view.apply_event(watch.recv().await.unwrap());
+    let (key, value) = endpoint("h1", "100.64.0.2");
+    for _ in 0..3 {
+        bed.store
+            .write(Txn::default().put(NETWORKS_GUARD, b"1".to_vec()))
+            .await;
+        view.apply_event(watch.recv().await.unwrap());
+    }
+    assert!(view.commit(Txn::default().put(key, value)).await.unwrap());
+    assert_eq!(view.read(|c| c.endpoints.len()), 1);
+    // The store comes back from a backup taken before that write, at revision 2:
+    // the write is lost, and the view must say so rather than keep it.
+    view.apply_event(StoreEvent::Reset(Loaded {
+        revision: 2,
+        pairs: vec![(NETWORKS_GUARD.into(), b"1".to_vec())],
+    }));
+    assert_eq!(view.read(|c| (c.revision, c.endpoints.len())), (2, 0));
 }

@@ -305,7 +305,13 @@ impl<S: Store> ClusterView<S> {
             return Ok(true);
         }
         let mut unseen = self.unseen.lock().unwrap();
-        let swept: Vec<String> = prefixes.iter().flat_map(|p| c.keys_under(p)).collect();
+        // A later write of this host's got there first (two tasks racing).
+        let newest = |key: &String| unseen.get(key).is_none_or(|(at, _)| *at <= revision);
+        let swept: Vec<String> = prefixes
+            .iter()
+            .flat_map(|p| c.keys_under(p))
+            .filter(newest)
+            .collect();
         // This host's endpoints a prefix delete took (a network removed): suspects,
         // as the watch would have made them, so the reconcile pass detaches them.
         let mine: Vec<String> = swept
@@ -320,9 +326,7 @@ impl<S: Store> ClusterView<S> {
         let changes: Vec<Change> = swept
             .into_iter()
             .map(|key| Change { key, value: None })
-            .chain(written)
-            // A later write of this host's got there first (two tasks racing).
-            .filter(|ch| unseen.get(&ch.key).is_none_or(|(at, _)| *at <= revision))
+            .chain(written.into_iter().filter(|ch| newest(&ch.key)))
             .collect();
         c.apply(&changes);
         for ch in &changes {

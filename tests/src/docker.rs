@@ -284,6 +284,22 @@ impl DockerHost {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// `docker network create -d netagent --ipam-driver netagent --subnet SUBNET NAME`,
+    /// which must succeed.
+    pub fn create_netagent_network(&self, subnet: &str, name: &str) {
+        self.docker_ok(&[
+            "network",
+            "create",
+            "-d",
+            "netagent",
+            "--ipam-driver",
+            "netagent",
+            "--subnet",
+            subnet,
+            name,
+        ]);
+    }
+
     /// `docker run -d --network none` of the test image with these labels; returns
     /// the container's full id.
     pub fn run(&self, name: &str, labels: &[&str], extra: &[&str], cmd: &[&str]) -> String {

@@ -19,18 +19,6 @@ use netagent_tests::docker::{
 use netagent_tests::{docker_test, sh, sh_ok, Testbed, OUTSIDE_ADDRESS};
 
 const SUBNET: &str = "100.80.0.0/16";
-const CREATE_CH03: &[&str] = &[
-    "network",
-    "create",
-    "-d",
-    "netagent",
-    "--ipam-driver",
-    "netagent",
-    "--subnet",
-    SUBNET,
-    "ch03",
-];
-
 /// Engines first: they are dropped (containers removed, dockerd stopped) before the
 /// test bed's namespaces go.
 struct PluginCluster {
@@ -49,7 +37,7 @@ impl PluginCluster {
 
     /// `docker network create ... ch03` on host 1, there on every host.
     fn create_ch03(&self) {
-        self.engines[0].docker_ok(CREATE_CH03);
+        self.engines[0].create_netagent_network(SUBNET, "ch03");
         for d in &self.engines {
             wait_for(Duration::from_secs(10), "ch03 on every host", || {
                 docker_networks(d).contains("ch03")
@@ -300,7 +288,7 @@ fn a_docker_network_appears_on_every_host() {
     docker_test!();
     let t = PluginCluster::new(2);
     let (h1, h2) = (&t.engines[0], &t.engines[1]);
-    h1.docker_ok(CREATE_CH03);
+    h1.create_netagent_network(SUBNET, "ch03");
     let took = wait_for(Duration::from_secs(1), "ch03 on host 2", || {
         docker_networks(h2).contains("ch03")
     });
@@ -665,17 +653,7 @@ fn bad_input_is_refused_with_the_fix_and_leaves_nothing_behind() {
 
     // A good network after the bad ones, with a subnet a failed one asked for: once
     // it shows on host 2, any half-made network would show there too.
-    h1.docker_ok(&[
-        "network",
-        "create",
-        "-d",
-        "netagent",
-        "--ipam-driver",
-        "netagent",
-        "--subnet",
-        "100.83.0.0/16",
-        "done",
-    ]);
+    h1.create_netagent_network("100.83.0.0/16", "done");
     wait_for(Duration::from_secs(10), "done on host 2", || {
         docker_networks(h2).contains("done")
     });

@@ -264,13 +264,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             ports: req.ports.clone(),
         };
         let spec = network_spec(&network, block);
-        // First endpoint of this network here (or the last apply was not complete):
-        // its device and peers come first.
-        let setup = if self.reconciler.has_network(&spec) {
-            None
-        } else {
-            self.ensure_network_here(&network.name).await?
-        };
+        let setup = self.network_ready(&spec).await?;
         let local = LocalEndpoint {
             record,
             netns,
@@ -280,13 +274,8 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         };
         let endpoint = local.kernel_endpoint();
         if let Err(e) = self.datapath.attach(&spec, &endpoint).await {
-            let e = anyhow::Error::new(e);
-            return Err(match setup {
-                // Likely why: say it first.
-                Some(setup) => e.context(format!("setting up the network failed first: {setup}")),
-                None => e,
-            }
-            .context(format!("attaching {} to {:?}", req.target, network.name)));
+            return Err(after_setup(e, setup)
+                .context(format!("attaching {} to {:?}", req.target, network.name)));
         }
         let key = model::endpoint_key(&network.name, address);
         let txn = Txn::default()
@@ -423,6 +412,19 @@ impl<S: Store, D: Datapath> Agent<S, D> {
         }
     }
 
+    /// First endpoint of this network here (or the last apply was not complete): its
+    /// device and peers come first. An apply that failed is returned as
+    /// [`Agent::ensure_network_here`] returns it.
+    pub(super) async fn network_ready(
+        &self,
+        spec: &netagent_overlay::NetworkSpec,
+    ) -> Result<Option<netagent_overlay::Error>> {
+        if self.reconciler.has_network(spec) {
+            return Ok(None);
+        }
+        self.ensure_network_here(&spec.name).await
+    }
+
     /// Sets up a network's device and peers on this host before its first endpoint.
     /// An apply that fails (possibly for another network's object) is returned for
     /// the attach to name if its own step fails too; a network that cannot be here
@@ -495,4 +497,17 @@ pub(super) enum Retire {
     /// The namespace is gone: the kernel and DNS let go at once, and the store
     /// deletion is retried while the store is away.
     KernelFirst,
+}
+
+/// An endpoint's kernel step failed: the network's own setup failing before it is the
+/// likely why, so it is said first.
+pub(super) fn after_setup(
+    e: netagent_overlay::Error,
+    setup: Option<netagent_overlay::Error>,
+) -> anyhow::Error {
+    let e = anyhow::Error::new(e);
+    match setup {
+        Some(setup) => e.context(format!("setting up the network failed first: {setup}")),
+        None => e,
+    }
 }

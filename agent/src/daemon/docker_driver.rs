@@ -19,7 +19,7 @@ use netagent_overlay::NetnsRef;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::attach::Retire;
+use super::attach::{after_setup, Retire};
 use super::datapath::Datapath;
 use super::local::LocalEndpoint;
 use super::reconcile::network_spec;
@@ -533,11 +533,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             ports: Vec::new(),
         };
         let spec = network_spec(network, block);
-        let setup = if self.reconciler.has_network(&spec) {
-            None
-        } else {
-            self.ensure_network_here(&network.name).await?
-        };
+        let setup = self.network_ready(&spec).await?;
         let local = LocalEndpoint {
             record,
             netns: NetnsRef::Path(PathBuf::from(sandbox_key)),
@@ -553,15 +549,7 @@ impl<S: Store, D: Datapath> Agent<S, D> {
             .await
         {
             Ok(peer) => peer,
-            Err(e) => {
-                let e = anyhow::Error::new(e);
-                return Err(match setup {
-                    Some(setup) => {
-                        e.context(format!("setting up the network failed first: {setup}"))
-                    }
-                    None => e,
-                });
-            }
+            Err(e) => return Err(after_setup(e, setup)),
         };
         let mut owed = false;
         if !joined {

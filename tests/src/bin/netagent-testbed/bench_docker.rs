@@ -266,17 +266,7 @@ pub fn run(n: usize) {
     step("two hosts: etcd, a dockerd and an agent (Docker network + IPAM driver) each");
     let d = DockerCluster::new();
     let (h1, h2) = (&d.engines[0], &d.engines[1]);
-    h1.docker_ok(&[
-        "network",
-        "create",
-        "-d",
-        "netagent",
-        "--ipam-driver",
-        "netagent",
-        "--subnet",
-        NETAGENT_SUBNET,
-        NETAGENT_NET,
-    ]);
+    h1.create_netagent_network(NETAGENT_SUBNET, NETAGENT_NET);
     let mirrored = wait_for(Duration::from_secs(10), "bench on host 2", || {
         docker_networks(h2).lines().any(|l| l == NETAGENT_NET)
     });
